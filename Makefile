@@ -1,0 +1,30 @@
+# patchwatch: `make demo` runs the main job, `make test` runs the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+RUN    ?= runs/default
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "patchwatch needs Python 3.11 or newer")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Until `patchwatch demo` lands, the main job is the default training run and its evaluation.
+demo: $(STAMP)
+	$(BIN)/patchwatch train --out $(RUN)
+	$(BIN)/patchwatch eval $(RUN)/best.pt --out $(RUN)/eval
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs
+
+bench: $(STAMP)
+	$(BIN)/python bench/shapes_render.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

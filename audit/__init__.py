@@ -1,0 +1,1 @@
+"""Audits of twins and engines: patch campaigns, VGatt attribution, complexity bounds, reports."""

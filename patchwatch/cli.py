@@ -1,0 +1,113 @@
+"""`patchwatch` command line. Subcommands import their package lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from audit.cli import audit
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError as exc:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 180x240, got {value!r}") from exc
+    return height, width
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="patchwatch")
+def main() -> None:
+    """Train, export, serve, attack and audit semantic-segmentation twins."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML TrainConfig; flags override it")
+@click.option("--arch", help="zoo architecture (unet, deeplabv3_resnet18, lraspp_mobilenetv3, ...)")
+@click.option("--dataset", help="shapes, camvid, cityscapes or voc")
+@click.option("--data-root", help="dataset folder (default ../shared/data/...)")
+@click.option("--loss", type=click.Choice(["ppce", "sobel", "semeda"]))
+@click.option("--lambdas", help="comma-separated loss weights, e.g. 4,2,0 for SEMEDA")
+@click.option("--size", help="HEIGHTxWIDTH images are brought to")
+@click.option("--crop", help="HEIGHTxWIDTH training crop (real data)")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--train-length", type=int, help="synthetic scenes to train on")
+@click.option("--val-length", type=int, help="synthetic scenes to validate on")
+@click.option("--seed", type=int)
+@click.option("--threads", type=int)
+@click.option("--eval-every", type=int, help="validate every N epochs (and after the last)")
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the training step")
+@click.option("--out", help="run folder (checkpoints, history, plots)")
+@click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def train(config_path, lambdas, size, crop, resume, quiet, **flags) -> None:
+    """Train a twin (default: the U-Net on synthetic shapes at 128x128)."""
+    from pydantic import ValidationError
+
+    from segmenters.training import TrainConfig, train as run_training
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if lambdas:
+        overrides["lambdas"] = tuple(float(v) for v in lambdas.split(","))
+    if size:
+        overrides["size"] = _size(size)
+    if crop:
+        overrides["crop"] = _size(crop)
+    try:
+        config = (
+            TrainConfig.from_yaml(config_path, **overrides) if config_path else TrainConfig.model_validate(overrides)
+        )
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    summary = run_training(config, resume=resume, progress=not quiet)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dataset", help="default: the dataset named in the checkpoint's ModelSpec")
+@click.option("--split", default="val", show_default=True)
+@click.option("--data-root")
+@click.option("--size", help="HEIGHTxWIDTH (default: the spec's input size)")
+@click.option("--length", type=int, default=300, show_default=True, help="synthetic scenes to evaluate")
+@click.option("--limit", type=int, help="evaluate at most this many images")
+@click.option("--overlays", type=int, default=8, show_default=True, help="overlay panels to write")
+@click.option("--out", help="report folder (default: beside the checkpoint, eval-<dataset>-<split>)")
+@click.option("--quiet", is_flag=True)
+def eval_command(checkpoint, dataset, split, data_root, size, length, limit, overlays, out, quiet) -> None:
+    """Evaluate a twin: mIoU, per-class IoU, F1, E-measure, trimap mIoU; JSON report and PNG overlays."""
+    from segmenters.data import DatasetError, build_dataset
+    from segmenters.evaluate import evaluate
+    from segmenters.twin import load_twin
+
+    try:
+        twin = load_twin(checkpoint)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    dataset = dataset or twin.spec.dataset
+    if dataset != twin.spec.dataset:
+        click.echo(f"note: model trained on {twin.spec.dataset}, evaluated on {dataset}", err=True)
+    try:
+        data = build_dataset(dataset, split, root=data_root, size=_size(size) or twin.spec.input_size, length=length)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Path(out) if out else Path(checkpoint).parent / f"eval-{dataset}-{split}"
+    report = evaluate(twin, data, out_dir=out, overlays=overlays, limit=limit, progress=not quiet)
+    brief = {k: report[k] for k in ("miou", "pixel_accuracy", "mean_f1", "mean_e_measure", "images")}
+    click.echo(json.dumps({**brief, "report": str(out / "report.json")}, indent=2))
+
+
+main.add_command(audit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""SEMEDA (thesis chapter 3): match predicted and ground-truth masks in the embeddings of a small network
+trained to detect semantic edges from masks.
+
+* `SemedaNet` is g_phi: 3 layers, 16 -> 32 -> 2 channels, ReLU, softmax on the last (section 3.4.1).
+* `pretrain_semeda_net` is the first half of Algorithm 3.1: PPCE between g_phi(S*) and the edge maps E*.
+* `embedding_match` is Eq. 3.5-3.6: sum_l lambda_l * || psi_l(S_hat) - psi_l(S*) ||_1 (mean-normalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from segmenters.edges import semantic_edge_map
+
+
+class SemedaNet(nn.Module):
+    def __init__(self, num_classes: int, channels: tuple[int, int] = (16, 32), kernel_size: int = 3):
+        super().__init__()
+        pad = kernel_size // 2
+        self.layers = nn.ModuleList(
+            [
+                nn.Conv2d(num_classes, channels[0], kernel_size, padding=pad),
+                nn.Conv2d(channels[0], channels[1], kernel_size, padding=pad),
+                nn.Conv2d(channels[1], 2, kernel_size, padding=pad),
+            ]
+        )
+        self.num_classes = num_classes
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) class-probability masks -> (N, 2, H, W) edge logits."""
+        x = masks
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+    def embeddings(self, masks: torch.Tensor) -> list[torch.Tensor]:
+        """psi_1..psi_L: the activations of each layer (ReLU outputs, then the softmax edge map)."""
+        out = []
+        x = masks
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+            out.append(x)
+        out.append(self.layers[-1](x).softmax(dim=1))
+        return out
+
+
+def one_hot_masks(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(N, H, W) labels -> (N, C, H, W) one-hot; ignored pixels get all zeros."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).to(torch.float32)
+    return onehot * valid[:, None]
+
+
+def pretrain_semeda_net(
+    label_batches: Iterable[torch.Tensor],
+    num_classes: int,
+    ignore_index: int = 255,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[SemedaNet, dict[str, float]]:
+    """Train g_phi on ground-truth masks to predict their edge maps (Eq. 3.8).
+
+    Returns the network and its edge-detection figures on the last batches (pixel accuracy, edge F1).
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    net = SemedaNet(num_classes)
+    torch.random.set_rng_state(generator_state)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    tp = fp = fn = correct = total = 0
+    batches = list(label_batches)
+    for step, labels in enumerate(tqdm(batches, desc="pretrain SEMEDA net", disable=not progress)):
+        edges = semantic_edge_map(labels, ignore_index)
+        logits = net(one_hot_masks(labels, num_classes, ignore_index))
+        loss = F.cross_entropy(logits, edges, ignore_index=ignore_index)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step >= len(batches) - max(1, len(batches) // 10):
+            valid = edges != ignore_index
+            pred = logits.argmax(1)
+            tp += int(((pred == 1) & (edges == 1) & valid).sum())
+            fp += int(((pred == 1) & (edges == 0) & valid).sum())
+            fn += int(((pred == 0) & (edges == 1) & valid).sum())
+            correct += int(((pred == edges) & valid).sum())
+            total += int(valid.sum())
+    net.requires_grad_(False).eval()
+    figures = {"pixel_accuracy": correct / max(total, 1), "edge_f1": 2 * tp / max(2 * tp + fp + fn, 1)}
+    return net, figures
+
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def sobel_embeddings(masks: torch.Tensor) -> list[torch.Tensor]:
+    """The Sobel baseline (section 3.4.2): Sobel kernels on each class channel independently."""
+    c = masks.shape[1]
+    kernel = torch.stack([_SOBEL_X, _SOBEL_X.T]).to(masks)[:, None]  # (2, 1, 3, 3)
+    weight = kernel.repeat(c, 1, 1, 1)  # depthwise: x and y gradient per class
+    return [F.conv2d(F.pad(masks, (1, 1, 1, 1), mode="replicate"), weight, groups=c)]
+
+
+def embedding_match(
+    embed: Callable[[torch.Tensor], list[torch.Tensor]],
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    lambdas: tuple[float, ...],
+    ignore_index: int = 255,
+) -> list[torch.Tensor]:
+    """lambda_l * mean |psi_l(S_hat) - psi_l(S*)| for each layer l, over non-ignored pixels.
+
+    S* is the one-hot ground truth; at ignored pixels it is filled with the (detached) prediction, so that
+    void regions create no artificial edges in S* and contribute nothing themselves.
+    """
+    num_classes = probs.shape[1]
+    valid = (labels != ignore_index)[:, None]
+    target = one_hot_masks(labels, num_classes, ignore_index)
+    target = torch.where(valid, target, probs.detach())
+    predicted = embed(probs)
+    with torch.no_grad():
+        expected = embed(target)
+    weight = valid.to(probs.dtype)
+    denominator = weight.sum().clamp_min(1.0)
+    terms = []
+    for lam, psi_hat, psi_star in zip(lambdas, predicted, expected):
+        diff = (psi_hat - psi_star).abs().mean(dim=1, keepdim=True)  # mean over the layer's channels
+        terms.append(lam * (diff * weight).sum() / denominator)
+    return terms

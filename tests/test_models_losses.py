@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from segmenters.losses import SegmentationLoss, ppce_loss
+from segmenters.losses.semeda import SemedaNet, embedding_match, one_hot_masks, pretrain_semeda_net, sobel_embeddings
+from segmenters.models import MODELS, build_model
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_zoo_model_runs_forward_at_two_sizes(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 5).eval()
+    with torch.no_grad():
+        for height, width in ((64, 96), (90, 130)):
+            logits = model(torch.randn(2, 3, height, width))
+            assert logits.shape == (2, 5, height, width)
+            assert torch.isfinite(logits).all()
+
+
+def test_unet_is_the_seed_000_unet():
+    model = build_model("unet", 4)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    strided = [m for m in convs if m.stride == (2, 2)]
+    assert [m.out_channels for m in strided] == [16, 32, 64]
+    ups = [m for m in model.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [m.out_channels for m in ups] == [32, 16, 8]
+    assert {m.out_channels for m in convs} == {8, 16, 32, 64, 4}
+
+
+def test_ladder_densenet_predicts_at_stride_4_then_upsamples():
+    model = build_model("ladder_densenet121", 3).eval()
+    seen = {}
+    model.classifier.register_forward_hook(lambda m, i, o: seen.setdefault("shape", o.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 128, 160))
+    assert tuple(seen["shape"][-2:]) == (32, 40)
+    blends = [model.up16.blend[2], model.up8.blend[2], model.up4.blend[2]]
+    assert all(conv.kernel_size == (3, 3) for conv in blends)
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ValueError, match="unknown architecture 'segformer'"):
+        build_model("segformer", 3)
+
+
+def _labels(seed=0, n=2, c=3, size=24):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(n, size, size, dtype=torch.long)
+    for k in range(n):
+        for cls in range(1, c):
+            y, x = torch.randint(0, size - 8, (2,), generator=g)
+            labels[k, y : y + 8, x : x + 8] = cls
+    return labels
+
+
+def test_semeda_net_shape_matches_the_thesis():
+    net = SemedaNet(num_classes=21)
+    assert [layer.out_channels for layer in net.layers] == [16, 32, 2]
+    assert 7_000 < sum(p.numel() for p in net.parameters()) < 12_000  # "about 10k parameters"
+
+
+def test_pretrained_semeda_net_detects_edges():
+    batches = [_labels(seed=s, n=4) for s in range(60)]
+    net, figures = pretrain_semeda_net(batches, num_classes=3, progress=False)
+    assert figures["edge_f1"] > 0.9
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_semeda_gradients_reach_the_segmenter_and_not_the_frozen_edge_net():
+    torch.manual_seed(0)
+    labels = _labels()
+    net = SemedaNet(3)
+    criterion = SegmentationLoss("semeda", 3, semeda_net=net)
+    segmenter = torch.nn.Conv2d(3, 3, 3, padding=1)
+    images = torch.randn(2, 3, 24, 24)
+    loss, parts = criterion(segmenter(images), labels)
+    loss.backward()
+    assert parts["semeda"] > 0
+    assert segmenter.weight.grad is not None and segmenter.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    # The SEMEDA term alone also sends gradient to the segmenter.
+    segmenter.zero_grad()
+    probs = segmenter(images).softmax(1)
+    sum(embedding_match(net.embeddings, probs, labels, (4.0, 2.0, 1.0))).backward()
+    assert segmenter.weight.grad.abs().sum() > 0
+
+
+def test_semeda_and_sobel_vanish_on_a_perfect_prediction_only():
+    labels = _labels()
+    net = SemedaNet(3)
+    perfect = one_hot_masks(labels, 3, 255)
+    for embed, lambdas in ((net.embeddings, (4.0, 2.0, 1.0)), (sobel_embeddings, (4.0,))):
+        assert float(sum(embedding_match(embed, perfect, labels, lambdas))) == pytest.approx(0.0, abs=1e-7)
+        wrong = perfect.roll(1, dims=1)
+        assert float(sum(embedding_match(embed, wrong, labels, lambdas))) > 1e-3
+
+
+def test_ignored_pixels_do_not_contribute():
+    labels = _labels()
+    labels[:, :12, :12] = 255
+    net = SemedaNet(3)
+    torch.manual_seed(1)
+    probs = torch.rand(2, 3, 24, 24).softmax(1)
+    changed = probs.clone()
+    changed[:, :, :8, :8] = torch.rand(2, 3, 8, 8).softmax(1)  # deep inside the ignored block
+    for embed, lambdas in ((net.embeddings, (4.0, 2.0, 1.0)), (sobel_embeddings, (4.0,))):
+        a = sum(embedding_match(embed, probs, labels, lambdas))
+        b = sum(embedding_match(embed, changed, labels, lambdas))
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    logits = torch.randn(2, 3, 24, 24)
+    logits2 = logits.clone()
+    logits2[:, :, :8, :8] += 5.0
+    assert float(ppce_loss(logits, labels)) == pytest.approx(float(ppce_loss(logits2, labels)))
+
+
+def test_loss_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown loss"):
+        SegmentationLoss("dice", 3)
+    with pytest.raises(ValueError, match="pretrained SEMEDA network"):
+        SegmentationLoss("semeda", 3)
+    with pytest.raises(ValueError, match="takes 3 lambda"):
+        SegmentationLoss("semeda", 3, lambdas=(1.0,), semeda_net=SemedaNet(3))
+    sobel = SegmentationLoss("sobel", 3)
+    _, parts = sobel(torch.randn(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.long))
+    assert set(parts) == {"ppce", "sobel_l1", "sobel"}
