@@ -9,7 +9,7 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-from matplotlib import cm as mpl_cm  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
 
 IGNORE_COLOR = (255, 255, 255)
 
@@ -43,7 +43,7 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: f
 
 def heatmap(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0, cmap: str = "inferno") -> np.ndarray:
     scaled = np.clip((np.asarray(values, dtype=np.float64) - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    return (mpl_cm.get_cmap(cmap)(scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
 def save_panel(path: str | Path, tiles: list[np.ndarray], gap: int = 4) -> None:

@@ -27,12 +27,20 @@ def test_camvid_splits_classes_and_void(data_root):
 
 
 def test_cityscapes_label_ids_map_to_the_official_train_ids(data_root):
+    from cityscapesscripts.helpers.labels import id2label
+
     root = data_root / "fixtures" / "cityscapes"
     ds = Cityscapes(root, "val")
     assert len(ds) == 1 and len(CITYSCAPES_CLASSES) == 19
     _, label = ds[0]
+    label_ids = np.asarray(Image.open(next((root / "gtFine" / "val").glob("*/*_labelIds.png"))))
+    for label_id in np.unique(label_ids):
+        official = id2label[int(label_id)].trainId
+        expected = official if 0 <= official < 255 else 255
+        assert set(np.unique(label.numpy()[label_ids == label_id])) == {expected}
+    # The fixture's own labelTrainIds file was downscaled separately, so only boundaries may differ.
     train_ids = np.asarray(Image.open(next((root / "gtFine" / "val").glob("*/*_labelTrainIds.png"))))
-    np.testing.assert_array_equal(label.numpy(), train_ids)
+    assert (label.numpy() == train_ids).mean() > 0.995
     assert CITYSCAPES_CLASSES[0].name == "road" and CITYSCAPES_CLASSES[0].color == (128, 64, 128)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -178,7 +178,6 @@ class ShapesSample:
     texture_mask: np.ndarray  # (H, W) bool: where a texture is visible
     scene: Scene
     camera: Camera
-    extras: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -323,15 +322,19 @@ def _bounding_radius(obj: SceneObject) -> float:
     return obj.radius * {"sphere": 1.0, "cube": math.sqrt(3.0), "cylinder": math.sqrt(2.0)}[obj.shape]
 
 
+def _candidates(obj: SceneObject, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose ray meets the object's bounding sphere (most rays miss most objects), and o - c."""
+    oc = origins - obj.center
+    b = np.einsum("ij,ij->i", oc, dirs)
+    disc = b * b - (np.einsum("ij,ij->i", oc, oc) - _bounding_radius(obj) ** 2)
+    return np.nonzero((disc >= 0) & (-b + np.sqrt(np.maximum(disc, 0.0)) > _EPS))[0], oc
+
+
 def _cast(scene: Scene, origins: np.ndarray, dirs: np.ndarray) -> _Hits:
     p = dirs.shape[0]
     ts, normals, points, local_normals = [], [], [], []
     for obj in scene.objects:
-        # Cull with the bounding sphere first: most rays miss most objects.
-        oc = origins - obj.center
-        b = np.einsum("ij,ij->i", oc, dirs)
-        disc = b * b - (np.einsum("ij,ij->i", oc, oc) - _bounding_radius(obj) ** 2)
-        rows = np.nonzero((disc >= 0) & (-b + np.sqrt(np.maximum(disc, 0.0)) > _EPS))[0]
+        rows, oc = _candidates(obj, origins, dirs)
         t = np.full(p, np.inf)
         normal, point, n_local = np.zeros((p, 3)), np.zeros((p, 3)), np.zeros((p, 3))
         if rows.size:
@@ -352,10 +355,17 @@ def _cast(scene: Scene, origins: np.ndarray, dirs: np.ndarray) -> _Hits:
 
 
 def _occluded(scene: Scene, origins: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    if origins.shape[0] == 0 or not scene.objects:
-        return np.zeros(origins.shape[0], dtype=bool)
+    """Any-hit test for shadow rays towards a directional light: only distances, only candidate rows."""
+    blocked = np.zeros(origins.shape[0], dtype=bool)
     dirs = np.broadcast_to(direction, origins.shape)
-    return np.isfinite(_cast(scene, origins, dirs).t).any(axis=0)
+    for obj in scene.objects:
+        rows, oc = _candidates(obj, origins, dirs)
+        rows = rows[~blocked[rows]]
+        if rows.size:
+            rot = _rotation_z(obj.rotation)
+            t_rows, _ = _intersect_local(obj.shape, obj.radius, oc[rows] @ rot, dirs[rows] @ rot)
+            blocked[rows[np.isfinite(t_rows)]] = True
+    return blocked
 
 
 _FACE_AXES = {  # outward axis, then the texture's u (right) and v (down) directions in the object frame
