@@ -6,6 +6,7 @@ seeds and the pretrained SEMEDA network, so a killed run continues where it stop
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -152,14 +153,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 train_set, batch_size=config.batch_size, shuffle=True,
                 generator=torch.Generator().manual_seed(config.seed),
             )
-            batches = []
-            while len(batches) < config.semeda_pretrain_batches:
-                for _, labels in loader:
-                    batches.append(labels)
-                    if len(batches) >= config.semeda_pretrain_batches:
-                        break
+            masks = (labels for _ in itertools.count() for _, labels in loader)  # epochs, streamed
             semeda_net, semeda_figures = pretrain_semeda_net(
-                batches, len(classes), spec.ignore_index, seed=config.seed, progress=progress
+                masks, config.semeda_pretrain_batches, len(classes), spec.ignore_index, seed=config.seed,
+                progress=progress,
             )
             (out / "semeda_net.json").write_text(json.dumps(semeda_figures, indent=2))
         semeda_state = semeda_net.state_dict()

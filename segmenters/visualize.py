@@ -46,9 +46,13 @@ def heatmap(values: np.ndarray, vmin: float = 0.0, vmax: float = 1.0, cmap: str 
     return (colormaps[cmap](scaled)[..., :3] * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_panel(path: str | Path, tiles: list[np.ndarray], gap: int = 4) -> None:
-    """Tiles (H, W, 3) uint8 side by side, written as PNG."""
+def save_panel(path: str | Path, tiles: list[np.ndarray], gap: int = 4, min_height: int = 256) -> None:
+    """Tiles (H, W, 3) uint8 side by side, written as PNG; small tiles are enlarged (nearest, integer factor)."""
     height = max(t.shape[0] for t in tiles)
+    factor = max(1, -(-min_height // height))
+    if factor > 1:
+        tiles = [np.repeat(np.repeat(t, factor, axis=0), factor, axis=1) for t in tiles]
+        height *= factor
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, gap), (0, 0)), constant_values=255) for t in tiles]
     panel = np.concatenate(padded, axis=1)[:, :-gap]
     Path(path).parent.mkdir(parents=True, exist_ok=True)

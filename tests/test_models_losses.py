@@ -61,7 +61,7 @@ def test_semeda_net_shape_matches_the_thesis():
 
 def test_pretrained_semeda_net_detects_edges():
     batches = [_labels(seed=s, n=4) for s in range(60)]
-    net, figures = pretrain_semeda_net(batches, num_classes=3, progress=False)
+    net, figures = pretrain_semeda_net(batches, 90, num_classes=3, progress=False)
     assert figures["edge_f1"] > 0.9
     assert not any(p.requires_grad for p in net.parameters())
 

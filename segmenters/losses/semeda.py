@@ -8,6 +8,7 @@ trained to detect semantic edges from masks.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -59,6 +60,7 @@ def one_hot_masks(labels: torch.Tensor, num_classes: int, ignore_index: int) -> 
 
 def pretrain_semeda_net(
     label_batches: Iterable[torch.Tensor],
+    steps: int,
     num_classes: int,
     ignore_index: int = 255,
     lr: float = 1e-2,
@@ -67,23 +69,27 @@ def pretrain_semeda_net(
 ) -> tuple[SemedaNet, dict[str, float]]:
     """Train g_phi on ground-truth masks to predict their edge maps (Eq. 3.8).
 
-    Returns the network and its edge-detection figures on the last batches (pixel accuracy, edge F1).
+    Takes `steps` batches from `label_batches` (cycled if shorter). Returns the network and its
+    edge-detection figures over the last tenth of the steps (pixel accuracy, edge F1).
     """
+    if steps < 1:
+        raise ValueError(f"SEMEDA pretraining needs at least one step, got {steps}")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     net = SemedaNet(num_classes)
     torch.random.set_rng_state(generator_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     tp = fp = fn = correct = total = 0
-    batches = list(label_batches)
-    for step, labels in enumerate(tqdm(batches, desc="pretrain SEMEDA net", disable=not progress)):
+    stream = itertools.cycle(label_batches) if isinstance(label_batches, (list, tuple)) else iter(label_batches)
+    for step in tqdm(range(steps), desc="pretrain SEMEDA net", disable=not progress):
+        labels = next(stream)
         edges = semantic_edge_map(labels, ignore_index)
         logits = net(one_hot_masks(labels, num_classes, ignore_index))
         loss = F.cross_entropy(logits, edges, ignore_index=ignore_index)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step >= len(batches) - max(1, len(batches) // 10):
+        if step >= steps - max(1, steps // 10):
             valid = edges != ignore_index
             pred = logits.argmax(1)
             tp += int(((pred == 1) & (edges == 1) & valid).sum())
