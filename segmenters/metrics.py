@@ -46,6 +46,15 @@ def f1_from_confusion(cm: torch.Tensor) -> np.ndarray:
     return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.full_like(tp, math.nan)).numpy()
 
 
+def region_miou(cm: torch.Tensor) -> float | None:
+    """mIoU inside a trimap region, over the classes with ground truth there. A class that is only
+    predicted in the region still lowers the IoU of the classes it steals from, but does not enter the mean
+    itself: far from boundaries few classes remain, and one stray class would otherwise swing the figure."""
+    iou = iou_from_confusion(cm)
+    iou[(cm.sum(1) == 0).numpy()] = math.nan
+    return _num(nanmean(iou))
+
+
 def nanmean(values: np.ndarray) -> float:
     values = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
@@ -132,8 +141,8 @@ class SegmentationMetrics:
             "trimap": [
                 {
                     "band_width": w,
-                    "boundary_miou": _num(nanmean(iou_from_confusion(self.band_cm[w]))),
-                    "non_boundary_miou": _num(nanmean(iou_from_confusion(self.outside_cm[w]))),
+                    "boundary_miou": region_miou(self.band_cm[w]),
+                    "non_boundary_miou": region_miou(self.outside_cm[w]),
                     "boundary_pixels": int(self.band_cm[w].sum()),
                 }
                 for w in self.bands

@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     semeda_pretrain_batches: int = 300
     val_limit: int | None = Field(None, description="evaluate on at most this many validation images")
-    eval_every: int = 4
+    eval_every: int = 7
     threads: int | None = None
     compile: bool = Field(True, description="torch.compile the training step (~1.8x on CPU); eager if it fails")
     out: str = "runs/default"

@@ -104,3 +104,16 @@ def test_trimap_separates_boundary_errors_from_interior_errors():
     assert trimap[1]["non_boundary_miou"] == 1.0
     assert trimap[1]["boundary_miou"] < 0.5
     assert trimap[3]["boundary_miou"] > trimap[1]["boundary_miou"]
+
+
+def test_trimap_mean_is_over_classes_with_ground_truth_in_the_region():
+    target = torch.zeros(1, 12, 12, dtype=torch.long)
+    target[:, :, 8:] = 1
+    pred = target.clone()
+    pred[:, 0, 0] = 2  # a stray class far from the boundary, absent from the ground truth
+    metrics = SegmentationMetrics(num_classes=3, bands=(2,))
+    metrics.update(pred, target)
+    row = metrics.report()["trimap"][0]
+    # Outside the band (columns 0-5 and 10-11): class 0 loses one pixel, class 1 is perfect, class 2 is not averaged.
+    outside_class0 = (target[0, :, :6] == 0).sum().item()
+    assert row["non_boundary_miou"] == pytest.approx(((outside_class0 - 1) / outside_class0 + 1.0) / 2)
