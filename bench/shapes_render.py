@@ -59,7 +59,7 @@ def main() -> None:
             "render_over_training_ratio": round(render / trained, 2),
         }
     if args.workers > 1:
-        dataset = ShapesDataset("train", length=args.count * 4, cache=True)
+        dataset = ShapesDataset("train", length=max(1200, args.count * 10), cache=True)  # amortise spawn start-up
         start = time.perf_counter()
         dataset.warm(workers=args.workers, progress=False)
         parallel = dataset.length / (time.perf_counter() - start)
