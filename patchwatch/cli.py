@@ -9,16 +9,9 @@ from pathlib import Path
 import click
 
 from audit.cli import audit
-
-
-def _size(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        height, width = (int(v) for v in value.lower().split("x"))
-    except ValueError as exc:
-        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 180x240, got {value!r}") from exc
-    return height, width
+from patchwatch.edge_cli import edge
+from patchwatch.export_cli import export
+from patchwatch.options import parse_size
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,9 +52,9 @@ def train(config_path, lambdas, size, crop, resume, quiet, **flags) -> None:
     if lambdas:
         overrides["lambdas"] = tuple(float(v) for v in lambdas.split(","))
     if size:
-        overrides["size"] = _size(size)
+        overrides["size"] = parse_size(size)
     if crop:
-        overrides["crop"] = _size(crop)
+        overrides["crop"] = parse_size(crop)
     try:
         config = (
             TrainConfig.from_yaml(config_path, **overrides) if config_path else TrainConfig.model_validate(overrides)
@@ -97,7 +90,7 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
     if dataset != twin.spec.dataset:
         click.echo(f"note: model trained on {twin.spec.dataset}, evaluated on {dataset}", err=True)
     try:
-        data = build_dataset(dataset, split, root=data_root, size=_size(size) or twin.spec.input_size, length=length)
+        data = build_dataset(dataset, split, root=data_root, size=parse_size(size) or twin.spec.input_size, length=length)
     except DatasetError as exc:
         raise click.ClickException(str(exc)) from exc
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{dataset}-{split}"
@@ -107,6 +100,8 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
 
 
 main.add_command(audit)
+main.add_command(export)
+main.add_command(edge)
 
 
 if __name__ == "__main__":

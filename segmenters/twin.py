@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from segmenters.files import atomic_write
 from segmenters.models import build_model
 from segmenters.spec import ModelSpec, state_dict_digest
 
@@ -33,17 +32,8 @@ class Twin:
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a killed run never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save through a temporary file: a killed run never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_twin(path: str | Path, model: nn.Module, spec: ModelSpec, **extra) -> ModelSpec:

@@ -45,10 +45,10 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         multiple = 2**self.depth
-        # Pad to a multiple of the total stride so every skip lines up; crop the logits back.
+        # Pad to a multiple of the total stride so every skip lines up; crop the logits back. The pad is
+        # unconditional (zero-width when aligned) so exported graphs keep it for every input size.
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         skips = [self.stem(x)]
         for down, encode in zip(self.downs, self.encoders):
             skips.append(encode(down(skips[-1])))

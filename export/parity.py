@@ -1,0 +1,222 @@
+"""The parity gate: an engine ships only if it computes what its PyTorch twin computes, on real images.
+
+Figures, engine against twin over the same normalised inputs:
+- max and median |logit difference|, and the max relative to the twin's logit range over the set;
+- label agreement (share of pixels whose argmax matches);
+- mIoU of the engine's label map scored against the twin's (classes present in either).
+Tolerances depend on precision; a reduced-precision engine must still keep the labels (FP16 segmentation
+heads are a known trap: the logits look close while thin classes vanish, so mIoU is gated too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from export.engine import Engine
+from segmenters.data import build_dataset
+from segmenters.data.common import read_rgb
+from segmenters.data.frames import image_files
+from segmenters.metrics import confusion_matrix, iou_from_confusion, nanmean
+from segmenters.visualize import colorize, heatmap, save_panel, to_uint8
+
+DATASET_SOURCES = ("camvid", "cityscapes", "voc", "shapes")
+
+
+class ParityTolerance(BaseModel):
+    max_abs_rel: float  # max |engine - twin| / (twin logits' max - min)
+    label_agreement: float
+    miou: float
+
+
+TOLERANCES: dict[str, ParityTolerance] = {
+    "fp32": ParityTolerance(max_abs_rel=1e-4, label_agreement=0.9999, miou=0.999),
+    "fp16": ParityTolerance(max_abs_rel=2e-2, label_agreement=0.999, miou=0.99),
+    "int8": ParityTolerance(max_abs_rel=0.25, label_agreement=0.97, miou=0.90),
+}
+
+
+class ParityReport(BaseModel):
+    engine: dict
+    precision: str
+    source: str
+    images: int
+    pixels: int
+    logit_range: float
+    max_abs: float
+    median_abs: float
+    max_abs_rel: float
+    label_agreement: float
+    miou: float
+    worst_image: str
+    worst_image_agreement: float
+    tolerance: ParityTolerance
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def text(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        tol = self.tolerance
+        lines = [
+            f"parity {verdict}: {self.engine.get('backend')} {self.precision} vs twin on {self.images} images "
+            f"({self.source}, {self.pixels} pixels)",
+            f"  max |dlogit|      {self.max_abs:.3g}  = {self.max_abs_rel:.3g} x logit range {self.logit_range:.3g}"
+            f"  (limit {tol.max_abs_rel:g})",
+            f"  median |dlogit|   {self.median_abs:.3g}",
+            f"  label agreement   {self.label_agreement:.6f}  (limit {tol.label_agreement:g})",
+            f"  mIoU vs twin      {self.miou:.6f}  (limit {tol.miou:g})",
+            f"  worst image       {self.worst_image}: agreement {self.worst_image_agreement:.6f}",
+        ]
+        lines += [f"  FAILED: {f}" for f in self.failures]
+        return "\n".join(lines)
+
+
+class ParityError(RuntimeError):
+    def __init__(self, report: ParityReport):
+        super().__init__(report.text())
+        self.report = report
+
+
+def parity_images(
+    source: str,
+    count: int = 16,
+    size: tuple[int, int] | None = None,
+    root: str | None = None,
+    split: str = "val",
+) -> list[tuple[str, np.ndarray]]:
+    """`count` real images as (name, (3, H, W) float32 in [0, 1]), spread evenly over the set.
+
+    `source`: a dataset name (camvid, cityscapes, voc; shapes renders scenes), read from `split`, or a folder
+    or glob of image files. `size` (H, W) resizes (shapes: renders at it; default 128x128); default: as stored.
+    """
+    if source in DATASET_SOURCES:
+        dataset = build_dataset(source, split, root=root, size=size, length=max(count, 1))
+        picks = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int))
+        out = []
+        for index in picks:
+            image, _ = dataset[int(index)]
+            name = Path(dataset.pairs[index][0]).name if hasattr(dataset, "pairs") else f"{source}-val-{index}"
+            out.append((name, image.numpy().astype(np.float32)))
+        return out
+    paths = image_files(source)
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(count, len(paths))).round().astype(int))
+    out = []
+    for index in picks:
+        image = torch.from_numpy(read_rgb(paths[index])).permute(2, 0, 1)
+        if size:
+            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
+        out.append((paths[index].name, image.numpy().astype(np.float32)))
+    return out
+
+
+def _batches(images: Sequence[tuple[str, np.ndarray]], batch_size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Consecutive images of one size, at most `batch_size` at a time."""
+    batch: list[tuple[str, np.ndarray]] = []
+    for item in images:
+        if batch and (len(batch) == batch_size or batch[0][1].shape != item[1].shape):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def parity_check(
+    engine: Engine,
+    reference: Engine,
+    images: Sequence[tuple[str, np.ndarray]],
+    *,
+    source: str = "images",
+    tolerance: ParityTolerance | None = None,
+    batch_size: int = 4,
+    panel_path: str | Path | None = None,
+    progress: bool = False,
+) -> ParityReport:
+    """Run both engines on the same [0, 1] images and compare; `panel_path` gets a picture of the worst image."""
+    if engine.spec.classes != reference.spec.classes:
+        raise ValueError("engine and twin disagree on the class table: not the same model")
+    if not images:
+        raise ValueError("parity needs at least one image")
+    tolerance = tolerance or TOLERANCES[engine.precision]
+    num_classes = reference.spec.num_classes
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    diffs, lo, hi, max_abs, agree, pixels = [], math.inf, -math.inf, 0.0, 0, 0
+    worst = ("", 2.0, None)
+    for batch in tqdm(list(_batches(images, batch_size)), desc=f"parity {engine.backend}", disable=not progress):
+        x = reference.prepare(np.stack([image for _, image in batch]))
+        ref, out = reference.infer(x), engine.infer(x)
+        diff = np.abs(out - ref)
+        diffs.append(diff.ravel()[:: max(1, diff.size // 4_000_000)])  # enough for the median, bounded memory
+        max_abs = max(max_abs, float(diff.max()))
+        lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+        ref_labels, out_labels = ref.argmax(1), out.argmax(1)
+        same = ref_labels == out_labels
+        agree += int(same.sum())
+        pixels += same.size
+        # scored with the twin's labels as ground truth
+        cm += confusion_matrix(torch.from_numpy(out_labels), torch.from_numpy(ref_labels), num_classes, ignore_index=-1)
+        for k, (name, image) in enumerate(batch):
+            share = float(same[k].mean())
+            if share < worst[1]:
+                worst = (name, share, (image, ref_labels[k], out_labels[k], diff[k].max(0)))
+    logit_range = max(hi - lo, 1e-12)
+    miou = nanmean(iou_from_confusion(cm))
+    report = ParityReport(
+        engine=engine.describe(),
+        precision=engine.precision,
+        source=source,
+        images=len(images),
+        pixels=pixels,
+        logit_range=logit_range,
+        max_abs=max_abs,
+        median_abs=float(np.median(np.concatenate(diffs))),
+        max_abs_rel=max_abs / logit_range,
+        label_agreement=agree / pixels,
+        miou=miou,
+        worst_image=worst[0],
+        worst_image_agreement=worst[1],
+        tolerance=tolerance,
+        failures=[],
+    )
+    report.failures = _failures(report)
+    if panel_path is not None and worst[2] is not None:
+        image, ref_labels, out_labels, dmax = worst[2]
+        palette = reference.spec.palette()
+        save_panel(
+            panel_path,
+            [
+                to_uint8(image),
+                colorize(ref_labels, palette),
+                colorize(out_labels, palette),
+                heatmap((ref_labels != out_labels).astype(np.float32)),
+                heatmap(dmax, vmax=max(float(dmax.max()), 1e-12)),
+            ],
+        )
+    return report
+
+
+def _failures(report: ParityReport) -> list[str]:
+    tol, failures = report.tolerance, []
+    if not report.max_abs_rel <= tol.max_abs_rel:
+        failures.append(f"max |dlogit| is {report.max_abs_rel:.3g} x the logit range, over {tol.max_abs_rel:g}")
+    if not report.label_agreement >= tol.label_agreement:
+        failures.append(f"label agreement {report.label_agreement:.6f} is under {tol.label_agreement:g}")
+    if not report.miou >= tol.miou:
+        failures.append(f"mIoU vs twin {report.miou:.6f} is under {tol.miou:g}")
+    return failures
+
+
+def gate(report: ParityReport) -> ParityReport:
+    """Raise `ParityError` (its message is the report) unless every figure is within tolerance."""
+    if not report.passed:
+        raise ParityError(report)
+    return report

@@ -1,0 +1,124 @@
+"""`patchwatch edge keygen|bundle|verify|run`: signed bundles for vehicles, checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from patchwatch.options import parse_size
+
+
+@click.group()
+def edge() -> None:
+    """Signed engine bundles: make, verify and run them (no Ray needed)."""
+
+
+@edge.command("keygen")
+@click.option("--out", "out_dir", default="keys", show_default=True, help="folder for <name>.key and <name>.pub")
+@click.option("--name", default="signing", show_default=True)
+@click.option("--passphrase-env", help="encrypt the private key with the passphrase in this environment variable")
+def keygen(out_dir, name, passphrase_env) -> None:
+    """Generate an Ed25519 signing key pair (private key file mode 0600)."""
+    from edge.signing import generate_keypair
+
+    passphrase = None
+    if passphrase_env:
+        if not os.environ.get(passphrase_env):
+            raise click.ClickException(f"environment variable {passphrase_env} is empty or unset")
+        passphrase = os.environ[passphrase_env].encode()
+    try:
+        private, public = generate_keypair(out_dir, name, passphrase)
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"private_key": str(private), "public_key": str(public)}, indent=2))
+
+
+@edge.command("bundle")
+@click.argument("engines", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key")
+@click.option("--out", required=True, help="bundle folder, or an archive path ending in .tar.gz")
+@click.option("--name", help="bundle name (default <arch>-<dataset>)")
+def bundle(engines, private_key, out, name) -> None:
+    """Pack gated ENGINES (.onnx, .plan) with a signed manifest."""
+    from edge.bundle import BundleError, create_bundle
+    from edge.signing import KeyFileError
+
+    try:
+        path = create_bundle(out, list(engines), private_key, name=name)
+    except (BundleError, KeyFileError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"bundle written: {path}")
+
+
+def _target(tensorrt_version, compute_capability):
+    from edge.bundle import CURRENT_MACHINE
+    from export.tensorrt_engine import PlanTarget
+
+    if bool(tensorrt_version) != bool(compute_capability):
+        raise click.UsageError("give both --tensorrt-version and --compute-capability, or neither")
+    if tensorrt_version:
+        return PlanTarget(tensorrt_version=tensorrt_version, compute_capability=compute_capability)
+    return CURRENT_MACHINE
+
+
+@edge.command("verify")
+@click.argument("bundle_path", type=click.Path(exists=True))
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--tensorrt-version", help="check plans against this TensorRT release instead of this machine's")
+@click.option("--compute-capability", help="... and this GPU compute capability, e.g. 8.7 (Orin)")
+def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> None:
+    """Check signature, signer, every file's digest and the plans' TensorRT/GPU target; exit 1 on any failure."""
+    from edge.bundle import BundleError, verify_bundle
+    from edge.signing import KeyFileError
+
+    try:
+        with verify_bundle(bundle_path, public_key, target=_target(tensorrt_version, compute_capability)) as ok:
+            click.echo(json.dumps({
+                "verified": True,
+                "name": ok.manifest.name,
+                "signer": ok.manifest.signer,
+                "created_at": ok.manifest.created_at,
+                "engines": [{"file": e.path, "runtime": e.role, "precision": e.precision, "parity": e.parity}
+                            for e in ok.manifest.engines()],
+                "unchecked_plans": ok.unchecked_plans,
+            }, indent=2))
+    except (BundleError, KeyFileError) as exc:
+        click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
+        sys.exit(1)
+
+
+@edge.command("run")
+@click.argument("bundle_path", type=click.Path(exists=True))
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--source", required=True, help="image, folder, glob, video file, camera index or stream URL")
+@click.option("--out", "out_dir", required=True, help="folder for labels/, overlays/, overlay.mp4, summary.json")
+@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="default: the most exact engine")
+@click.option("--write", "outputs", type=click.Choice(["labels", "overlay"]), multiple=True,
+              help="what to write per frame (repeatable; default both)")
+@click.option("--size", help="HEIGHTxWIDTH frames are resized to (default: as they come)")
+@click.option("--limit", type=int, help="stop after this many frames")
+@click.option("--quiet", is_flag=True)
+def run(bundle_path, public_key, source, out_dir, runtime, precision, outputs, size, limit, quiet) -> None:
+    """Verify BUNDLE_PATH, then segment frames from SOURCE with it (ONNX Runtime or TensorRT, no Ray)."""
+    from edge.bundle import BundleError
+    from edge.runner import run_bundle
+    from edge.signing import KeyFileError
+    from export import EngineError
+
+    try:
+        summary = run_bundle(bundle_path, public_key, source, out_dir, runtime=runtime, precision=precision,
+                             outputs=tuple(outputs) or ("labels", "overlay"), size=parse_size(size), limit=limit,
+                             progress=not quiet)
+    except (BundleError, KeyFileError) as exc:
+        click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
+        sys.exit(1)
+    except (EngineError, OSError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({k: summary[k] for k in ("frames", "fps", "inference_ms_per_frame", "engine")}
+                          | {"errors": len(summary["errors"]), "summary": str(Path(out_dir) / "summary.json")},
+                          indent=2))

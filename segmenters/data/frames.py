@@ -1,0 +1,107 @@
+"""Frames from wherever they come: image files, a folder or glob of them, a video file, a camera index, or
+an RTSP/HTTP stream, all through OpenCV. Yields RGB uint8 frames; a frame that cannot be decoded is
+reported as a `FrameError` item, not raised, so one bad file never stops a run."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
+
+
+@dataclass
+class Frame:
+    index: int
+    name: str
+    rgb: np.ndarray  # (H, W, 3) uint8
+
+
+@dataclass
+class FrameError:
+    index: int
+    name: str
+    reason: str
+
+
+def describe_source(source: str | int) -> str:
+    if isinstance(source, int) or str(source).isdigit():
+        return f"camera {int(source)}"
+    text = str(source)
+    if text.startswith(STREAM_SCHEMES):
+        return f"stream {text}"
+    path = Path(text)
+    if path.is_dir():
+        return f"image folder {path}"
+    if path.suffix.lower() in VIDEO_SUFFIXES:
+        return f"video {path}"
+    return f"images {text}"
+
+
+def iter_frames(source: str | int, limit: int | None = None) -> Iterator[Frame | FrameError]:
+    """Frames in order. `source`: image file, folder, glob, video file, camera index (int or "0"), or URL."""
+    if isinstance(source, int) or str(source).isdigit():
+        yield from _capture(int(source), f"camera{int(source)}", limit)
+        return
+    text = str(source)
+    if text.startswith(STREAM_SCHEMES):
+        yield from _capture(text, "stream", limit)
+        return
+    path = Path(text)
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        yield from _capture(str(path), path.stem, limit)
+        return
+    files = image_files(text)
+    for index, file in enumerate(files[:limit] if limit else files):
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if image is None:
+            yield FrameError(index, file.name, f"cannot decode image {file} (corrupt, truncated or not an image)")
+        else:
+            yield Frame(index, file.stem, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+
+
+def image_files(text: str) -> list[Path]:
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(text) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no frames at {text!r}: expected an image, a folder or glob of images, a video "
+                                f"({', '.join(VIDEO_SUFFIXES)}), a camera index or a stream URL")
+    return files
+
+
+def _capture(target: str | int, stem: str, limit: int | None) -> Iterator[Frame | FrameError]:
+    capture = cv2.VideoCapture(target)
+    if not capture.isOpened():
+        raise OSError(f"cannot open {describe_source(target)}")
+    try:
+        index = 0
+        while limit is None or index < limit:
+            ok, image = capture.read()
+            if not ok or image is None:
+                break
+            yield Frame(index, f"{stem}_{index:06d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+            index += 1
+    finally:
+        capture.release()
+
+
+def capture_fps(source: str | int, default: float = 25.0) -> float:
+    """The frame rate a video file or camera reports (default when it reports none)."""
+    capture = cv2.VideoCapture(int(source) if str(source).isdigit() else str(source))
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+    finally:
+        capture.release()
+    return fps if fps and fps > 0 else default
