@@ -20,3 +20,36 @@ def data_root() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_matplotlib():
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def fit_camvid_twin(path: Path, data_root: Path, arch: str = "unet", size=(96, 128), steps: int = 60, seed: int = 0):
+    """A briefly trained CamVid twin: its label maps vary across the image, so engine/twin comparisons on it
+    can fail (an untrained net predicts one class nearly everywhere)."""
+    import torch
+
+    from segmenters.data import build_dataset, dataset_classes
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import load_twin, save_twin
+
+    torch.manual_seed(seed)
+    data = build_dataset("camvid", "train", root=data_root / "camvid", size=size)
+    images, labels = map(torch.stack, zip(*[data[i] for i in range(0, 64, 8)]))
+    spec = ModelSpec(arch=arch, classes=dataset_classes("camvid"), input_size=size, dataset="camvid")
+    model = build_model(arch, spec.num_classes)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs = spec.normalization.normalize(images)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels, ignore_index=255)
+        loss.backward()
+        optimiser.step()
+    save_twin(path, model, spec)
+    return load_twin(path)
+
+
+@pytest.fixture(scope="session")
+def camvid_unet(tmp_path_factory, data_root):
+    """(checkpoint path, twin) for a briefly trained CamVid U-Net at 96x128."""
+    path = tmp_path_factory.mktemp("camvid_unet") / "unet.pt"
+    return path, fit_camvid_twin(path, data_root)
