@@ -12,7 +12,9 @@ Both graphs also run on ONNX Runtime's CPU provider, so the parity gate checks t
 
 from __future__ import annotations
 
+import io
 import tempfile
+from contextlib import redirect_stdout
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,7 +97,7 @@ def to_int8(proto: onnx.ModelProto, calibration: Iterable[np.ndarray]) -> onnx.M
     with tempfile.TemporaryDirectory(prefix="patchwatch-int8-") as tmp:
         source, prepared, quantised = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, str(source))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the calibrator prints its progress
             warnings.simplefilter("ignore")
             # Fold constants and infer shapes first, as ONNX Runtime's quantisation guide asks.
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
