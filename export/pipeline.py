@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.engine import Engine, TorchEngine, prepare_images
+from export.engine import Engine, EngineError, TorchEngine, prepare_images
 from export.onnx_export import export_onnx, load_model, model_metadata, save_model
 from export.onnxruntime_engine import OnnxRuntimeEngine
 from export.parity import ParityReport, ParityTolerance, TOLERANCES, gate, parity_check, parity_images
@@ -120,8 +120,11 @@ def export_tensorrt_gated(
     progress: bool = True,
 ) -> ParityReport:
     """Build a TensorRT plan from a gated ONNX (converting an fp32 graph to `precision` first) and gate it."""
-    from export.tensorrt_engine import TensorRTEngine, build_plan
+    from export.tensorrt_engine import TensorRTEngine, build_plan, tensorrt_missing_reason
 
+    reason = tensorrt_missing_reason()
+    if reason:  # say so before spending minutes on conversion
+        raise EngineError(f"cannot build a TensorRT plan: {reason}")
     settings = settings or ParitySettings()
     twin = load_twin(checkpoint)
     spec, graph_precision = model_metadata(onnx_path)
@@ -130,7 +133,7 @@ def export_tensorrt_gated(
     reference = TorchEngine(twin)
     precision = precision or graph_precision
     if precision != graph_precision:
-        converted = precision_path(Path(plan_path).with_suffix(".onnx"), precision)
+        converted = Path(f"{plan_path}.onnx")  # the graph this plan was built from, kept beside it
         save_model(convert_precision(load_model(onnx_path), precision, _calibration(precision, twin, settings)), converted)
         onnx_path = converted
     build_plan(onnx_path, plan_path, profile=profile, workspace_bytes=workspace_bytes)

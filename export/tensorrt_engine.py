@@ -12,7 +12,6 @@ is isolated in this module and skipped, with the reason, where it is absent.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -202,7 +201,3 @@ class TensorRTEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "target": self.info.target.model_dump()}
-
-
-def plan_summary(info: PlanInfo) -> str:
-    return json.dumps(info.model_dump(exclude={"spec"}), indent=2)

@@ -10,8 +10,8 @@ import torch
 from onnx import numpy_helper
 
 from export import (
-    EngineInputError, OnnxRuntimeEngine, ParityError, ParityTolerance, TorchEngine, export_onnx, gate,
-    model_metadata, parity_check, parity_images, prepare_images,
+    EngineError, EngineInputError, OnnxRuntimeEngine, ParityError, ParityTolerance, TorchEngine, export_onnx, gate,
+    load_engine, model_metadata, parity_check, parity_images, prepare_images,
 )
 from export.pipeline import export_onnx_gated, ParitySettings, precision_path, read_parity
 from export.precision import convert_precision
@@ -71,6 +71,9 @@ def test_gated_export_writes_reports_for_each_precision(gated_unet):
         engine = OnnxRuntimeEngine(path)
         assert engine.precision == precision and engine.spec == twin.spec
     assert reports["fp32"].label_agreement >= 0.9999 and reports["fp32"].miou >= 0.999
+    assert isinstance(load_engine(out), OnnxRuntimeEngine)
+    with pytest.raises(EngineError, match="unknown engine file type"):
+        load_engine(out.with_suffix(".pt"))
     fp16 = onnx.load(str(precision_path(out, "fp16")))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     _assert_float32_io(fp16)
@@ -203,3 +206,20 @@ def test_tensorrt_plan_builds_records_its_target_and_passes_parity(gated_unet, c
     info = read_plan_info(plan)
     assert info.target == current_target() and info.precision == precision
     assert TensorRTEngine(plan).infer(np.zeros((2, 3, 96, 128), np.float32)).shape == (2, 11, 96, 128)
+
+
+@pytest.mark.data
+def test_cli_export_onnx_prints_the_gate_and_names_the_files(camvid_unet, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    checkpoint, _ = camvid_unet
+    done = subprocess.run([sys.executable, "-m", "patchwatch.cli", "export", "onnx", str(checkpoint), "--out",
+                           str(tmp_path / "m.onnx"), "--parity-count", "2", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "parity PASS: onnxruntime:CPUExecutionProvider fp32 vs twin on 2 images (camvid" in done.stdout
+    assert json.loads(done.stdout[done.stdout.index("{"):]) == {"fp32": str(tmp_path / "m.onnx")}
+    missing = subprocess.run([sys.executable, "-m", "patchwatch.cli", "export", "onnx", str(checkpoint),
+                              "--parity-data", str(tmp_path / "nothing-here")], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no frames at" in missing.stderr
