@@ -12,6 +12,7 @@ from audit.cli import audit
 from patchwatch.edge_cli import edge
 from patchwatch.export_cli import export
 from patchwatch.options import parse_size
+from patchwatch.serve_cli import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,6 +103,7 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
 main.add_command(audit)
 main.add_command(export)
 main.add_command(edge)
+main.add_command(serve)
 
 
 if __name__ == "__main__":

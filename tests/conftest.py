@@ -53,3 +53,18 @@ def camvid_unet(tmp_path_factory, data_root):
     """(checkpoint path, twin) for a briefly trained CamVid U-Net at 96x128."""
     path = tmp_path_factory.mktemp("camvid_unet") / "unet.pt"
     return path, fit_camvid_twin(path, data_root)
+
+
+@pytest.fixture(scope="session")
+def camvid_unet_engines(camvid_unet, tmp_path_factory):
+    """The CamVid U-Net as ONNX graphs: FP32 ("1") and FP16 ("2"), the two versions the service tests serve."""
+    from export import export_onnx
+    from export.onnx_export import save_model
+    from export.precision import convert_precision
+
+    _, twin = camvid_unet
+    folder = tmp_path_factory.mktemp("served")
+    fp32 = export_onnx(twin, folder / "model.onnx")
+    save_model(convert_precision(fp32, "fp16"), folder / "model.fp16.onnx")
+    return {"1": folder / "model.onnx", "2": folder / "model.fp16.onnx"}
+

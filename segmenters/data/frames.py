@@ -1,6 +1,9 @@
 """Frames from wherever they come: image files, a folder or glob of them, a video file, a camera index, or
-an RTSP/HTTP stream, all through OpenCV. Yields RGB uint8 frames; a frame that cannot be decoded is
-reported as a `FrameError` item, not raised, so one bad file never stops a run."""
+an RTSP/HTTP stream (video through OpenCV). Yields RGB uint8 frames; a frame that cannot be decoded is
+reported as a `FrameError` item, not raised, so one bad file never stops a run.
+
+`decode_image` is the one strict decoder of encoded images (files here, uploads in the service): truncated
+files are refused rather than returned half grey, as OpenCV would."""
 
 from __future__ import annotations
 
@@ -9,12 +12,49 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import io
+
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
+#: the largest image decoded by default (a 4096 x 4096 frame); beyond it a file is refused before decoding
+MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "udp://", "tcp://")
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a complete PNG/JPEG/... image."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image with more pixels than the decoder was allowed; refused before decoding."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied. Raises `ImageDecodeError` naming
+    what is wrong: empty, not an image, truncated or corrupt, or more than `max_pixels` pixels."""
+    if not data:
+        raise ImageDecodeError("empty image: 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLargeError(f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                       f"{max_pixels}")
+            image.load()  # decodes fully: a truncated file raises here instead of yielding grey rows
+            image = ImageOps.exif_transpose(image)
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image refused as a decompression bomb: {exc}") from exc
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad bytes
+        reason = "not a recognised image format" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {reason}") from exc
+    return np.ascontiguousarray(rgb)
 
 
 @dataclass
@@ -60,11 +100,10 @@ def iter_frames(source: str | int, limit: int | None = None) -> Iterator[Frame |
         return
     files = image_files(text)
     for index, file in enumerate(files[:limit] if limit else files):
-        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-        if image is None:
-            yield FrameError(index, file.name, f"cannot decode image {file} (corrupt, truncated or not an image)")
-        else:
-            yield Frame(index, file.stem, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+        try:
+            yield Frame(index, file.stem, decode_image(file.read_bytes()))
+        except (ImageDecodeError, OSError) as exc:
+            yield FrameError(index, file.name, f"{file}: {exc}")
 
 
 def image_files(text: str) -> list[Path]:

@@ -1,0 +1,349 @@
+"""The Ray Serve application: an HTTP ingress speaking the Open Inference Protocol (KServe v2 REST, with the
+binary tensor data extension) in front of one `EngineModel` deployment per served model version.
+
+Routes
+  GET  /v2                                          server metadata
+  GET  /v2/health/live, /v2/health/ready             server health (never need the API key)
+  GET  /v2/models/{name}[/versions/{v}]             model metadata, with the model's `ModelSpec`
+  GET  /v2/models/{name}[/versions/{v}]/ready       model readiness
+  POST /v2/models/{name}[/versions/{v}]/infer       inference: JSON tensors or the binary extension
+  POST /v2/models/{name}[/versions/{v}]/segment     an image upload -> label PNG, overlay or class areas
+  GET  /metrics                                      Prometheus text: the patchwatch and Serve families
+
+Every error is `{"error": "..."}` with a 4xx/5xx status; nothing a client sends can stop the replica.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations at class
+# definition, and Serve's class ingress loses string annotations (a `Request` becomes a query parameter).
+import asyncio
+import hmac
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from segmenters.data.frames import ImageDecodeError, ImageTooLargeError, decode_image
+from segmenters.spec import ModelSpec
+from serving.config import ModelConfig, ServeConfig
+from serving.images import check_upload_type, choose_output, class_areas, label_png, overlay_image
+from serving.metrics import IngressMetrics, exported_families, node_metrics_url
+from serving.model import INPUTS, OUTPUTS, InferCall, check_call, deployment_for
+from serving.protocol import HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response, error_body
+
+logger = logging.getLogger("ray.serve")
+
+SERVER_NAME = "patchwatch"
+EXTENSIONS = ["binary_tensor_data", "patchwatch_segment", "patchwatch_metrics"]
+#: the health endpoints answer without the API key, so orchestrators can probe them
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+           415: "unsupported_media_type", 500: "internal", 503: "unavailable"}
+READY_TIMEOUT_S = 2.0
+
+api = FastAPI(title="patchwatch", description="Open Inference Protocol for semantic-segmentation engines",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(message: str, status: int, headers: dict | None = None) -> Response:
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    message = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return error_response(message, exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return error_response(f"bad request: {exc.errors()}", 400)
+
+
+def server_version() -> str:
+    try:
+        return package_version("patchwatch")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
+@serve.ingress(api)
+class InferenceServer:
+    """The front door: decodes and checks requests, routes them to a model's deployment, encodes answers."""
+
+    def __init__(self, config: ServeConfig, models: dict[str, DeploymentHandle]):
+        self.config = config
+        self.api_key = config.api_key()
+        self.models: dict[tuple[str, str], tuple[ModelConfig, DeploymentHandle]] = {
+            (m.name, m.version): (m, models[m.deployment_name]) for m in config.models}
+        self.default_versions = config.default_versions()
+        self.metrics = IngressMetrics()
+        self._metadata: dict[tuple[str, str], dict] = {}
+
+    # ------------------------------------------------------------------------------------------ routes
+
+    @api.get("/v2")
+    async def server_metadata(self, request: Request) -> Response:
+        return await self._answer(request, "server_metadata", None, None, self._server_metadata)
+
+    @api.get("/v2/health/live")
+    async def live(self, request: Request) -> Response:
+        return await self._answer(request, "live", None, None, self._live)
+
+    @api.get("/v2/health/ready")
+    async def server_ready(self, request: Request) -> Response:
+        return await self._answer(request, "ready", None, None, self._server_ready)
+
+    @api.get("/v2/models/{name}")
+    async def model_metadata(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "model_metadata", name, None, self._model_metadata)
+
+    @api.get("/v2/models/{name}/versions/{version}")
+    async def model_version_metadata(self, name: str, version: str, request: Request) -> Response:
+        return await self._answer(request, "model_metadata", name, version, self._model_metadata)
+
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "model_ready", name, None, self._model_ready)
+
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_version_ready(self, name: str, version: str, request: Request) -> Response:
+        return await self._answer(request, "model_ready", name, version, self._model_ready)
+
+    @api.post("/v2/models/{name}/infer")
+    async def infer(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "infer", name, None, self._infer)
+
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._answer(request, "infer", name, version, self._infer)
+
+    @api.post("/v2/models/{name}/segment")
+    async def segment(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "segment", name, None, self._segment)
+
+    @api.post("/v2/models/{name}/versions/{version}/segment")
+    async def segment_version(self, name: str, version: str, request: Request) -> Response:
+        return await self._answer(request, "segment", name, version, self._segment)
+
+    @api.get("/metrics")
+    async def prometheus(self, request: Request) -> Response:
+        return await self._answer(request, "metrics", None, None, self._prometheus)
+
+    # ----------------------------------------------------------------------------------------- handling
+
+    async def _answer(self, request: Request, endpoint: str, name: str | None, version: str | None,
+                      handler) -> Response:
+        """Authorise, run the handler, turn any failure into an `{"error"}` answer, and count it."""
+        started = time.perf_counter()
+        reason = None
+        try:
+            self._authorize(request)
+            response = await handler(request, name, version)
+        except ProtocolError as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            response = error_response(exc.message, exc.status, headers)
+            reason = REASONS.get(exc.status)
+        except Exception as exc:  # a bug must cost one request, never the replica
+            logger.exception("%s %s failed", request.method, request.url.path)
+            response = error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
+            reason = "internal"
+        self.metrics.record(name, endpoint, response.status_code, (time.perf_counter() - started) * 1000.0, reason)
+        return response
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None or request.url.path in OPEN_PATHS:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ProtocolError("this server needs an API key: send 'Authorization: Bearer <key>'", status=401)
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ProtocolError("the API key is not valid", status=401)
+
+    def _model(self, name: str, version: str | None) -> tuple[ModelConfig, DeploymentHandle]:
+        if name not in self.default_versions:
+            known = ", ".join(sorted(self.default_versions)) or "none"
+            raise ProtocolError(f"unknown model {name!r} (this server has: {known})", status=404)
+        version = version or self.default_versions[name]
+        if (name, version) not in self.models:
+            raise ProtocolError(f"model {name!r} has no version {version!r} (versions: "
+                                f"{', '.join(self._versions(name))})", status=404)
+        return self.models[(name, version)]
+
+    def _versions(self, name: str) -> list[str]:
+        return [v for (n, v) in self.models if n == name]
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ProtocolError(f"Content-Length {declared!r} is not a number")
+            if int(declared) > limit:
+                raise ProtocolError(f"request body is {int(declared)} bytes, over the limit of {limit}", status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"request body is over the limit of {limit} bytes", status=413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise ProtocolError("request body is empty")
+        return body
+
+    async def _call(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict[str, np.ndarray]:
+        """Run a call on the model's replicas. Inference is idempotent, so a call whose replica died under it
+        is sent once more (to a live or replacement replica) before the client sees an error."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(handle.infer.remote(call), timeout=self.config.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"model {model.name!r} did not answer within {self.config.request_timeout_s} s",
+                                    status=503) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                logger.warning("replica of %s died during a call (attempt %d): %s", model.deployment_name, attempt,
+                               exc)
+                if attempt == 2:
+                    raise ProtocolError(f"model {model.name!r}: replica unavailable ({type(exc).__name__}); "
+                                        "retry shortly", status=503) from None
+        raise AssertionError("unreachable")
+
+    async def _spec_metadata(self, model: ModelConfig, handle: DeploymentHandle) -> dict:
+        key = (model.name, model.version)
+        if key not in self._metadata:
+            try:
+                self._metadata[key] = await asyncio.wait_for(handle.metadata.remote(),
+                                                             timeout=self.config.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"model {model.name!r} is not ready (no replica answered)", status=503) from None
+        return self._metadata[key]
+
+    # ---------------------------------------------------------------------------------------- endpoints
+
+    async def _server_metadata(self, request, name, version) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+
+    async def _live(self, request, name, version) -> Response:
+        return JSONResponse({"live": True})
+
+    async def _ping(self, handle: DeploymentHandle) -> bool:
+        try:
+            return bool(await asyncio.wait_for(handle.ready.remote(), timeout=READY_TIMEOUT_S))
+        except Exception:
+            return False
+
+    async def _server_ready(self, request, name, version) -> Response:
+        results = await asyncio.gather(*(self._ping(handle) for _, handle in self.models.values()))
+        waiting = [f"{n}/{v}" for (n, v), ok in zip(self.models, results) if not ok]
+        if waiting:
+            raise ProtocolError(f"not ready: no replica of {', '.join(waiting)} answered", status=400)
+        return JSONResponse({"ready": True})
+
+    async def _model_ready(self, request, name, version) -> Response:
+        model, handle = self._model(name, version)
+        if not await self._ping(handle):
+            raise ProtocolError(f"model {name!r} version {model.version!r} is not ready", status=400)
+        return JSONResponse({"name": name, "version": model.version, "ready": True})
+
+    async def _model_metadata(self, request, name, version) -> Response:
+        model, handle = self._model(name, version)
+        meta = await self._spec_metadata(model, handle)
+        spec = ModelSpec.model_validate(meta["spec"])
+        label_type = "UINT8" if spec.num_classes <= 256 else "INT32"
+        platform = "tensorrt_plan" if meta["backend"].startswith("tensorrt") else "onnxruntime_onnx"
+        return JSONResponse({
+            "name": name,
+            "versions": self._versions(name),
+            "platform": platform,
+            "inputs": [
+                {"name": "images", "datatype": "FP32", "shape": [-1, 3, -1, -1]},
+                {"name": "frames", "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
+            ],
+            "outputs": [
+                {"name": "logits", "datatype": "FP32", "shape": [-1, spec.num_classes, -1, -1]},
+                {"name": "labels", "datatype": label_type, "shape": [-1, -1, -1]},
+            ],
+            # Beyond the protocol's fields: how to use this model, for clients that read it
+            "parameters": {"version": model.version, "precision": meta["precision"], "backend": meta["backend"],
+                           "max_batch_size": model.max_batch_size,
+                           "inputs": "send exactly one: " + "; ".join(f"{k}: {v['about']}" for k, v in INPUTS.items())},
+            "model_spec": meta["spec"],
+        })
+
+    async def _infer(self, request: Request, name: str, version: str | None) -> Response:
+        model, handle = self._model(name, version)
+        header_length = request.headers.get(HEADER_LENGTH)
+        content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if header_length is None and content_type not in ("", "application/json"):
+            raise ProtocolError(f"Content-Type {content_type!r}: an inference request is JSON (application/json), "
+                                f"or JSON then binary tensors with the {HEADER_LENGTH} header", status=415)
+        body = await self._body(request)
+        parsed = await asyncio.to_thread(decode_infer_request, body, header_length)
+        wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else OUTPUTS
+        call = check_call(parsed.inputs, wanted, model.max_batch_size, self.config.max_image_pixels)
+        result = await self._call(model, handle, call)
+        if parsed.outputs is None:
+            as_binary = {out: parsed.binary_output for out in OUTPUTS}
+        else:
+            as_binary = {o.name: o.binary for o in parsed.outputs}
+        outputs = [(out, result[out], as_binary[out]) for out in wanted]
+        body, headers = await asyncio.to_thread(encode_infer_response, name, model.version, outputs, parsed.id)
+        return Response(body, headers=headers)
+
+    async def _segment(self, request: Request, name: str, version: str | None) -> Response:
+        model, handle = self._model(name, version)
+        check_upload_type(request.headers.get("content-type"))
+        output = choose_output(request.query_params.get("output"), request.headers.get("accept"))
+        body = await self._body(request)
+        try:
+            rgb = await asyncio.to_thread(decode_image, body, self.config.max_image_pixels)
+        except ImageTooLargeError as exc:
+            raise ProtocolError(str(exc), status=413) from None
+        except ImageDecodeError as exc:
+            raise ProtocolError(str(exc)) from None
+        call = check_call({"frames": rgb[None]}, ("labels",), model.max_batch_size, self.config.max_image_pixels)
+        labels = (await self._call(model, handle, call))["labels"][0]
+        spec = ModelSpec.model_validate((await self._spec_metadata(model, handle))["spec"])
+        headers = {"X-Model-Name": name, "X-Model-Version": model.version}
+        if output == "labels":
+            return Response(await asyncio.to_thread(label_png, labels, spec), media_type="image/png",
+                            headers=headers)
+        if output == "overlay":
+            jpeg = "image/jpeg" in (request.headers.get("accept") or "").lower()
+            data = await asyncio.to_thread(overlay_image, rgb, labels, spec, jpeg)
+            return Response(data, media_type="image/jpeg" if jpeg else "image/png", headers=headers)
+        return JSONResponse({"model_name": name, "model_version": model.version, **class_areas(labels, spec)},
+                            headers=headers)
+
+    async def _prometheus(self, request, name, version) -> Response:
+        import aiohttp
+
+        url = node_metrics_url()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                async with session.get(url) as answer:
+                    text = await answer.text()
+        except Exception as exc:
+            raise ProtocolError(f"the node's metrics agent at {url} did not answer: {exc}", status=503) from None
+        return PlainTextResponse(exported_families(text), media_type="text/plain; version=0.0.4")
+
+
+def build_app(config: ServeConfig):
+    """The Serve application: the ingress bound to one deployment per model version."""
+    models = {model.deployment_name: deployment_for(model) for model in config.models}
+    return InferenceServer.options(num_replicas=config.ingress_replicas).bind(config, models)
+
+
+def app_builder(args: dict):
+    """`import_path: serving.app:app_builder` for `serve deploy` and KubeRay: `args` is a `ServeConfig`."""
+    return build_app(ServeConfig.model_validate(args))

@@ -1,0 +1,159 @@
+"""What a served application is: its models (engine files, batching, replicas) and its front door (address,
+API key, limits). The same `ServeConfig` is read by `patchwatch serve --config`, by the application builder
+that `serve deploy deploy/serve_config.yaml` imports, and by the KubeRay manifest's `serveConfigV2`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from segmenters.data.frames import MAX_IMAGE_PIXELS
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+ENGINE_SUFFIXES = (".onnx", ".plan", ".engine")
+
+
+class ServeConfigError(ValueError):
+    """A serve configuration that cannot be run, with the reason."""
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling for one model: replicas follow the requests waiting at each."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """One served model version: one Ray Serve deployment hosting one `Engine`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    version: Annotated[str, Field(pattern=NAME_PATTERN)] = "1"
+    #: engine file: .onnx (ONNX Runtime) or .plan/.engine (TensorRT, needs num_gpus > 0)
+    path: str
+    #: images per engine run, and the most one request may carry
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    #: how long a batch waits for more requests before it runs
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    num_replicas: int = Field(1, ge=1)
+    #: when set, replaces num_replicas
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    #: > 0 puts the replica on a GPU node; ONNX Runtime then uses its TensorRT/CUDA providers when installed
+    num_gpus: float = Field(0.0, ge=0)
+    #: ONNX Runtime intra-op threads (default: its own choice)
+    threads: int | None = Field(None, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _engine_file(cls, value: str) -> str:
+        if Path(value).suffix.lower() not in ENGINE_SUFFIXES:
+            raise ValueError(f"{value!r} is not an engine file ({', '.join(ENGINE_SUFFIXES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _plans_need_gpus(self) -> ModelConfig:
+        if Path(self.path).suffix.lower() in (".plan", ".engine") and self.num_gpus <= 0:
+            raise ValueError(f"model {self.name!r}: a TensorRT plan needs num_gpus > 0")
+        return self
+
+    @property
+    def deployment_name(self) -> str:
+        return f"{self.name}_v{self.version}"
+
+
+class ServeConfig(BaseModel):
+    """The application: models plus the front door's address, key and limits."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelConfig] = Field(min_length=1)
+    #: where the Serve HTTP proxy listens (must agree with Serve's http_options when deployed from YAML)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    #: environment variable holding the API key; requests then need `Authorization: Bearer <key>`
+    api_key_env: str | None = None
+    #: request bodies above this are refused with 413 before they are read
+    max_body_mb: float = Field(64.0, gt=0)
+    #: images (uploads and tensors) above this many pixels are refused with 413
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64)
+    #: an inference that takes longer is answered 503
+    request_timeout_s: float = Field(30.0, gt=0)
+    ingress_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        seen = set()
+        for model in self.models:
+            key = (model.name, model.version)
+            if key in seen:
+                raise ValueError(f"model {model.name!r} version {model.version!r} is listed twice")
+            seen.add(key)
+        if not is_loopback(self.host) and not self.api_key_env:
+            raise ValueError(f"host {self.host!r} is not loopback: set api_key_env (the environment variable that "
+                             "holds the API key); an open inference endpoint is refused")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def api_key(self) -> str | None:
+        """The API key from the environment, or None when auth is off. Raises if the variable is named but empty."""
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ServeConfigError(f"api_key_env names ${self.api_key_env}, but it is unset or empty")
+        return key
+
+    def default_versions(self) -> dict[str, str]:
+        """Model name -> the version served when a request names none: the highest (numerically if numeric)."""
+        versions: dict[str, list[str]] = {}
+        for model in self.models:
+            versions.setdefault(model.name, []).append(model.version)
+        return {name: max(found, key=version_order) for name, found in versions.items()}
+
+
+def version_order(version: str) -> tuple[int, int, str]:
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """A YAML ServeConfig: either the config itself, or a Serve config file whose first application's `args`
+    is one (so `patchwatch serve --config deploy/serve_config.yaml` runs what `serve deploy` would)."""
+    from pydantic import ValidationError
+
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict) and "applications" in data:
+        data = data["applications"][0].get("args", {})
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ServeConfigError(f"{path}: {exc}") from exc

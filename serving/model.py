@@ -1,0 +1,176 @@
+"""One Ray Serve deployment per served model version: a replica owns one `Engine` and batches requests into it.
+
+A request reaches the replica as an `InferCall` already checked by the ingress (`check_call`), so the replica
+only batches, normalises camera frames from the `ModelSpec` (`Engine.prepare`), runs the engine, and returns
+the outputs asked for: logits and/or the label map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from serving.config import ModelConfig
+from serving.metrics import ModelMetrics
+from serving.protocol import ProtocolError, datatype_of
+
+#: the OIP inputs a model takes; a request carries exactly one of them
+INPUTS = {
+    "images": {"datatype": "FP32", "layout": "NCHW", "about": "images normalised by the model spec's mean/std"},
+    "frames": {"datatype": "UINT8", "layout": "NHWC", "about": "RGB camera frames 0..255, normalised server-side"},
+}
+OUTPUTS = ("logits", "labels")
+#: smaller images than this make the deepest encoders' feature maps vanish
+MIN_SIDE = 32
+
+
+@dataclass(frozen=True)
+class InferCall:
+    input_name: str  # "images" or "frames"
+    array: np.ndarray
+    outputs: tuple[str, ...]
+
+    @property
+    def images(self) -> int:
+        return int(self.array.shape[0])
+
+
+def check_call(inputs: dict[str, np.ndarray], outputs: tuple[str, ...], max_batch_size: int,
+               max_pixels: int) -> InferCall:
+    """Named request tensors -> an `InferCall`, or a `ProtocolError` naming what does not fit the model."""
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise ProtocolError(f"unknown input(s) {unknown}: this model takes one of {sorted(INPUTS)}")
+    if len(inputs) != 1:
+        raise ProtocolError(f"give exactly one input, 'images' (FP32 NCHW) or 'frames' (UINT8 NHWC); got "
+                            f"{sorted(inputs)}")
+    unknown = sorted(set(outputs) - set(OUTPUTS))
+    if unknown:
+        raise ProtocolError(f"unknown output(s) {unknown}: this model has {list(OUTPUTS)}")
+    (name, array), = inputs.items()
+    expected = INPUTS[name]["datatype"]
+    wanted_dtype = np.float32 if expected == "FP32" else np.uint8
+    if array.dtype != wanted_dtype:
+        raise ProtocolError(f"input {name!r} must be {expected}, got {datatype_of(array)}")
+    if array.ndim != 4:
+        raise ProtocolError(f"input {name!r} must be 4-D {INPUTS[name]['layout']}, got shape {list(array.shape)}")
+    if name == "images":
+        batch, channels, height, width = array.shape
+    else:
+        batch, height, width, channels = array.shape
+    if channels != 3:
+        raise ProtocolError(f"input {name!r} ({INPUTS[name]['layout']}) must have 3 channels, got shape "
+                            f"{list(array.shape)}")
+    if batch < 1:
+        raise ProtocolError(f"input {name!r} holds no images (shape {list(array.shape)})")
+    if batch > max_batch_size:
+        raise ProtocolError(f"input {name!r} holds {batch} images; this model takes at most {max_batch_size} a "
+                            "request")
+    if min(height, width) < MIN_SIDE:
+        raise ProtocolError(f"input {name!r}: images are {height}x{width}, smaller than {MIN_SIDE} pixels a side")
+    if height * width > max_pixels:
+        raise ProtocolError(f"input {name!r}: images are {height}x{width} = {height * width} pixels, over the "
+                            f"limit of {max_pixels}", status=413)
+    if name == "images" and not np.isfinite(array).all():
+        raise ProtocolError("input 'images' contains NaN or infinite values")
+    return InferCall(name, np.ascontiguousarray(array), tuple(outputs) or OUTPUTS)
+
+
+def _images_in(calls: list[InferCall]) -> int:
+    return sum(call.images for call in calls)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class EngineModel:
+    """A replica that owns one `Engine` (ONNX Runtime or TensorRT) and batches requests into it."""
+
+    def __init__(self, model: ModelConfig):
+        from export import load_engine
+
+        self.config = model
+        options = {}
+        if model.path.lower().endswith(".onnx"):
+            if model.num_gpus <= 0:
+                # Ray gave this replica no GPU: keep ONNX Runtime off any GPU the node may have
+                options["providers"] = ["CPUExecutionProvider"]
+            options["threads"] = model.threads
+        self.engine = load_engine(model.path, **options)
+        self.metrics = ModelMetrics(model.name, model.version)
+        self._batch.set_max_batch_size(model.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(model.batch_wait_ms / 1000.0)
+
+    def metadata(self) -> dict:
+        """What the ingress reports for this model: spec, precision, backend."""
+        return {"spec": self.engine.spec.model_dump(mode="json"), "precision": self.engine.precision,
+                "backend": self.engine.backend, "path": self.config.path}
+
+    def ready(self) -> bool:
+        return True
+
+    async def infer(self, call: InferCall) -> dict[str, np.ndarray]:
+        return await self._batch(call)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def _batch(self, calls: list[InferCall]) -> list[dict[str, np.ndarray]]:
+        # Calls of one image size run as one engine batch; other sizes run after it.
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, call in enumerate(calls):
+            size = call.array.shape[2:] if call.input_name == "images" else call.array.shape[1:3]
+            by_size.setdefault(tuple(size), []).append(index)
+        results: list[dict[str, np.ndarray]] = [{} for _ in calls]
+        for indices in by_size.values():
+            group = [calls[i] for i in indices]
+            started = time.perf_counter()
+            logits = await asyncio.to_thread(self._run, group)
+            self.metrics.observe_batch(len(logits), (time.perf_counter() - started) * 1000.0)
+            start = 0
+            for i, call in zip(indices, group):
+                chunk = logits[start:start + call.images]
+                start += call.images
+                if "logits" in call.outputs:
+                    results[i]["logits"] = chunk
+                if "labels" in call.outputs:
+                    results[i]["labels"] = chunk.argmax(axis=1).astype(self.label_dtype)
+        return results
+
+    def _run(self, group: list[InferCall]) -> np.ndarray:
+        batch = np.concatenate([self._engine_input(call) for call in group])
+        return self.engine.infer(batch)
+
+    def _engine_input(self, call: InferCall) -> np.ndarray:
+        return call.array if call.input_name == "images" else self.engine.prepare(call.array)
+
+    @property
+    def label_dtype(self):
+        return np.uint8 if self.engine.spec.num_classes <= 256 else np.int32
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; an exception marks the replica unhealthy and Serve replaces it. A tiny
+        inference proves the engine (and its GPU, if any) still answers."""
+        probe = np.zeros((1, 3, MIN_SIDE, MIN_SIDE), np.float32)
+        logits = self.engine.infer(probe)
+        if not np.isfinite(logits).all():
+            raise RuntimeError(f"engine {self.engine.backend} returned non-finite logits on the health probe")
+
+
+def deployment_for(model: ModelConfig):
+    """The bound deployment of one model version, with its replicas, autoscaling and resources."""
+    actor_options = {"num_cpus": model.num_cpus}
+    if model.num_gpus > 0:
+        actor_options["num_gpus"] = model.num_gpus
+    options = {
+        "name": model.deployment_name,
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": model.max_ongoing_requests,
+        "health_check_period_s": model.health_check_period_s,
+        "health_check_timeout_s": max(30.0, model.health_check_period_s),
+    }
+    if model.autoscaling is not None:
+        options["autoscaling_config"] = model.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = model.num_replicas
+    return EngineModel.options(**options).bind(model)

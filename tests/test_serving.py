@@ -1,0 +1,341 @@
+"""The served application over real HTTP: a real local Ray cluster and Ray Serve on 127.0.0.1, started once
+for this module and stopped at its end. Every endpoint, JSON and binary, every bad input, batching seen in the
+metrics, and a replica killed under load."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from export import OnnxRuntimeEngine
+from segmenters.data.frames import decode_image
+from serving.client import OipClient, OipError, RemoteEngine
+from serving.cluster import free_port
+from serving.config import ServeConfig
+from serving.protocol import HEADER_LENGTH, encode_infer_request
+
+pytestmark = [pytest.mark.slow, pytest.mark.data]
+
+MAX_BODY_MB = 4
+MAX_PIXELS = 640 * 640
+
+
+@pytest.fixture(scope="module")
+def engines(camvid_unet_engines):
+    return camvid_unet_engines
+
+
+@pytest.fixture(scope="module")
+def service(engines):
+    from serving.cluster import start_local
+
+    config = ServeConfig(
+        models=[
+            # two replicas of version 1, so one can be killed while the other answers; a long batch wait so
+            # concurrent requests visibly share engine runs
+            {"name": "camvid", "version": "1", "path": str(engines["1"]), "num_replicas": 2, "batch_wait_ms": 50,
+             "max_batch_size": 8, "threads": 1, "health_check_period_s": 2},
+            {"name": "camvid", "version": "2", "path": str(engines["2"]), "threads": 1},
+        ],
+        port=free_port(), max_body_mb=MAX_BODY_MB, max_image_pixels=MAX_PIXELS,
+    )
+    service = start_local(config, metrics_port=free_port())
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def local(engines):
+    return {version: OnnxRuntimeEngine(path, threads=1) for version, path in engines.items()}
+
+
+@pytest.fixture(scope="module")
+def val_frames(data_root):
+    files = sorted((data_root / "camvid" / "val").glob("*.png"))[:3]
+    return [decode_image(f.read_bytes()) for f in files], files
+
+
+def small(frames, size=(96, 128)):
+    return np.stack([np.asarray(Image.fromarray(f).resize(size[::-1], Image.BILINEAR)) for f in frames])
+
+
+def test_server_health_and_metadata(service, camvid_unet):
+    _, twin = camvid_unet
+    client = OipClient(service.url)
+    meta = client.server_metadata()
+    assert meta["name"] == "patchwatch" and "binary_tensor_data" in meta["extensions"]
+    assert client.live() and client.ready()
+    assert client.model_ready("camvid") and client.model_ready("camvid", "1") and client.model_ready("camvid", "2")
+    assert requests.get(f"{service.url}/v2/models/camvid/versions/7/ready").status_code == 404
+
+    latest = client.model_metadata("camvid")
+    assert latest["versions"] == ["1", "2"] and latest["parameters"]["version"] == "2"  # highest by default
+    assert latest["parameters"]["precision"] == "fp16"
+    first = client.model_metadata("camvid", "1")
+    assert first["parameters"]["precision"] == "fp32" and first["platform"] == "onnxruntime_onnx"
+    assert {t["name"]: t["datatype"] for t in first["inputs"]} == {"images": "FP32", "frames": "UINT8"}
+    assert first["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, twin.spec.num_classes, -1, -1]}
+    assert first["model_spec"] == twin.spec.model_dump(mode="json")
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_served_logits_equal_the_engine_in_process(service, local, val_frames, binary):
+    frames, _ = val_frames
+    engine = local["1"]
+    images = engine.prepare(small(frames[:2]))
+    client = OipClient(service.url)
+    out = client.infer("camvid", {"images": images}, version="1", binary=binary)
+    expected = engine.infer(images)
+    assert out["logits"].shape == expected.shape and out["logits"].dtype == np.float32
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(out["labels"], expected.argmax(1))
+
+
+def test_uint8_frames_are_normalised_on_the_server(service, local, val_frames):
+    frames, _ = val_frames
+    batch = small(frames)
+    client = OipClient(service.url)
+    labels = client.infer("camvid", {"frames": batch}, {"labels": True}, version="1")
+    assert list(labels) == ["labels"] and labels["labels"].dtype == np.uint8
+    np.testing.assert_array_equal(labels["labels"], local["1"].labels(local["1"].prepare(batch)))
+    # the FP16 version answers too, within FP16's parity tolerance of FP32
+    half = client.infer("camvid", {"frames": batch}, {"labels": False}, version="2")["labels"]
+    assert (half == labels["labels"]).mean() > 0.99
+
+
+def test_binary_wire_format_over_raw_http(service, local, val_frames):
+    frames, _ = val_frames
+    batch = small(frames[:1])
+    body, headers = encode_infer_request({"frames": batch}, {"labels": True, "logits": False}, request_id="abc")
+    answer = requests.post(f"{service.url}/v2/models/camvid/versions/1/infer", data=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/octet-stream"
+    length = int(answer.headers[HEADER_LENGTH])
+    header = json.loads(answer.content[:length])
+    assert header["id"] == "abc" and header["model_name"] == "camvid" and header["model_version"] == "1"
+    labels_out, logits_out = header["outputs"]
+    assert labels_out["parameters"]["binary_data_size"] == 96 * 128 and "data" not in labels_out
+    assert "data" in logits_out and "parameters" not in logits_out
+    labels = np.frombuffer(answer.content[length:], np.uint8).reshape(labels_out["shape"])
+    np.testing.assert_array_equal(labels, local["1"].labels(local["1"].prepare(batch)))
+    # no outputs named: every output, as JSON
+    plain = requests.post(f"{service.url}/v2/models/camvid/infer",
+                          json={"inputs": [{"name": "frames", "datatype": "UINT8", "shape": list(batch.shape),
+                                            "data": batch.reshape(-1).tolist()}]})
+    assert plain.headers["content-type"] == "application/json"
+    assert [o["name"] for o in plain.json()["outputs"]] == ["logits", "labels"]
+
+
+def test_remote_engine_is_an_engine(service, local, val_frames):
+    frames, _ = val_frames
+    remote = RemoteEngine(service.url, "camvid", version="1")
+    assert remote.spec == local["1"].spec and remote.precision == "fp32"
+    images = remote.prepare(small(frames[:2]))
+    np.testing.assert_allclose(remote.infer(images), local["1"].infer(images), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(remote.labels(images), local["1"].labels(images))
+    np.testing.assert_array_equal(remote.frame_labels(small(frames[:2])), local["1"].labels(images))
+
+
+def test_segment_endpoint_answers_in_three_forms(service, local, val_frames):
+    frames, files = val_frames
+    png = files[0].read_bytes()
+    engine = local["1"]
+    expected = engine.labels(engine.prepare(frames[0]))[0]
+    client = OipClient(service.url)
+
+    labels = client.segment("camvid", png, "labels", version="1")
+    assert labels.headers["content-type"] == "image/png" and labels.headers["x-model-version"] == "1"
+    image = Image.open(io.BytesIO(labels.content))
+    assert image.mode == "P" and image.size == (480, 360)
+    np.testing.assert_array_equal(np.asarray(image), expected)
+
+    overlay = client.segment("camvid", png, "overlay", version="1")
+    assert overlay.headers["content-type"] == "image/png"
+    assert np.asarray(Image.open(io.BytesIO(overlay.content))).shape == (360, 480, 3)
+    jpeg = requests.post(f"{service.url}/v2/models/camvid/versions/1/segment", data=png,
+                         headers={"Content-Type": "image/png", "Accept": "image/jpeg"})
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+
+    buffer = io.BytesIO()
+    Image.fromarray(frames[0]).save(buffer, format="JPEG", quality=95)
+    areas = requests.post(f"{service.url}/v2/models/camvid/versions/1/segment", data=buffer.getvalue(),
+                          headers={"Content-Type": "image/jpeg", "Accept": "application/json"}).json()
+    assert (areas["height"], areas["width"]) == (360, 480)
+    assert [c["name"] for c in areas["classes"]] == engine.spec.class_names
+    assert abs(sum(c["fraction"] for c in areas["classes"]) - 1.0) < 1e-6
+    from_png = client.segment("camvid", png, "areas", version="1").json()
+    assert [c["pixels"] for c in from_png["classes"]] == np.bincount(expected.reshape(-1),
+                                                                     minlength=engine.spec.num_classes).tolist()
+
+
+def _tensor(name, datatype, array):
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.reshape(-1).tolist()}
+
+
+BAD_REQUESTS = {
+    # name: (method, path, kwargs, status, words in the error)
+    "corrupt image": ("post", "/v2/models/camvid/segment",
+                      {"data": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "headers": {"Content-Type": "image/png"}},
+                      400, "cannot decode image"),
+    "truncated image": ("post", "/v2/models/camvid/segment", {"truncate": True, "headers": {"Content-Type": "image/png"}},
+                        400, "truncated"),
+    "upload as JSON": ("post", "/v2/models/camvid/segment", {"json": {"image": "x"}}, 415, "not an image upload"),
+    "image to infer": ("post", "/v2/models/camvid/infer", {"data": b"\x89PNG", "headers": {"Content-Type": "image/png"}},
+                       415, "application/json"),
+    "bad JSON": ("post", "/v2/models/camvid/infer", {"data": b'{"inputs": [', "headers": {"Content-Type": "application/json"}},
+                 400, "not valid JSON"),
+    "four channels": ("post", "/v2/models/camvid/infer",
+                      {"json": {"inputs": [_tensor("images", "FP32", np.zeros((1, 4, 32, 32), np.float32))]}},
+                      400, "3 channels"),
+    "uint8 images": ("post", "/v2/models/camvid/infer",
+                     {"json": {"inputs": [_tensor("images", "UINT8", np.zeros((1, 3, 32, 32), np.uint8))]}},
+                     400, "must be FP32"),
+    "unknown datatype": ("post", "/v2/models/camvid/infer",
+                         {"json": {"inputs": [{**_tensor("images", "FP32", np.zeros((1, 3, 32, 32))), "datatype": "F32"}]}},
+                         400, "unknown datatype"),
+    "data count": ("post", "/v2/models/camvid/infer",
+                   {"json": {"inputs": [{**_tensor("images", "FP32", np.zeros((1, 3, 32, 32))), "shape": [1, 3, 32, 33]}]}},
+                   400, "needs 3168"),
+    "binary size mismatch": ("post", "/v2/models/camvid/infer", {"binary_mismatch": True}, 400, "binary_data_size"),
+    "too many images": ("post", "/v2/models/camvid/infer",
+                        {"json": {"inputs": [_tensor("frames", "UINT8", np.zeros((9, 32, 32, 3), np.uint8))]}},
+                        400, "at most 8"),
+    "too many pixels": ("post", "/v2/models/camvid/infer",
+                        {"json": {"inputs": [_tensor("frames", "UINT8", np.zeros((1, 700, 700, 3), np.uint8))]}},
+                        413, "over the limit"),
+    "oversized body": ("post", "/v2/models/camvid/infer",
+                       {"data": b"0" * (MAX_BODY_MB * 1024 * 1024 + 1), "headers": {"Content-Type": "application/json"}},
+                       413, "over the limit"),
+    "NaN": ("post", "/v2/models/camvid/infer",  # JSON has no NaN, but Python's json (and others) write one
+            {"data": json.dumps({"inputs": [_tensor("images", "FP32", np.full((1, 3, 32, 32), np.nan))]}).encode(),
+             "headers": {"Content-Type": "application/json"}}, 400, "NaN"),
+    "unknown output": ("post", "/v2/models/camvid/infer",
+                       {"json": {"inputs": [_tensor("frames", "UINT8", np.zeros((1, 32, 32, 3), np.uint8))],
+                                 "outputs": [{"name": "softmax"}]}}, 400, "unknown output"),
+    "unknown model": ("post", "/v2/models/kitti/infer", {"json": {}}, 404, "unknown model 'kitti'"),
+    "unknown version": ("get", "/v2/models/camvid/versions/3", {}, 404, "no version '3'"),
+    "wrong method": ("get", "/v2/models/camvid/infer", {}, 405, "not allowed"),
+    "unknown route": ("get", "/v3/anything", {}, 404, "no route"),
+    "empty body": ("post", "/v2/models/camvid/infer", {"data": b"", "headers": {"Content-Type": "application/json"}},
+                   400, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_and_the_service_answers_on(service, val_frames, case):
+    method, path, kwargs, status, words = BAD_REQUESTS[case]
+    kwargs = dict(kwargs)
+    if kwargs.pop("truncate", False):
+        png = val_frames[1][0].read_bytes()
+        kwargs["data"] = png[: len(png) // 3]
+    if kwargs.pop("binary_mismatch", False):
+        frames = np.zeros((1, 32, 32, 3), np.uint8)
+        body, headers = encode_infer_request({"frames": frames})
+        kwargs.update(data=body[:-7], headers=headers)  # seven bytes short of what binary_data_size says
+    answer = getattr(requests, method)(service.url + path, timeout=60, **kwargs)
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert words in answer.json()["error"], answer.json()
+    # ... and the service is still up and right
+    ok = OipClient(service.url).infer("camvid", {"frames": np.zeros((1, 32, 32, 3), np.uint8)}, {"labels": True})
+    assert ok["labels"].shape == (1, 32, 32)
+
+
+def _metric_samples(text: str, family: str) -> list[tuple[dict, float]]:
+    samples = []
+    for line in text.splitlines():
+        if line.startswith(family + "{"):
+            labels, value = line[len(family) + 1:].rsplit("} ", 1)
+            tags = dict(part.split("=", 1) for part in labels.split('",') if "=" in part)
+            samples.append(({k: v.strip('"') for k, v in tags.items()}, float(value)))
+    return samples
+
+
+def test_concurrent_requests_are_batched_and_counted(service, val_frames):
+    frames = small(val_frames[0])
+    client = OipClient(service.url)
+    requests.post(f"{service.url}/v2/models/camvid/infer", data=b"{", headers={"Content-Type": "application/json"})
+
+    def one(i):
+        return client.infer("camvid", {"frames": frames[i % 3: i % 3 + 1]}, {"labels": True}, version="1")
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(out["labels"].shape == (1, 96, 128) for out in pool.map(one, range(48)))
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray's metrics agent exports every few seconds
+        text = requests.get(f"{service.url}/metrics", timeout=10).text
+        batches = [(t, v) for t, v in _metric_samples(text, "ray_patchwatch_batch_size_count")
+                   if t.get("model") == "camvid" and t.get("version") == "1"]
+        images = [(t, v) for t, v in _metric_samples(text, "ray_patchwatch_images_total")
+                  if t.get("model") == "camvid" and t.get("version") == "1"]
+        errors = [v for t, v in _metric_samples(text, "ray_patchwatch_request_errors_total")
+                  if t.get("reason") == "bad_request"]
+        if batches and sum(v for _, v in images) >= 48 and errors:
+            break
+        assert time.monotonic() < deadline, "patchwatch metrics never appeared on /metrics"
+        time.sleep(2)
+    runs, served = sum(v for _, v in batches), sum(v for _, v in images)
+    assert served / runs > 1.5, f"{served} images in {runs} engine runs: requests were not batched"
+    latency = _metric_samples(text, "ray_patchwatch_request_latency_ms_count")
+    assert any(t.get("endpoint") == "infer" and t.get("model") == "camvid" for t, _ in latency)
+    codes = {t.get("code") for t, _ in _metric_samples(text, "ray_patchwatch_requests_total")}
+    assert {"200", "400"} <= codes
+
+
+def _replicas(deployment: str) -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in a["name"] and f"#{deployment}#" in a["name"]]
+
+
+def test_a_replica_killed_under_load_is_replaced_and_requests_succeed(service, val_frames):
+    import ray
+    from ray import serve
+
+    frames = small(val_frames[0])
+    client = OipClient(service.url)
+    before = _replicas("camvid_v1")
+    assert len(before) == 2, before
+    statuses, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                client.infer("camvid", {"frames": frames[:1]}, {"labels": True}, version="1")
+                statuses.append(200)
+            except OipError as exc:
+                statuses.append(exc.status)
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(2)
+    done_before_kill = len(statuses)
+    ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+    time.sleep(3)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert done_before_kill > 0 and len(statuses) > done_before_kill
+    assert statuses.count(200) == len(statuses), f"failed requests around the kill: {statuses}"
+
+    deadline = time.monotonic() + 120
+    while True:  # Serve notices the dead replica and starts a new one
+        status = serve.status().applications["patchwatch"].deployments["camvid_v1"]
+        current = _replicas("camvid_v1")
+        if len(current) == 2 and before[0] not in current and status.status == "HEALTHY":
+            break
+        assert time.monotonic() < deadline, f"replica not replaced: {current}, {status}"
+        time.sleep(1)
+    after = [client.infer("camvid", {"frames": frames[:1]}, {"labels": True}, version="1") for _ in range(4)]
+    assert all(out["labels"].shape == (1, 96, 128) for out in after)

@@ -1,0 +1,246 @@
+"""The service's pieces that need no cluster: the OIP codec, request checks, configs, image answers, the
+deploy files. The served application itself is tested over HTTP in test_serving.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from segmenters.data import dataset_classes
+from segmenters.data.frames import ImageDecodeError, ImageTooLargeError, decode_image
+from segmenters.spec import ModelSpec
+from serving.config import ServeConfig, load_serve_config
+from serving.images import choose_output, class_areas, label_png
+from serving.model import check_call
+from serving.protocol import (HEADER_LENGTH, ProtocolError, decode_infer_request, decode_infer_response,
+                              encode_infer_request, encode_infer_response)
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(0)
+
+
+def _request(inputs, **kw):
+    body, headers = encode_infer_request(inputs, **kw)
+    return decode_infer_request(body, headers.get(HEADER_LENGTH))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_every_datatype_round_trips(binary):
+    inputs = {
+        "f32": RNG.standard_normal((2, 3, 4)).astype(np.float32),
+        "f16": RNG.standard_normal((5,)).astype(np.float16),
+        "f64": RNG.standard_normal((1, 2)),
+        "u8": RNG.integers(0, 255, (2, 2, 3), dtype=np.uint8),
+        "i64": RNG.integers(-2**40, 2**40, (3,)),
+        "i32": RNG.integers(-100, 100, (3, 1), dtype=np.int32),
+        "b": np.array([True, False, True]),
+        "s": np.array([b"patch", b"", b"watch"], dtype=object),
+    }
+    parsed = _request(inputs, binary_inputs=binary)
+    assert list(parsed.inputs) == list(inputs)
+    for name, array in inputs.items():
+        got = parsed.inputs[name]
+        assert got.shape == array.shape, name
+        if array.dtype == object:
+            assert list(got.reshape(-1)) == list(array.reshape(-1))
+        else:
+            assert got.dtype == array.dtype, name
+            np.testing.assert_array_equal(got, array)
+
+
+def test_json_data_may_be_nested_or_flat():
+    array = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
+    for data in (array.tolist(), array.reshape(-1).tolist()):
+        body = json.dumps({"inputs": [{"name": "images", "shape": [1, 3, 2, 2], "datatype": "FP32", "data": data}]})
+        np.testing.assert_array_equal(decode_infer_request(body.encode()).inputs["images"], array)
+
+
+def test_outputs_and_binary_flags():
+    body = json.dumps({"id": "r1", "parameters": {"binary_data_output": True},
+                       "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}],
+                       "outputs": [{"name": "labels"}, {"name": "logits", "parameters": {"binary_data": False}}]})
+    parsed = decode_infer_request(body.encode())
+    assert parsed.id == "r1" and parsed.binary_output
+    assert [(o.name, o.binary) for o in parsed.outputs] == [("labels", True), ("logits", False)]
+    assert decode_infer_request(body.replace(', "outputs"', ', "x"').encode()).outputs is None
+
+
+def test_response_wire_format():
+    logits = RNG.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    labels = logits.argmax(1).astype(np.uint8)
+    body, headers = encode_infer_response("m", "3", [("logits", logits, True), ("labels", labels, False)], "id7")
+    assert headers["Content-Type"] == "application/octet-stream"
+    length = int(headers[HEADER_LENGTH])
+    header = json.loads(body[:length])
+    assert header["model_name"] == "m" and header["model_version"] == "3" and header["id"] == "id7"
+    assert header["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [1, 2, 3, 3],
+                                    "parameters": {"binary_data_size": logits.nbytes}}
+    assert header["outputs"][1]["data"] == labels.reshape(-1).tolist()
+    assert body[length:] == logits.tobytes()  # little-endian, row-major, no padding
+    _, arrays = decode_infer_response(body, length)
+    np.testing.assert_array_equal(arrays["logits"], logits)
+    json_body, json_headers = encode_infer_response("m", "1", [("labels", labels, False)])
+    assert json_headers == {"Content-Type": "application/json"} and json.loads(json_body)["outputs"][0]["data"]
+
+
+def _binary_body(header: dict, blob: bytes) -> tuple[bytes, str]:
+    text = json.dumps(header).encode()
+    return text + blob, str(len(text))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not json", "not valid JSON"),
+    ("no inputs", "non-empty 'inputs'"),
+    ("bad datatype", "unknown datatype 'FP8'"),
+    ("negative shape", "negative dimension"),
+    ("count mismatch", "data has 5 elements, shape [2, 3] needs 6"),
+    ("strings as numbers", "not a list of FP32 numbers"),
+    ("duplicate input", "given twice"),
+    ("no data", "neither 'data' nor"),
+    ("binary too short", "needs 24"),
+    ("binary past end", "runs past the end"),
+    ("extra binary", "binary bytes that no input"),
+    ("binary without header", "needs the Inference-Header-Content-Length header"),
+    ("header length too long", "the body has"),
+    ("header length not a number", "must be an integer"),
+    ("bad binary flag", "binary_data must be true or false"),
+])
+def test_malformed_requests_name_the_problem(case, message):
+    tensor = {"name": "x", "shape": [2, 3], "datatype": "FP32"}
+    header_length = None
+    if case == "not json":
+        body = b"{inputs: nope"
+    elif case == "no inputs":
+        body = b'{"inputs": []}'
+    elif case == "bad datatype":
+        body = json.dumps({"inputs": [{**tensor, "datatype": "FP8", "data": [0] * 6}]}).encode()
+    elif case == "negative shape":
+        body = json.dumps({"inputs": [{**tensor, "shape": [-1, 3], "data": [0] * 3}]}).encode()
+    elif case == "count mismatch":
+        body = json.dumps({"inputs": [{**tensor, "data": [0] * 5}]}).encode()
+    elif case == "strings as numbers":
+        body = json.dumps({"inputs": [{**tensor, "data": ["a"] * 6}]}).encode()
+    elif case == "duplicate input":
+        body = json.dumps({"inputs": [{**tensor, "data": [0] * 6}] * 2}).encode()
+    elif case == "no data":
+        body = json.dumps({"inputs": [tensor]}).encode()
+    elif case == "bad binary flag":
+        body = json.dumps({"inputs": [{**tensor, "data": [0] * 6}],
+                           "outputs": [{"name": "labels", "parameters": {"binary_data": "yes"}}]}).encode()
+    else:
+        sizes = {"binary too short": (20, 20), "binary past end": (24, 10), "extra binary": (24, 30),
+                 "binary without header": (24, 24), "header length too long": (24, 24),
+                 "header length not a number": (24, 24)}[case]
+        body, header_length = _binary_body({"inputs": [{**tensor, "parameters": {"binary_data_size": sizes[0]}}]},
+                                           b"\0" * sizes[1])
+        header_length = {"binary without header": None, "header length too long": str(len(body) + 1),
+                         "header length not a number": "12abc"}.get(case, header_length)
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        decode_infer_request(body, header_length)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("inputs, outputs, message, status", [
+    ({"images": np.zeros((1, 3, 64, 64), np.float32), "frames": np.zeros((1, 64, 64, 3), np.uint8)}, (),
+     "exactly one input", 400),
+    ({"pixels": np.zeros((1, 3, 64, 64), np.float32)}, (), "unknown input", 400),
+    ({"images": np.zeros((1, 3, 64, 64), np.uint8)}, (), "must be FP32, got UINT8", 400),
+    ({"frames": np.zeros((1, 64, 64, 3), np.float32)}, (), "must be UINT8, got FP32", 400),
+    ({"images": np.zeros((3, 64, 64), np.float32)}, (), "4-D NCHW", 400),
+    ({"images": np.zeros((1, 4, 64, 64), np.float32)}, (), "3 channels", 400),
+    ({"frames": np.zeros((1, 64, 64, 4), np.uint8)}, (), "3 channels", 400),
+    ({"images": np.zeros((9, 3, 64, 64), np.float32)}, (), "at most 8", 400),
+    ({"images": np.zeros((1, 3, 16, 64), np.float32)}, (), "smaller than 32", 400),
+    ({"images": np.zeros((1, 3, 2048, 2048), np.float32)}, (), "over the limit", 413),
+    ({"images": np.full((1, 3, 64, 64), np.nan, np.float32)}, (), "NaN", 400),
+    ({"images": np.zeros((1, 3, 64, 64), np.float32)}, ("probabilities",), "unknown output", 400),
+])
+def test_calls_that_do_not_fit_the_model(inputs, outputs, message, status):
+    with pytest.raises(ProtocolError, match=message) as info:
+        check_call(inputs, outputs, max_batch_size=8, max_pixels=1024 * 1024)
+    assert info.value.status == status
+
+
+def test_a_good_call_defaults_to_every_output():
+    call = check_call({"frames": np.zeros((2, 40, 50, 3), np.uint8)}, (), 8, 1 << 20)
+    assert call.outputs == ("logits", "labels") and call.images == 2
+
+
+def test_config_rules(tmp_path):
+    model = {"name": "camvid", "path": "m.onnx"}
+    with pytest.raises(ValueError, match="not loopback"):
+        ServeConfig(models=[model], host="0.0.0.0")
+    assert ServeConfig(models=[model], host="0.0.0.0", api_key_env="KEY").host == "0.0.0.0"
+    with pytest.raises(ValueError, match="TensorRT plan needs num_gpus"):
+        ServeConfig(models=[{**model, "path": "m.plan"}])
+    with pytest.raises(ValueError, match="listed twice"):
+        ServeConfig(models=[model, model])
+    with pytest.raises(ValueError, match="not an engine file"):
+        ServeConfig(models=[{**model, "path": "m.pt"}])
+    config = ServeConfig(models=[{**model, "version": v} for v in ("2", "10", "9")] + [{"name": "x", "path": "x.onnx"}])
+    assert config.default_versions() == {"camvid": "10", "x": "1"}
+    unset = ServeConfig(models=[model], api_key_env="PATCHWATCH_TEST_UNSET_KEY")
+    with pytest.raises(ValueError, match="unset or empty"):
+        unset.api_key()
+
+
+def test_deploy_files_agree_and_validate():
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_file = yaml.safe_load((ROOT / "deploy/serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(serve_file)  # what `serve deploy` checks
+    config = load_serve_config(ROOT / "deploy/serve_config.yaml")
+    assert (config.host, config.port) == (serve_file["http_options"]["host"], serve_file["http_options"]["port"])
+    assert config.api_key_env, "the cluster config binds 0.0.0.0, so it must require a key"
+
+    service = yaml.safe_load((ROOT / "deploy/rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["applications"] == serve_file["applications"]
+    cluster = service["spec"]["rayClusterConfig"]
+    gpus = [g for g in cluster["workerGroupSpecs"]
+            if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    assert gpus, "the RayService needs a GPU worker group"
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    assert f"rayproject/ray:{cluster['rayVersion']}" in dockerfile
+
+
+def test_strict_image_decoding():
+    rgb = RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format=fmt)
+        data = buffer.getvalue()
+        decoded = decode_image(data)
+        assert decoded.shape == (40, 60, 3) and decoded.dtype == np.uint8
+        with pytest.raises(ImageDecodeError, match="truncated"):
+            decode_image(data[: len(data) // 2])
+        with pytest.raises(ImageTooLargeError, match="over the limit"):
+            decode_image(data, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="not a recognised image"):
+        decode_image(b"GIF89a but not really" * 10)
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_image(b"")
+
+
+def test_image_answers():
+    spec = ModelSpec(arch="unet", classes=dataset_classes("camvid"), input_size=(64, 64), dataset="camvid")
+    labels = RNG.integers(0, spec.num_classes, (30, 40)).astype(np.uint8)
+    png = Image.open(io.BytesIO(label_png(labels, spec)))
+    assert png.mode == "P"
+    np.testing.assert_array_equal(np.asarray(png), labels)  # pixel values are class indices
+    palette = np.array(png.getpalette()[: 3 * spec.num_classes]).reshape(-1, 3)
+    np.testing.assert_array_equal(palette, spec.palette())
+    areas = class_areas(labels, spec)
+    assert [c["name"] for c in areas["classes"]] == spec.class_names
+    assert sum(c["pixels"] for c in areas["classes"]) == labels.size
+    assert areas["classes"][3]["pixels"] == int((labels == 3).sum())
+    assert choose_output(None, "application/json") == "areas" and choose_output(None, None) == "labels"
+    assert choose_output("overlay", "application/json") == "overlay"
+    with pytest.raises(ProtocolError, match="not one of"):
+        choose_output("mask", None)
