@@ -157,7 +157,9 @@ class InferenceServer:
             logger.exception("%s %s failed", request.method, request.url.path)
             response = error_response(f"internal error: {type(exc).__name__}: {exc}", 500)
             reason = "internal"
-        self.metrics.record(name, endpoint, response.status_code, (time.perf_counter() - started) * 1000.0, reason)
+        # a label per served model only: names clients make up must not grow the metric series
+        label = name if name in self.default_versions else ("unknown" if name else None)
+        self.metrics.record(label, endpoint, response.status_code, (time.perf_counter() - started) * 1000.0, reason)
         return response
 
     def _authorize(self, request: Request) -> None:
