@@ -1,0 +1,172 @@
+"""The patch attack of seed 000: geometry (largest inscribed rectangle, placement), the EOT placement path,
+the momentum iterative method on a real CamVid twin, targets and trial measurements."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from audit.attack import (IGNORE, AttackConfig, class_switch_target, disappear_target, mask_target, measure_trial,
+                          patch_attack, success_rate)
+from audit.patches import EOTConfig, Rect, apply_patch_eot, largest_inscribed_rectangle, paste, patch_position, pool_patch
+
+
+def brute_force_rectangle_area(mask: np.ndarray) -> int:
+    best = 0
+    height, width = mask.shape
+    for top in range(height):
+        for left in range(width):
+            for bottom in range(top, height):
+                for right in range(left, width):
+                    if mask[top:bottom + 1, left:right + 1].all():
+                        best = max(best, (bottom - top + 1) * (right - left + 1))
+    return best
+
+
+def test_largest_inscribed_rectangle_is_the_largest():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        mask = rng.random((7, 9)) < (0.5 + 0.4 * (trial % 2))
+        rect = largest_inscribed_rectangle(mask)
+        area = brute_force_rectangle_area(mask)
+        if area == 0:
+            assert rect is None
+            continue
+        assert rect.area == area
+        assert mask[rect.top:rect.top + rect.height, rect.left:rect.left + rect.width].all()
+    assert largest_inscribed_rectangle(np.zeros((4, 4), bool)) is None
+
+
+def test_patch_sits_in_the_middle_of_the_rectangle():
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:50] = True  # the rectangle
+    mask[0:3, 0:60] = True  # a thin strip: larger bounding box, smaller rectangle
+    assert largest_inscribed_rectangle(mask) == Rect(10, 20, 20, 30)
+    top, left = patch_position(mask, 6)
+    assert (top, left) == (17, 32) and mask[top:top + 6, left:left + 6].all()
+    edge = np.zeros((20, 20), bool)
+    edge[0:2, 0:2] = True
+    assert patch_position(edge, 5) == (0, 0)  # kept inside the image
+    with pytest.raises(ValueError, match="empty"):
+        patch_position(np.zeros((5, 5), bool), 2)
+
+
+def test_pooling_and_paste():
+    patch = torch.rand((3, 5, 5))
+    pooled = pool_patch(patch)
+    assert pooled.shape == patch.shape
+    assert torch.allclose(pooled[:, 1, 1], patch[:, 1:3, 1:3].mean(dim=(1, 2)))
+    assert torch.allclose(pooled[:, 4, 4], patch[:, 4, 4])  # replicate padding at the far edge
+    images = torch.zeros((2, 3, 20, 30))
+    patched, mask = paste(images, patch, 4, 7)
+    assert torch.equal(patched[1, :, 4:9, 7:12], patch) and mask.sum() == 25 and images.abs().sum() == 0
+
+
+def test_eot_placement_is_bounded_and_differentiable():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((4, 3, 48, 64))
+    patch = torch.rand((3, 8, 8), requires_grad=True)
+    patched, masks = apply_patch_eot(images, patch, 20, 28, EOTConfig(), generator)
+    assert patched.shape == images.shape and masks.shape == (4, 1, 48, 64)
+    assert patched.min() >= 0 and patched.max() <= 1
+    assert 30 < float(masks[0].sum().detach()) < 110  # about the patch's 64 pixels, rescaled and warped
+    differs = [(patched[i] != images[i]).any(0) for i in range(4)]
+    assert not all(torch.equal(differs[0], d) for d in differs[1:])  # each draw lands differently
+    patched.sum().backward()
+    assert patch.grad is not None and patch.grad.abs().sum() > 0
+    nominal, _ = apply_patch_eot(images[:1], patch, 20, 28, EOTConfig.none(), generator)
+    assert torch.allclose(nominal, paste(images[:1], patch, 20, 28)[0])
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    sizes = np.bincount(components.reshape(-1))[1:]
+    return components == 1 + int(sizes.argmax())
+
+
+@pytest.fixture(scope="module")
+def attack_scene(camvid_unet, data_root):
+    """A CamVid val image, the twin's prediction, and an object (a connected component of one predicted class,
+    not the majority class) of 100-800 pixels: the size a 16x16 patch can plausibly take over."""
+    from segmenters.data import build_dataset
+
+    _, twin = camvid_unet
+    data = build_dataset("camvid", "val", root=data_root / "camvid", size=(96, 128))
+    for index in range(0, 40, 2):
+        image, _ = data[index]
+        predicted = twin.labels(image[None])[0].numpy()
+        counts = np.bincount(predicted.reshape(-1), minlength=twin.spec.num_classes)
+        majority = int(counts.argmax())
+        candidates = [(int(obj.sum()), c, obj) for c in range(twin.spec.num_classes) if c != majority and counts[c]
+                      for obj in [largest_component(predicted == c)] if 100 <= obj.sum() <= 800]
+        if candidates:
+            _, source, obj = max(candidates, key=lambda item: item[0])
+            return twin, image, predicted, obj, source, majority
+    pytest.fail("no CamVid val image gives the twin an object of 100-800 pixels")
+
+
+@pytest.mark.data
+def test_momentum_attack_switches_an_objects_class(attack_scene):
+    twin, image, predicted, obj, source, majority = attack_scene
+    target = class_switch_target(obj, majority, source)
+    assert success_rate(predicted, target) == 0.0
+    top, left = patch_position(obj, 16)
+    result = patch_attack(twin, image, target, 16, top, left,
+                          AttackConfig(steps=60, step_size=4 / 255, eot=EOTConfig.none(), eot_samples=1), seed=0)
+    assert result.patch.shape == (3, 16, 16) and 0 <= result.patch.min() and result.patch.max() <= 1
+    assert result.steps == 60 and result.losses[-1] < result.losses[0]
+    assert result.successes[-1] >= 0.6, result.successes[-10:]
+
+    metrics = measure_trial(twin, image, result.patch, top, left, target, EOTConfig(), eot_draws=4)
+    assert metrics.success == pytest.approx(result.successes[-1])
+    assert metrics.intended_flipped > 0 and metrics.changed >= metrics.intended_flipped + metrics.flipped_outside
+    assert metrics.area_of_effect == pytest.approx(metrics.changed / 256)
+    assert metrics.flip_distance_max >= metrics.flip_distance_mean > 0
+    assert 0 <= metrics.eot_success_min <= metrics.eot_success_mean <= 1
+
+    # the image's own pixels as the "patch": nothing changes
+    own = image[:, top:top + 16, left:left + 16].numpy()
+    unchanged = measure_trial(twin, image, own, top, left, target, EOTConfig.none(), eot_draws=1)
+    assert unchanged.changed == 0 and unchanged.success == 0.0
+
+
+@pytest.mark.data
+def test_eot_attack_and_stop_at_success(attack_scene):
+    twin, image, predicted, obj, source, majority = attack_scene
+    target = class_switch_target(obj, majority, source)
+    top, left = patch_position(obj, 24)
+    result = patch_attack(twin, image, target, 24, top, left,
+                          AttackConfig(steps=80, step_size=4 / 255, eot_samples=2, stop_at_success=0.5), seed=1)
+    assert result.successes[-1] >= 0.5 and result.steps <= 80
+    assert len(result.losses) == result.steps
+
+
+def test_targets(tmp_path, camvid_unet):
+    _, twin = camvid_unet
+    logits = np.zeros((3, 4, 5), np.float32)
+    logits[0] = 1.0
+    logits[1, :2] = 2.0  # class 1 wins in the top rows
+    logits[2, :2] = 1.5
+    gone = disappear_target(logits, 1)
+    assert gone.region.sum() == 10 and (gone.labels[:2] == 2).all() and (gone.labels[2:] == IGNORE).all()
+    assert success_rate(np.zeros((4, 5), int), gone) == 1.0 and success_rate(np.ones((4, 5), int), gone) == 0.0
+    with pytest.raises(ValueError, match="not predicted anywhere"):
+        disappear_target(logits, 2)
+
+    drawn = np.full((4, 5), IGNORE, np.uint8)
+    drawn[1:3, 1:4] = 3
+    Image.fromarray(drawn).save(tmp_path / "target.png")
+    target = mask_target(tmp_path / "target.png", twin.spec.num_classes, (4, 5))
+    assert target.kind == "mask" and target.region.sum() == 6
+    with pytest.raises(ValueError, match="the image is 6x4"):
+        mask_target(tmp_path / "target.png", twin.spec.num_classes, (4, 6))
+    drawn[0, 0] = 40
+    Image.fromarray(drawn).save(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"values \[40\] that are not classes"):
+        mask_target(tmp_path / "bad.png", twin.spec.num_classes, (4, 5))
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read it"):
+        mask_target(tmp_path / "junk.png", twin.spec.num_classes, (4, 5))
