@@ -1,0 +1,224 @@
+"""A campaign: which twins, which images, which targets, which patch sizes and seeds, and how to attack. The
+YAML/JSON file is validated by pydantic (errors name the file and the field) and expands into trials, each
+with a deterministic id, so a resubmitted campaign recognises the trials it already stored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from audit.attack import AttackConfig
+from segmenters.data import build_dataset, dataset_classes
+
+
+class CampaignError(ValueError):
+    """A campaign file that cannot be run, with the reason."""
+
+
+class ImageSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: Literal["shapes", "camvid", "cityscapes", "voc"]
+    split: str = "val"
+    #: image indices; default: the first `count`
+    indices: list[int] | None = None
+    count: int = Field(10, ge=1)
+    #: (height, width) images are brought to; default the dataset's own
+    size: tuple[int, int] | None = None
+    root: str | None = None
+    #: objects smaller than this are not attacked (a patch needs room inside the object)
+    min_object_pixels: int = Field(64, ge=1)
+    #: the largest objects of each image are attacked first
+    objects_per_image: int = Field(1, ge=1)
+
+    def image_indices(self) -> list[int]:
+        return list(self.indices) if self.indices is not None else list(range(self.count))
+
+
+class TargetSpec(BaseModel):
+    """One kind of target. `switch`: an object's pixels should read `to_class` (None: another foreground
+    class drawn per trial seed) — objects are the ground truth's instances (shapes) or connected components of
+    a class; `mask`: a hand-drawn target PNG per image; `disappear`: every pixel of `remove_class` should go."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["switch", "mask", "disappear"]
+    from_classes: list[str] | None = None
+    to_class: str | None = None
+    masks: dict[int, str] | None = Field(None, description="image index -> target PNG (mask targets)")
+    remove_class: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> TargetSpec:
+        if self.kind == "mask" and not self.masks:
+            raise ValueError("a 'mask' target needs 'masks': {image index: target PNG path}")
+        if self.kind == "disappear" and not self.remove_class:
+            raise ValueError("a 'disappear' target needs 'remove_class'")
+        if self.kind != "mask" and self.masks:
+            raise ValueError(f"'masks' belongs to 'mask' targets, not {self.kind!r}")
+        return self
+
+    def key(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+class CampaignConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    #: twin checkpoints (.pt); engines to replay found patches on, per twin checkpoint
+    models: list[str] = Field(min_length=1)
+    engines: dict[str, list[str]] = Field(default_factory=dict)
+    images: ImageSet
+    targets: list[TargetSpec] = Field(min_length=1)
+    patch_sizes: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    attack: AttackConfig = AttackConfig()
+    #: EOT draws used to measure robustness of each found patch
+    eot_eval_draws: int = Field(16, ge=0)
+
+    @field_validator("patch_sizes")
+    @classmethod
+    def _sizes(cls, value: list[int]) -> list[int]:
+        if any(s < 1 for s in value):
+            raise ValueError(f"patch sizes must be >= 1 pixel, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _class_names(self) -> CampaignConfig:
+        names = {c.name.lower() for c in dataset_classes(self.images.dataset)}
+        for target in self.targets:
+            for name in [*(target.from_classes or []), target.to_class, target.remove_class]:
+                if name is not None and name.lower() not in names:
+                    raise ValueError(f"class {name!r} is not a {self.images.dataset} class "
+                                     f"({', '.join(sorted(names))})")
+        unknown = sorted(set(self.engines) - set(self.models))
+        if unknown:
+            raise ValueError(f"engines are given for {unknown}, which are not in 'models'")
+        return self
+
+
+def load_campaign(path: str | Path) -> CampaignConfig:
+    """A campaign YAML/JSON file -> `CampaignConfig`, or `CampaignError` naming the file and the fields."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CampaignError(f"cannot read campaign file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise CampaignError(f"{path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CampaignError(f"{path}: a campaign is a mapping (name, models, images, targets, patch_sizes, ...)")
+    try:
+        config = CampaignConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise CampaignError(f"{path}: {problems}") from None
+    base = path.parent
+    # relative paths in the file are relative to the file, wherever the job runs from
+    config.models = [str((base / m).resolve()) if not Path(m).is_absolute() else m for m in config.models]
+    return config
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One attack: a twin, an image, an object/target, a patch size and a seed."""
+
+    id: str
+    model: str
+    image_index: int
+    target: TargetSpec
+    object_id: int  # instance id (shapes), component index, or -1 for whole-image targets
+    source_class: int | None
+    to_class: int | None
+    size: int
+    seed: int
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "model": self.model, "image_index": self.image_index, "target": self.target.kind,
+                "object_id": self.object_id, "source_class": self.source_class, "to_class": self.to_class,
+                "size": self.size, "seed": self.seed}
+
+
+def object_masks(config: ImageSet, index: int, labels: np.ndarray, foreground: set[int]) -> list[tuple[int, int, np.ndarray]]:
+    """(object id, class, mask) of the image's attackable objects, largest first: shapes' instance masks, or
+    connected components of each foreground class in the ground truth."""
+    objects = []
+    if config.dataset == "shapes":
+        from segmenters.data.shapes import render_sample
+
+        sample = render_sample(0, config.split, index)
+        instances = sample.instances
+        if config.size and tuple(config.size) != instances.shape:
+            instances = cv2.resize(instances.astype(np.int32), config.size[::-1], interpolation=cv2.INTER_NEAREST)
+        for instance in np.unique(instances):
+            mask = instances == instance
+            cls = int(np.bincount(labels[mask].reshape(-1)).argmax())
+            if instance > 0 and cls in foreground:
+                objects.append((int(instance), cls, mask))
+    else:
+        for cls in sorted(foreground):
+            count, components = cv2.connectedComponents((labels == cls).astype(np.uint8), connectivity=4)
+            for component in range(1, count):
+                objects.append((cls * 10_000 + component, cls, components == component))
+    objects = [o for o in objects if o[2].sum() >= config.min_object_pixels]
+    return sorted(objects, key=lambda o: (-int(o[2].sum()), o[0]))
+
+
+def trial_id(campaign: CampaignConfig, **fields) -> str:
+    """Deterministic: the same campaign settings and trial coordinates give the same id on every run."""
+    settings = {"attack": campaign.attack.model_dump(mode="json"), "dataset": campaign.images.dataset,
+                "split": campaign.images.split, "size": campaign.images.size,
+                "eot_eval_draws": campaign.eot_eval_draws}
+    text = json.dumps({**settings, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def expand(campaign: CampaignConfig) -> list[Trial]:
+    """models x images x targets (x objects) x patch sizes x seeds -> trials, in a stable order."""
+    classes = dataset_classes(campaign.images.dataset)
+    by_name = {c.name.lower(): i for i, c in enumerate(classes)}
+    background = {0} if campaign.images.dataset in ("shapes", "voc") else set()
+    data = build_dataset(campaign.images.dataset, campaign.images.split, root=campaign.images.root,
+                         size=tuple(campaign.images.size) if campaign.images.size else None)
+    trials = []
+    for index in campaign.images.image_indices():
+        if index >= len(data):
+            raise CampaignError(f"image index {index} is beyond the {len(data)} images of "
+                                f"{campaign.images.dataset}/{campaign.images.split}")
+        _, labels = data[index]
+        labels = labels.numpy()
+        for target in campaign.targets:
+            if target.kind == "switch":
+                wanted = ({by_name[n.lower()] for n in target.from_classes} if target.from_classes
+                          else set(range(len(classes))) - background)
+                objects = object_masks(campaign.images, index, labels, wanted)[: campaign.images.objects_per_image]
+                units = [(oid, cls) for oid, cls, _ in objects]
+            elif target.kind == "mask":
+                if index not in target.masks:
+                    continue
+                units = [(-1, None)]
+            else:
+                units = [(-1, by_name[target.remove_class.lower()])]
+            for object_id, source in units:
+                for size in campaign.patch_sizes:
+                    for seed in campaign.seeds:
+                        to_class = None
+                        if target.kind == "switch":
+                            if target.to_class:
+                                to_class = by_name[target.to_class.lower()]
+                            else:
+                                others = sorted(set(range(len(classes))) - background - {source})
+                                to_class = others[np.random.default_rng([seed, index, object_id]).integers(len(others))]
+                            if to_class == source:
+                                continue
+                        for model in campaign.models:
+                            tid = trial_id(campaign, model=Path(model).name, image=index, target=target.key(),
+                                           object=object_id, to_class=to_class, size=size, seed=seed)
+                            trials.append(Trial(tid, model, index, target, object_id, source, to_class, size, seed))
+    return trials

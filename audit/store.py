@@ -1,0 +1,102 @@
+"""A campaign run directory: the validated campaign, a transactional trial table keyed by trial id, and per-trial
+artefacts. One writer (the job's driver) records a trial in one transaction after its files are in place, so
+a row means a complete trial; `INSERT OR IGNORE` on the id makes a repeated trial a no-op, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from segmenters.files import atomic_write_bytes, atomic_write_text
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    image_index INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    object_id INTEGER NOT NULL,
+    source_class INTEGER,
+    to_class INTEGER,
+    size INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    replay TEXT NOT NULL DEFAULT '{}',
+    worker TEXT,
+    seconds REAL,
+    finished REAL NOT NULL
+)
+"""
+
+
+class TrialStore:
+    def __init__(self, run_dir: str | Path):
+        self.root = Path(run_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "trials").mkdir(exist_ok=True)
+        self.db = sqlite3.connect(self.root / "trials.sqlite", timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> TrialStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def save_campaign(self, text: str) -> None:
+        atomic_write_text(self.root / "campaign.yaml", text)
+
+    def done_ids(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT id FROM trials")}
+
+    def artefact_dir(self, trial_id: str) -> Path:
+        return self.root / "trials" / trial_id
+
+    def record(self, trial: dict, metrics: dict, artefacts: dict[str, np.ndarray | bytes],
+               replay: dict | None = None, worker: str | None = None, seconds: float | None = None) -> bool:
+        """Write the trial's files, then its row, in one transaction. False if the id was already stored."""
+        folder = self.artefact_dir(trial["id"])
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in artefacts.items():
+            if isinstance(content, np.ndarray):
+                atomic_write_bytes(folder / name, _npy_bytes(content))
+            else:
+                atomic_write_bytes(folder / name, content)
+        cursor = self.db.execute(
+            "INSERT OR IGNORE INTO trials (id, model, image_index, target, object_id, source_class, to_class, size, "
+            "seed, metrics, replay, worker, seconds, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (trial["id"], trial["model"], trial["image_index"], trial["target"], trial["object_id"],
+             trial["source_class"], trial["to_class"], trial["size"], trial["seed"],
+             json.dumps(metrics, allow_nan=True), json.dumps(replay or {}), worker, seconds, time.time()))
+        return cursor.rowcount == 1
+
+    def rows(self) -> list[dict]:
+        cursor = self.db.execute("SELECT * FROM trials ORDER BY finished")
+        names = [d[0] for d in cursor.description]
+        out = []
+        for values in cursor:
+            row = dict(zip(names, values))
+            row["metrics"] = json.loads(row["metrics"])
+            row["replay"] = json.loads(row["replay"])
+            out.append(row)
+        return out
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

@@ -1,0 +1,91 @@
+"""Campaign files (validation, clear errors), their expansion into trials with stable ids, and the trial store
+(exactly once, files before rows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from audit.campaign import CampaignError, expand, load_campaign
+from audit.store import TrialStore
+
+SHAPES_CAMPAIGN = {
+    "name": "shapes-switch",
+    "models": ["twin.pt"],
+    "images": {"dataset": "shapes", "split": "val", "count": 3, "objects_per_image": 2},
+    "targets": [{"kind": "switch"}, {"kind": "switch", "from_classes": ["sphere"], "to_class": "cube"}],
+    "patch_sizes": [8, 4, 8],
+    "seeds": [0, 1],
+    "attack": {"steps": 5},
+}
+
+
+def write(tmp_path, data, name="campaign.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_campaign_expands_into_stable_trials(tmp_path):
+    config = load_campaign(write(tmp_path, SHAPES_CAMPAIGN))
+    assert config.patch_sizes == [4, 8] and config.models == [str((tmp_path / "twin.pt").resolve())]
+    trials = expand(config)
+    again = expand(load_campaign(write(tmp_path, SHAPES_CAMPAIGN, "copy.yaml")))
+    assert [t.id for t in trials] == [t.id for t in again]  # deterministic ids
+    assert len({t.id for t in trials}) == len(trials)  # and unique
+    switch_any = [t for t in trials if t.target.from_classes is None]
+    assert switch_any and all(t.to_class != t.source_class and t.to_class in (1, 2, 3) for t in switch_any)
+    spheres = [t for t in trials if t.target.from_classes]
+    assert all(t.source_class == 2 and t.to_class == 1 for t in spheres)
+    assert {t.size for t in trials} == {4, 8} and {t.seed for t in trials} == {0, 1}
+    # a different attack setting is a different trial
+    changed = dict(SHAPES_CAMPAIGN, attack={"steps": 6})
+    assert not {t.id for t in trials} & {t.id for t in expand(load_campaign(write(tmp_path, changed, "b.yaml")))}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"patch_sizes": [0, 4]}, "patch_sizes: Value error, patch sizes must be >= 1"),
+    ({"targets": [{"kind": "switch", "to_class": "pyramid"}]}, "class 'pyramid' is not a shapes class"),
+    ({"targets": [{"kind": "mask"}]}, "needs 'masks'"),
+    ({"targets": [{"kind": "disappear"}]}, "needs 'remove_class'"),
+    ({"images": {"dataset": "kitti"}}, "images.dataset"),
+    ({"attack": {"steps": 0}}, "attack.steps"),
+    ({"models": []}, "models"),
+    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"name": "has space"}, "name: String should match pattern"),
+    ({"engines": {"other.pt": ["x.onnx"]}}, "not in 'models'"),
+])
+def test_invalid_campaigns_say_what_is_wrong(tmp_path, change, message):
+    with pytest.raises(CampaignError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_campaign(write(tmp_path, {**SHAPES_CAMPAIGN, **change}))
+    assert str(tmp_path / "campaign.yaml") in str(info.value)
+
+
+def test_unreadable_campaign_files(tmp_path):
+    with pytest.raises(CampaignError, match="cannot read"):
+        load_campaign(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(CampaignError, match="not valid YAML"):
+        load_campaign(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(CampaignError, match="is a mapping"):
+        load_campaign(tmp_path / "list.yaml")
+    big = write(tmp_path, {**SHAPES_CAMPAIGN, "images": {"dataset": "shapes", "indices": [10**7]}}, "far.yaml")
+    with pytest.raises(CampaignError, match="beyond the"):
+        expand(load_campaign(big))
+
+
+def test_store_records_each_trial_exactly_once(tmp_path):
+    trial = {"id": "t1", "model": "m.pt", "image_index": 3, "target": "switch", "object_id": 2, "source_class": 1,
+             "to_class": 2, "size": 4, "seed": 0}
+    with TrialStore(tmp_path / "run") as store:
+        assert store.record(trial, {"success": 0.5}, {"patch.npy": np.ones((3, 4, 4), np.float32),
+                                                      "note.txt": b"hi"})
+        assert not store.record(trial, {"success": 0.9}, {})
+        assert store.done_ids() == {"t1"} and store.count() == 1
+    with TrialStore(tmp_path / "run") as reopened:  # survives the process
+        (row,) = reopened.rows()
+        assert row["metrics"] == {"success": 0.5} and row["size"] == 4
+        assert np.load(reopened.artefact_dir("t1") / "patch.npy").shape == (3, 4, 4)
+        assert (reopened.artefact_dir("t1") / "note.txt").read_bytes() == b"hi"
