@@ -1,8 +1,9 @@
 """`audit` command line, also reachable as `patchwatch audit`, so that
-`ray job submit -- audit campaign cfg.yaml` reads like what it does. Its commands arrive with the
-campaign and VGatt issues."""
+`ray job submit -- audit campaign cfg.yaml` reads like what it does."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
@@ -10,6 +11,35 @@ import click
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def audit() -> None:
     """Attack campaigns, VGatt attribution audits and complexity bounds."""
+
+
+@audit.command()
+@click.argument("campaign_file", type=click.Path(dir_okay=False))
+@click.option("--out", help="run folder (default runs/campaigns/<campaign name>)")
+@click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, as inside `ray job submit`, "
+                                "else a local cluster)")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True)
+@click.option("--local-cpus", type=int, help="CPUs of the local cluster when one is started")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def campaign(campaign_file, out, address, cpus_per_trial, gpus_per_trial, local_cpus, quiet) -> None:
+    """Run a patch-attack campaign; every finished trial is stored at once, and a rerun skips stored trials."""
+    from audit.campaign import CampaignError, load_campaign
+    from audit.runner import run_campaign
+
+    try:
+        config = load_campaign(campaign_file)
+    except CampaignError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        summary = run_campaign(campaign_file, out or f"runs/campaigns/{config.name}", address=address,
+                               num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, local_cpus=local_cpus,
+                               progress=not quiet)
+    except CampaignError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        raise SystemExit(1)
 
 
 def main() -> None:

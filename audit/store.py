@@ -30,6 +30,12 @@ CREATE TABLE IF NOT EXISTS trials (
     worker TEXT,
     seconds REAL,
     finished REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS failures (
+    id TEXT NOT NULL,
+    trial TEXT NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL
 )
 """
 
@@ -41,7 +47,7 @@ class TrialStore:
         (self.root / "trials").mkdir(exist_ok=True)
         self.db = sqlite3.connect(self.root / "trials.sqlite", timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(SCHEMA)
+        self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -78,6 +84,15 @@ class TrialStore:
              trial["source_class"], trial["to_class"], trial["size"], trial["seed"],
              json.dumps(metrics, allow_nan=True), json.dumps(replay or {}), worker, seconds, time.time()))
         return cursor.rowcount == 1
+
+    def record_failure(self, trial: dict, error: str) -> None:
+        """A trial that raised: kept for the report, not counted as done (a resubmission tries it again)."""
+        self.db.execute("INSERT INTO failures (id, trial, error, at) VALUES (?, ?, ?, ?)",
+                        (trial["id"], json.dumps(trial), error, time.time()))
+
+    def failures(self) -> list[dict]:
+        return [{"id": i, "trial": json.loads(t), "error": e, "at": a}
+                for i, t, e, a in self.db.execute("SELECT id, trial, error, at FROM failures ORDER BY at")]
 
     def rows(self) -> list[dict]:
         cursor = self.db.execute("SELECT * FROM trials ORDER BY finished")

@@ -1,0 +1,146 @@
+"""Campaigns as Ray jobs, for real: `ray job submit` against a local Ray cluster started on 127.0.0.1 by the
+test, a worker killed mid-trial, and a job killed and resubmitted. Every trial must end stored exactly once."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from audit.campaign import expand, load_campaign
+from audit.store import TrialStore
+from serving.cluster import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def shapes_twin(tmp_path_factory):
+    """An untrained shapes U-Net: the job machinery, not attack quality, is under test here."""
+    from segmenters.data import dataset_classes
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import save_twin
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(128, 128), dataset="shapes")
+    path = tmp_path_factory.mktemp("twin") / "shapes_unet.pt"
+    save_twin(path, build_model("unet", spec.num_classes), spec)
+    return path
+
+
+def campaign_file(folder: Path, twin: Path, steps: int = 4, count: int = 2, sizes=(4, 8)) -> Path:
+    path = folder / "campaign.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "models": [str(twin)],
+        "images": {"dataset": "shapes", "split": "val", "count": count},
+        "targets": [{"kind": "switch"}], "patch_sizes": list(sizes), "seeds": [0],
+        "attack": {"steps": steps, "eot_samples": 1}, "eot_eval_draws": 2,
+    }))
+    return path
+
+
+def stored_ids(run: Path) -> list[str]:
+    with sqlite3.connect(run / "trials.sqlite") as db:
+        return [row[0] for row in db.execute("SELECT id FROM trials")]
+
+
+def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    config = campaign_file(job_dir, shapes_twin)
+    run = tmp_path / "run"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    start = subprocess.run(
+        ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        submit = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(job_dir),
+                  "--", "audit", "campaign", "campaign.yaml", "--out", str(run), "--quiet"]
+        first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0 and "succeeded" in first.stdout + first.stderr, first.stdout[-3000:]
+        trials = expand(load_campaign(config))
+        assert sorted(stored_ids(run)) == sorted(t.id for t in trials)
+        for trial in trials:
+            folder = run / "trials" / trial.id
+            assert {"patch.npy", "patch.png", "before.png", "after.png", "target.png"} <= {p.name for p in folder.iterdir()}
+        again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and '"already_stored": 4' in again.stdout and '"stored": 0' in again.stdout
+        assert len(stored_ids(run)) == len(trials)
+    finally:
+        subprocess.run(["ray", "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_a_killed_worker_loses_nothing(shapes_twin, tmp_path):
+    from audit.runner import run_campaign
+
+    config = campaign_file(tmp_path, shapes_twin, steps=60, count=2, sizes=(4, 8))
+    trials = expand(load_campaign(config))
+    killed = []
+
+    def kill_one_trial_worker():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for process in psutil.process_iter(["name", "cmdline"]):
+                title = " ".join(process.info["cmdline"] or []) + (process.info["name"] or "")
+                if "_run_trial" in title:
+                    time.sleep(0.5)  # mid-attack
+                    process.kill()
+                    killed.append(process.pid)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_one_trial_worker)
+    killer.start()
+    summary = run_campaign(config, tmp_path / "run", local_cpus=2, progress=False)
+    killer.join()
+    assert killed, "no trial worker was found to kill"
+    assert summary["failed"] == 0 and summary["stored"] == len(trials)
+    ids = stored_ids(tmp_path / "run")
+    assert sorted(ids) == sorted(t.id for t in trials) and len(ids) == len(set(ids))
+
+
+def test_a_killed_job_resubmitted_repeats_nothing(shapes_twin, tmp_path):
+    config = campaign_file(tmp_path, shapes_twin, steps=30, count=3, sizes=(4, 8))
+    trials = expand(load_campaign(config))
+    run = tmp_path / "run"
+    command = [str(BIN / "audit"), "campaign", str(config), "--out", str(run), "--local-cpus", "1", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "trials.sqlite").exists() and len(stored_ids(run)) >= 2):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and the local cluster it started
+        job.wait(timeout=60)
+    with TrialStore(run) as store:
+        before = {row["id"]: row["finished"] for row in store.rows()}
+    assert 2 <= len(before) < len(trials)
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f'"already_stored": {len(before)}' in again.stdout
+    with TrialStore(run) as store:
+        rows = store.rows()
+    assert sorted(r["id"] for r in rows) == sorted(t.id for t in trials)  # every trial, once
+    assert all(r["finished"] == before[r["id"]] for r in rows if r["id"] in before)  # nothing redone
