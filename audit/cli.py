@@ -42,5 +42,18 @@ def campaign(campaign_file, out, address, cpus_per_trial, gpus_per_trial, local_
         raise SystemExit(1)
 
 
+@audit.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def report(run_dir) -> None:
+    """Write RUN/report/index.html: tables, plots vs patch size, engine replay, every trial's pictures."""
+    from audit.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
 def main() -> None:
     audit()

@@ -89,3 +89,18 @@ def test_store_records_each_trial_exactly_once(tmp_path):
         assert row["metrics"] == {"success": 0.5} and row["size"] == 4
         assert np.load(reopened.artefact_dir("t1") / "patch.npy").shape == (3, 4, 4)
         assert (reopened.artefact_dir("t1") / "note.txt").read_bytes() == b"hi"
+
+
+def test_rayjob_manifest_runs_a_valid_campaign(tmp_path):
+    from pathlib import Path
+
+    documents = list(yaml.safe_load_all((Path(__file__).parents[1] / "deploy/rayjob.yaml").read_text()))
+    config_map = next(d for d in documents if d["kind"] == "ConfigMap")
+    job = next(d for d in documents if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"].startswith("audit campaign /config/campaign.yaml")
+    (tmp_path / "campaign.yaml").write_text(config_map["data"]["campaign.yaml"])
+    config = load_campaign(tmp_path / "campaign.yaml")
+    assert config.patch_sizes == [2, 5, 10, 20, 40]
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1

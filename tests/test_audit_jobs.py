@@ -81,6 +81,12 @@ def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
         for trial in trials:
             folder = run / "trials" / trial.id
             assert {"patch.npy", "patch.png", "before.png", "after.png", "target.png"} <= {p.name for p in folder.iterdir()}
+        report = subprocess.run([str(BIN / "audit"), "report", str(run)], capture_output=True, text=True, timeout=300)
+        assert report.returncode == 0, report.stderr[-2000:]
+        page = (run / "report" / "index.html").read_text()
+        assert page.count("<tr><td><code>") == len(trials) and (run / "report" / "by_patch_size.png").stat().st_size
+        for trial in trials:
+            assert f'src="../trials/{trial.id}/after.png"' in page
         again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and '"already_stored": 4' in again.stdout and '"stored": 0' in again.stdout
         assert len(stored_ids(run)) == len(trials)
