@@ -81,6 +81,8 @@ class CampaignConfig(BaseModel):
     attack: AttackConfig = AttackConfig()
     #: EOT draws used to measure robustness of each found patch
     eot_eval_draws: int = Field(16, ge=0)
+    #: shapes only: re-render each switched object with the patch as a decal from this many held-out views
+    physical_views: int = Field(0, ge=0)
 
     @field_validator("patch_sizes")
     @classmethod
@@ -97,6 +99,8 @@ class CampaignConfig(BaseModel):
                 if name is not None and name.lower() not in names:
                     raise ValueError(f"class {name!r} is not a {self.images.dataset} class "
                                      f"({', '.join(sorted(names))})")
+        if self.physical_views and self.images.dataset != "shapes":
+            raise ValueError("physical_views needs the shapes renderer: images.dataset must be 'shapes'")
         unknown = sorted(set(self.engines) - set(self.models))
         if unknown:
             raise ValueError(f"engines are given for {unknown}, which are not in 'models'")
@@ -174,7 +178,7 @@ def trial_id(campaign: CampaignConfig, **fields) -> str:
     """Deterministic: the same campaign settings and trial coordinates give the same id on every run."""
     settings = {"attack": campaign.attack.model_dump(mode="json"), "dataset": campaign.images.dataset,
                 "split": campaign.images.split, "size": campaign.images.size,
-                "eot_eval_draws": campaign.eot_eval_draws}
+                "eot_eval_draws": campaign.eot_eval_draws, "physical_views": campaign.physical_views}
     text = json.dumps({**settings, **fields}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 

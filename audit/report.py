@@ -37,6 +37,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "changed_max": int(max(m["changed"] for m in metrics)),
             "area_of_effect_mean": _mean(m["area_of_effect"] for m in metrics),
             "eot_success_mean": _mean(m["eot_success_mean"] for m in metrics),
+            "physical_success_mean": _mean(m.get("physical_success_mean") for m in metrics),
         })
     return table
 
@@ -110,7 +111,7 @@ def write_report(run_dir: str | Path) -> Path:
     for row in sorted(rows, key=lambda r: (-r["metrics"]["success"], r["size"])):
         m = row["metrics"]
         images = "".join(f'<img src="../trials/{row["id"]}/{name}" title="{name}">'
-                         for name in ("before.png", "after.png", "target.png", "patch.png")
+                         for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png")
                          if (run / "trials" / row["id"] / name).exists())
         replay = ", ".join(f"{k}: {'yes' if v['reproduces'] else 'no'} ({v['success']:.2f})"
                            for k, v in row["replay"].items()) or "-"
@@ -134,7 +135,7 @@ margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h2>Engine replay</h2>
 {_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "reproduced", "agreement_mean"])
  if any(r["replay"] for r in rows) else "<p>No engines were listed for replay.</p>"}
-<h2>Trials (best first): before | after | target | patch</h2>
+<h2>Trials (best first): before | after | target | patch | held-out views with the patch as a decal</h2>
 <table><tr><th>id</th><th>model</th><th>image</th><th>target</th><th>size</th><th>success</th><th>intended px</th>
 <th>changed px</th><th>area of effect</th><th>EOT success</th><th>engine replay</th><th>pictures</th></tr>
 {''.join(trial_rows)}</table>

@@ -97,6 +97,18 @@ def execute_trial(campaign_json: str, trial: Trial) -> dict:
             "reproduces": bool(metrics["success"] > 0 and engine_success >= 0.9 * metrics["success"]),
         }
     palette = twin.spec.palette()
+    physical_png = None
+    if campaign.physical_views and trial.target.kind == "switch":
+        from audit.physical import physical_check
+
+        check = physical_check(twin, campaign.images.split, trial.image_index, trial.object_id, result.patch,
+                               trial.to_class, tuple(image.shape[1:]), views=campaign.physical_views)
+        panels = check.pop("panels")
+        metrics.update({f"physical_{key}": value for key, value in check.items()})
+        if panels:
+            physical_png = _png(np.concatenate(
+                [np.concatenate([to_uint8(rgb), overlay(rgb, labels_, palette)], axis=0) for rgb, labels_ in panels],
+                axis=1))
     target_view = np.where(target.region, target.labels, twin.spec.ignore_index)
     artefacts = {
         "patch.npy": result.patch.astype(np.float32),
@@ -106,5 +118,7 @@ def execute_trial(campaign_json: str, trial: Trial) -> dict:
         "target.png": _png(colorize(target_view, palette, twin.spec.ignore_index)),
         "losses.npy": np.asarray(result.losses, np.float32),
     }
+    if physical_png is not None:
+        artefacts["physical.png"] = physical_png
     return {"metrics": metrics, "replay": replay, "artefacts": artefacts,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "seconds": time.perf_counter() - started}

@@ -170,3 +170,25 @@ def test_targets(tmp_path, camvid_unet):
     (tmp_path / "junk.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read it"):
         mask_target(tmp_path / "junk.png", twin.spec.num_classes, (4, 5))
+
+
+def test_physical_check_renders_the_patch_as_a_decal(tmp_path):
+    from audit.physical import physical_check
+    from segmenters.data import dataset_classes
+    from segmenters.data.shapes import render_sample
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import Twin
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(128, 128), dataset="shapes")
+    twin = Twin(build_model("unet", spec.num_classes).eval(), spec)
+    sample = render_sample(0, "val", 0)
+    instance = int(np.bincount(sample.instances.reshape(-1))[1:].argmax()) + 1
+    patch = np.random.default_rng(0).random((3, 12, 12)).astype(np.float32)
+    result = physical_check(twin, "val", 0, instance, patch, to_class=1, image_size=(128, 128), views=4)
+    assert result["views"] >= 2 and result["face"] in ("+x", "-x", "+y", "-y", "+z")
+    assert 0 < result["decal_size"] < 2  # world units: a 12 px sticker on a CLEVR-sized object
+    assert 0 <= result["success_min"] <= result["success_mean"] <= 1 and 0 <= result["baseline_mean"] <= 1
+    stickered, predicted = result["panels"][0]
+    assert stickered.shape == (128, 128, 3) and predicted.shape == (128, 128)
