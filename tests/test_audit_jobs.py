@@ -57,6 +57,17 @@ def stored_ids(run: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT id FROM trials")]
 
 
+def submit_job(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, waiting for the head's job agent: right after `ray start` (or on a loaded machine) the
+    dashboard answers "No available agent to submit job, please try again later" and submits nothing."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
     job_dir = tmp_path / "job"
     job_dir.mkdir()
@@ -74,7 +85,7 @@ def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
     try:
         submit = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(job_dir),
                   "--", "audit", "campaign", "campaign.yaml", "--out", str(run), "--quiet"]
-        first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        first = submit_job(submit, env)
         assert first.returncode == 0 and "succeeded" in first.stdout + first.stderr, first.stdout[-3000:]
         trials = expand(load_campaign(config))
         assert sorted(stored_ids(run)) == sorted(t.id for t in trials)
@@ -87,7 +98,7 @@ def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
         assert page.count("<tr><td><code>") == len(trials) and (run / "report" / "by_patch_size.png").stat().st_size
         for trial in trials:
             assert f'src="../trials/{trial.id}/after.png"' in page
-        again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        again = submit_job(submit, env)
         assert again.returncode == 0 and '"already_stored": 4' in again.stdout and '"stored": 0' in again.stdout
         assert len(stored_ids(run)) == len(trials)
     finally:
@@ -102,11 +113,18 @@ def test_a_killed_worker_loses_nothing(shapes_twin, tmp_path):
     killed = []
 
     def kill_one_trial_worker():
+        import ray
+
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            for process in psutil.process_iter(["name", "cmdline"]):
+            if not ray.is_initialized():
+                time.sleep(0.1)
+                continue
+            # this test's cluster only: trial workers are children of its raylet
+            raylets = {p.process.pid for p in ray._private.worker._global_node.all_processes["raylet"]}
+            for process in psutil.process_iter(["name", "cmdline", "ppid"]):
                 title = " ".join(process.info["cmdline"] or []) + (process.info["name"] or "")
-                if "_run_trial" in title:
+                if "_run_trial" in title and process.info["ppid"] in raylets:
                     time.sleep(0.5)  # mid-attack
                     process.kill()
                     killed.append(process.pid)
