@@ -7,7 +7,6 @@ Inside `ray job submit`, `ray.init()` joins the job's cluster; run directly, it 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from audit.campaign import expand, load_campaign

@@ -93,59 +93,48 @@ class InferenceServer:
 
     @api.get("/v2")
     async def server_metadata(self, request: Request) -> Response:
-        return await self._answer(request, "server_metadata", None, None, self._server_metadata)
+        return await self._answer(request, "server_metadata", None, self._server_metadata)
 
     @api.get("/v2/health/live")
     async def live(self, request: Request) -> Response:
-        return await self._answer(request, "live", None, None, self._live)
+        return await self._answer(request, "live", None, self._live)
 
     @api.get("/v2/health/ready")
     async def server_ready(self, request: Request) -> Response:
-        return await self._answer(request, "ready", None, None, self._server_ready)
+        return await self._answer(request, "ready", None, self._server_ready)
 
+    # Each model route answers with and without /versions/{version}; the version is read from the path.
     @api.get("/v2/models/{name}")
-    async def model_metadata(self, name: str, request: Request) -> Response:
-        return await self._answer(request, "model_metadata", name, None, self._model_metadata)
-
     @api.get("/v2/models/{name}/versions/{version}")
-    async def model_version_metadata(self, name: str, version: str, request: Request) -> Response:
-        return await self._answer(request, "model_metadata", name, version, self._model_metadata)
+    async def model_metadata(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "model_metadata", name, self._model_metadata)
 
     @api.get("/v2/models/{name}/ready")
-    async def model_ready(self, name: str, request: Request) -> Response:
-        return await self._answer(request, "model_ready", name, None, self._model_ready)
-
     @api.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_version_ready(self, name: str, version: str, request: Request) -> Response:
-        return await self._answer(request, "model_ready", name, version, self._model_ready)
+    async def model_ready(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "model_ready", name, self._model_ready)
 
     @api.post("/v2/models/{name}/infer")
-    async def infer(self, name: str, request: Request) -> Response:
-        return await self._answer(request, "infer", name, None, self._infer)
-
     @api.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer_version(self, name: str, version: str, request: Request) -> Response:
-        return await self._answer(request, "infer", name, version, self._infer)
+    async def infer(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "infer", name, self._infer)
 
     @api.post("/v2/models/{name}/segment")
-    async def segment(self, name: str, request: Request) -> Response:
-        return await self._answer(request, "segment", name, None, self._segment)
-
     @api.post("/v2/models/{name}/versions/{version}/segment")
-    async def segment_version(self, name: str, version: str, request: Request) -> Response:
-        return await self._answer(request, "segment", name, version, self._segment)
+    async def segment(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "segment", name, self._segment)
 
     @api.get("/metrics")
     async def prometheus(self, request: Request) -> Response:
-        return await self._answer(request, "metrics", None, None, self._prometheus)
+        return await self._answer(request, "metrics", None, self._prometheus)
 
     # ----------------------------------------------------------------------------------------- handling
 
-    async def _answer(self, request: Request, endpoint: str, name: str | None, version: str | None,
-                      handler) -> Response:
+    async def _answer(self, request: Request, endpoint: str, name: str | None, handler) -> Response:
         """Authorise, run the handler, turn any failure into an `{"error"}` answer, and count it."""
         started = time.perf_counter()
         reason = None
+        version = request.path_params.get("version")
         try:
             self._authorize(request)
             response = await handler(request, name, version)
