@@ -112,11 +112,23 @@ def target_loss(logits: torch.Tensor, target: torch.Tensor, skip_flipped: bool) 
     return losses / (target != IGNORE).sum().clamp(min=1)
 
 
-def success_rate(predicted: np.ndarray, target: Target) -> float:
-    region = target.region
+def achieved(predicted: np.ndarray, target: Target) -> np.ndarray:
+    """(H, W) bool: pixels showing what the attacker wanted (the goal class, or no longer the removed class)."""
     if target.removed_class is not None:
-        return float((predicted[region] != target.removed_class).mean())
-    return float((predicted[region] == target.labels[region]).mean())
+        return predicted != target.removed_class
+    return predicted == target.labels
+
+
+def success_rate(predicted: np.ndarray, target: Target, exclude: np.ndarray | None = None) -> float:
+    """Share of the target region showing what was wanted, over the region's pixels outside `exclude`.
+
+    Pass the patch's own pixels as `exclude`: a patch pasted over the object trivially "flips" the pixels it
+    covers, and for large patches on small objects that alone would read as success (seed 000 counts the
+    effect of the patch on the rest of the scene)."""
+    region = target.region if exclude is None else target.region & ~exclude
+    if not region.any():
+        return float("nan")
+    return float(achieved(predicted, target)[region].mean())
 
 
 def patch_attack(twin: Twin, image: np.ndarray | torch.Tensor, target: Target, size: int, top: int, left: int,
@@ -143,6 +155,8 @@ def patch_attack(twin: Twin, image: np.ndarray | torch.Tensor, target: Target, s
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     result = AttackResult(patch=np.zeros(0), top=top, left=left)
+    covered = np.zeros((height, width), bool)
+    covered[top:top + size, left:left + size] = True
     for step in range(config.steps):
         raw.requires_grad_(True)
         printed = pool_patch(raw) if config.pool else raw
@@ -157,7 +171,7 @@ def patch_attack(twin: Twin, image: np.ndarray | torch.Tensor, target: Target, s
             momentum = config.momentum * momentum + grad / grad.abs().sum().clamp(min=1e-12)
             raw = (raw - config.step_size * momentum.sign()).clamp(0.0, 1.0)
             nominal, _ = paste(image[None], pool_patch(raw) if config.pool else raw, top, left)
-            success = success_rate(twin.logits(nominal).argmax(1)[0].cpu().numpy(), target)
+            success = success_rate(twin.logits(nominal).argmax(1)[0].cpu().numpy(), target, exclude=covered)
         result.losses.append(float(loss.detach()))
         result.successes.append(success)
         result.steps = step + 1
@@ -174,15 +188,17 @@ def patch_attack(twin: Twin, image: np.ndarray | torch.Tensor, target: Target, s
 class TrialMetrics:
     """What one attack did, under the nominal placement and across the EOT distribution."""
 
-    success: float  # share of the target region showing the target (or no longer the removed class)
-    intended_flipped: int  # target-region pixels that changed and now show what was wanted
+    success: float  # share of the target region outside the patch showing what was wanted (the headline)
+    success_with_patch: float  # the same share counting the pixels under the patch too
+    intended_flipped: int  # target-region pixels outside the patch that changed and now show what was wanted
+    intended_share: float  # intended_flipped / target pixels outside the patch that did not show it before
     flipped_outside: int  # pixels outside target region and patch whose label changed
     changed: int  # all pixels outside the patch whose label changed
     patch_area: int
     area_of_effect: float  # changed / patch_area
     flip_distance_mean: float  # distance of changed pixels from the patch centre (px); nan if none
     flip_distance_max: float
-    eot_success_mean: float  # success over `eot_draws` random EOT placements
+    eot_success_mean: float  # success (outside the drawn patch) over `eot_draws` random EOT placements
     eot_success_min: float
     eot_draws: int
 
@@ -202,11 +218,8 @@ def measure_trial(twin: Twin, image: np.ndarray | torch.Tensor, patch: np.ndarra
     patch_mask = patch_mask.cpu().numpy()
     region = target.region
     changed = (attacked != clean) & ~patch_mask
-    if target.removed_class is not None:
-        wanted = attacked != target.removed_class
-    else:
-        wanted = attacked == target.labels
-    intended = region & changed & wanted
+    intended = region & changed & achieved(attacked, target)
+    to_flip = region & ~patch_mask & ~achieved(clean, target)
     size = patch.shape[-1]
     rows, cols = np.nonzero(changed)
     centre = (top + (size - 1) / 2.0, left + (size - 1) / 2.0)
@@ -214,10 +227,14 @@ def measure_trial(twin: Twin, image: np.ndarray | torch.Tensor, patch: np.ndarra
     generator = torch.Generator().manual_seed(seed)
     draws = []
     for _ in range(eot_draws):
-        varied, _ = apply_patch_eot(image[None], patch_t, top, left, eot, generator)
-        draws.append(success_rate(twin.logits(varied).argmax(1)[0].cpu().numpy(), target))
+        varied, drawn = apply_patch_eot(image[None], patch_t, top, left, eot, generator)
+        draws.append(success_rate(twin.logits(varied).argmax(1)[0].cpu().numpy(), target,
+                                  exclude=drawn[0, 0].cpu().numpy() > 0.5))
+    draws = [d for d in draws if not np.isnan(d)]
     return TrialMetrics(
-        success=success_rate(attacked, target), intended_flipped=int(intended.sum()),
+        success=success_rate(attacked, target, exclude=patch_mask), success_with_patch=success_rate(attacked, target),
+        intended_flipped=int(intended.sum()),
+        intended_share=float(intended.sum()) / to_flip.sum() if to_flip.any() else float("nan"),
         flipped_outside=int((changed & ~region).sum()), changed=int(changed.sum()), patch_area=size * size,
         area_of_effect=float(changed.sum()) / (size * size),
         flip_distance_mean=float(distances.mean()) if distances.size else float("nan"),

@@ -27,19 +27,37 @@ class ImageSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     dataset: Literal["shapes", "camvid", "cityscapes", "voc"]
     split: str = "val"
-    #: image indices; default: the first `count`
+    #: image indices; default: the first `count`, or `count` drawn at random with `sample_seed`
     indices: list[int] | None = None
     count: int = Field(10, ge=1)
+    sample_seed: int | None = None
     #: (height, width) images are brought to; default the dataset's own
     size: tuple[int, int] | None = None
     root: str | None = None
     #: objects smaller than this are not attacked (a patch needs room inside the object)
     min_object_pixels: int = Field(64, ge=1)
-    #: the largest objects of each image are attacked first
+    #: how many objects of each image are attacked: the largest first, or drawn at random (seeded per image)
     objects_per_image: int = Field(1, ge=1)
+    object_order: Literal["largest", "random"] = "largest"
 
-    def image_indices(self) -> list[int]:
-        return list(self.indices) if self.indices is not None else list(range(self.count))
+    @model_validator(mode="after")
+    def _one_selection(self) -> ImageSet:
+        if self.indices is not None and self.sample_seed is not None:
+            raise ValueError("give either 'indices' or 'sample_seed' (count images drawn at random), not both")
+        return self
+
+    def candidates(self, available: int) -> tuple[list[int], int | None]:
+        """The images to look at, in order, out of the split's `available`, and how many of them must have
+        something to attack (None: all of those listed). Random draws skip images with nothing to attack, so
+        `count: 100` with a `sample_seed` means 100 attacked images, as seed 000's 100 random samples."""
+        if self.indices is not None:
+            return list(self.indices), None
+        if self.sample_seed is None:
+            return list(range(self.count)), None
+        if self.count > available:
+            raise CampaignError(f"cannot draw {self.count} random images from the {available} of "
+                                f"{self.dataset}/{self.split}")
+        return [int(i) for i in np.random.default_rng(self.sample_seed).permutation(available)], self.count
 
 
 class TargetSpec(BaseModel):
@@ -118,15 +136,29 @@ def load_campaign(path: str | Path) -> CampaignConfig:
         raise CampaignError(f"{path} is not valid YAML/JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise CampaignError(f"{path}: a campaign is a mapping (name, models, images, targets, patch_sizes, ...)")
+    # relative model, engine and target-mask paths are relative to the file, wherever the job runs from
+    data = _resolve_paths(data, path.parent)
     try:
-        config = CampaignConfig.model_validate(data)
+        return CampaignConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise CampaignError(f"{path}: {problems}") from None
-    base = path.parent
-    # relative paths in the file are relative to the file, wherever the job runs from
-    config.models = [str((base / m).resolve()) if not Path(m).is_absolute() else m for m in config.models]
-    return config
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    def resolve(value):
+        return str((base / value).resolve()) if isinstance(value, str) and not Path(value).is_absolute() else value
+
+    data = dict(data)
+    if isinstance(data.get("models"), list):
+        data["models"] = [resolve(m) for m in data["models"]]
+    if isinstance(data.get("engines"), dict):
+        data["engines"] = {resolve(k): [resolve(e) for e in v] if isinstance(v, list) else v
+                           for k, v in data["engines"].items()}
+    if isinstance(data.get("targets"), list):
+        data["targets"] = [{**t, "masks": {i: resolve(m) for i, m in t["masks"].items()}}
+                           if isinstance(t, dict) and isinstance(t.get("masks"), dict) else t for t in data["targets"]]
+    return data
 
 
 @dataclass(frozen=True)
@@ -185,44 +217,62 @@ def trial_id(campaign: CampaignConfig, **fields) -> str:
 
 def expand(campaign: CampaignConfig) -> list[Trial]:
     """models x images x targets (x objects) x patch sizes x seeds -> trials, in a stable order."""
-    classes = dataset_classes(campaign.images.dataset)
-    by_name = {c.name.lower(): i for i, c in enumerate(classes)}
-    background = {0} if campaign.images.dataset in ("shapes", "voc") else set()
     data = build_dataset(campaign.images.dataset, campaign.images.split, root=campaign.images.root,
                          size=tuple(campaign.images.size) if campaign.images.size else None)
-    trials = []
-    for index in campaign.images.image_indices():
+    candidates, wanted_images = campaign.images.candidates(len(data))
+    trials, attacked = [], 0
+    for index in candidates:
         if index >= len(data):
             raise CampaignError(f"image index {index} is beyond the {len(data)} images of "
                                 f"{campaign.images.dataset}/{campaign.images.split}")
-        _, labels = data[index]
-        labels = labels.numpy()
-        for target in campaign.targets:
-            if target.kind == "switch":
-                wanted = ({by_name[n.lower()] for n in target.from_classes} if target.from_classes
-                          else set(range(len(classes))) - background)
-                objects = object_masks(campaign.images, index, labels, wanted)[: campaign.images.objects_per_image]
-                units = [(oid, cls) for oid, cls, _ in objects]
-            elif target.kind == "mask":
-                if index not in target.masks:
-                    continue
-                units = [(-1, None)]
-            else:
-                units = [(-1, by_name[target.remove_class.lower()])]
-            for object_id, source in units:
-                for size in campaign.patch_sizes:
-                    for seed in campaign.seeds:
-                        to_class = None
-                        if target.kind == "switch":
-                            if target.to_class:
-                                to_class = by_name[target.to_class.lower()]
-                            else:
-                                others = sorted(set(range(len(classes))) - background - {source})
-                                to_class = others[np.random.default_rng([seed, index, object_id]).integers(len(others))]
-                            if to_class == source:
-                                continue
-                        for model in campaign.models:
-                            tid = trial_id(campaign, model=Path(model).name, image=index, target=target.key(),
-                                           object=object_id, to_class=to_class, size=size, seed=seed)
-                            trials.append(Trial(tid, model, index, target, object_id, source, to_class, size, seed))
+        image_trials = _image_trials(campaign, index, data[index][1].numpy())
+        if wanted_images is not None and not image_trials:
+            continue  # a random draw with nothing to attack: draw another
+        trials.extend(image_trials)
+        attacked += 1
+        if attacked == wanted_images:
+            break
+    if wanted_images is not None and attacked < wanted_images:
+        raise CampaignError(f"only {attacked} of the {len(data)} images of {campaign.images.dataset}/"
+                            f"{campaign.images.split} have something to attack; asked for {wanted_images}")
+    return trials
+
+
+def _image_trials(campaign: CampaignConfig, index: int, labels: np.ndarray) -> list[Trial]:
+    """One image's trials: targets (x objects) x patch sizes x seeds x models."""
+    classes = dataset_classes(campaign.images.dataset)
+    by_name = {c.name.lower(): i for i, c in enumerate(classes)}
+    background = {0} if campaign.images.dataset in ("shapes", "voc") else set()
+    trials = []
+    for target in campaign.targets:
+        if target.kind == "switch":
+            wanted = ({by_name[n.lower()] for n in target.from_classes} if target.from_classes
+                      else set(range(len(classes))) - background)
+            objects = object_masks(campaign.images, index, labels, wanted)
+            if campaign.images.object_order == "random":
+                order = np.random.default_rng([campaign.images.sample_seed or 0, index]).permutation(len(objects))
+                objects = [objects[i] for i in order]
+            units = [(oid, cls) for oid, cls, _ in objects[: campaign.images.objects_per_image]]
+        elif target.kind == "mask":
+            if index not in target.masks:
+                continue
+            units = [(-1, None)]
+        else:
+            units = [(-1, by_name[target.remove_class.lower()])]
+        for object_id, source in units:
+            for size in campaign.patch_sizes:
+                for seed in campaign.seeds:
+                    to_class = None
+                    if target.kind == "switch":
+                        if target.to_class:
+                            to_class = by_name[target.to_class.lower()]
+                        else:
+                            others = sorted(set(range(len(classes))) - background - {source})
+                            to_class = others[np.random.default_rng([seed, index, object_id]).integers(len(others))]
+                        if to_class == source:
+                            continue
+                    for model in campaign.models:
+                        tid = trial_id(campaign, model=Path(model).name, image=index, target=target.key(),
+                                       object=object_id, to_class=to_class, size=size, seed=seed)
+                        trials.append(Trial(tid, model, index, target, object_id, source, to_class, size, seed))
     return trials

@@ -68,7 +68,8 @@ def physical_check(twin, split: str, index: int, instance: int, patch: np.ndarra
         clean = render(scene, camera, height, width, noise=0.01, rng=rng)
         stickered = render(scene, camera, height, width, textures=[decal], noise=0.01,
                            rng=np.random.default_rng([seed, index, view]))
-        mask = clean.instances == instance
+        # the object's pixels outside the decal: the decal's own pixels would count the patch as its effect
+        mask = (clean.instances == instance) & ~stickered.texture_mask
         if mask.sum() < min_pixels or not stickered.texture_mask.any():
             continue  # the object (or the decal's face) is out of this view
         images = torch.from_numpy(np.stack([clean.image, stickered.image]).transpose(0, 3, 1, 2).copy())

@@ -21,18 +21,24 @@ def _mean(values) -> float:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (model, patch size): trials, mean/median success, intended flips, area of effect, EOT success."""
+    """Per (model, patch size): trials, mean/median success, intended flips, area of effect, EOT success.
+
+    Success is measured outside the patch; a trial whose patch covers its whole target has none to measure
+    (`covered`) and is left out of the success figures, not counted as a failure or a success."""
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(Path(row["model"]).name, row["size"])].append(row)
     table = []
     for (model, size), group in sorted(groups.items()):
         metrics = [r["metrics"] for r in group]
+        measured = [m["success"] for m in metrics if not _isnan(m["success"])]
         table.append({
-            "model": model, "size": size, "trials": len(group),
-            "success_mean": _mean(m["success"] for m in metrics),
-            "success_median": float(np.median([m["success"] for m in metrics])),
-            "succeeded_50": float(np.mean([m["success"] >= 0.5 for m in metrics])),
+            "model": model, "size": size, "trials": len(group), "covered": len(group) - len(measured),
+            "success_mean": _mean(measured),
+            "success_median": float(np.median(measured)) if measured else float("nan"),
+            "succeeded_50": float(np.mean([v >= 0.5 for v in measured])) if measured else float("nan"),
+            "success_with_patch_mean": _mean(m.get("success_with_patch") for m in metrics),
+            "intended_share_mean": _mean(m.get("intended_share") for m in metrics),
             "intended_flipped_mean": _mean(m["intended_flipped"] for m in metrics),
             "changed_max": int(max(m["changed"] for m in metrics)),
             "area_of_effect_mean": _mean(m["area_of_effect"] for m in metrics),
@@ -61,7 +67,7 @@ def _plots(rows: list[dict], folder: Path) -> list[str]:
 
     sizes = sorted({r["size"] for r in rows})
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, label in ((axes[0], "success", "success (share of target pixels)"),
+    for ax, key, label in ((axes[0], "success", "success (share of target pixels outside the patch)"),
                            (axes[1], "area_of_effect", "area of effect (changed px / patch px)"),
                            (axes[2], "eot_success_mean", "success under EOT (mean of draws)")):
         data = [[r["metrics"][key] for r in rows if r["size"] == s and not _isnan(r["metrics"][key])] for s in sizes]
@@ -83,6 +89,10 @@ def _plots(rows: list[dict], folder: Path) -> list[str]:
 
 def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def _or_minus_one(value) -> float:
+    return -1.0 if _isnan(value) else value
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -108,7 +118,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = summarise(rows)
     figures = _plots(rows, out) if rows else []
     trial_rows = []
-    for row in sorted(rows, key=lambda r: (-r["metrics"]["success"], r["size"])):
+    for row in sorted(rows, key=lambda r: (-_or_minus_one(r["metrics"]["success"]), r["size"])):
         m = row["metrics"]
         images = "".join(f'<img src="../trials/{row["id"]}/{name}" title="{name}">'
                          for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png")
@@ -118,7 +128,7 @@ def write_report(run_dir: str | Path) -> Path:
         trial_rows.append(
             f"<tr><td><code>{row['id'][:10]}</code></td><td>{html.escape(Path(row['model']).name)}</td>"
             f"<td>{row['image_index']}</td><td>{html.escape(m.get('description', row['target']))}</td>"
-            f"<td>{row['size']}</td><td>{m['success']:.3f}</td><td>{m['intended_flipped']}</td>"
+            f"<td>{row['size']}</td><td>{m['success']:.3f}</td><td>{m.get('success_with_patch', float('nan')):.3f}</td><td>{m['intended_flipped']}</td>"
             f"<td>{m['changed']}</td><td>{m['area_of_effect']:.1f}</td><td>{m['eot_success_mean']:.3f}</td>"
             f"<td>{html.escape(replay)}</td><td class='pics'>{images}</td></tr>")
     failure_rows = "".join(f"<tr><td><code>{html.escape(f['id'][:10])}</code></td><td>{html.escape(f['error'])}</td>"
@@ -136,7 +146,7 @@ margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 {_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "reproduced", "agreement_mean"])
  if any(r["replay"] for r in rows) else "<p>No engines were listed for replay.</p>"}
 <h2>Trials (best first): before | after | target | patch | held-out views with the patch as a decal</h2>
-<table><tr><th>id</th><th>model</th><th>image</th><th>target</th><th>size</th><th>success</th><th>intended px</th>
+<table><tr><th>id</th><th>model</th><th>image</th><th>target</th><th>size</th><th>success outside patch</th><th>incl. patch</th><th>intended px</th>
 <th>changed px</th><th>area of effect</th><th>EOT success</th><th>engine replay</th><th>pictures</th></tr>
 {''.join(trial_rows)}</table>
 <h2>Failures</h2><table><tr><th>id</th><th>error</th></tr>{failure_rows}</table>

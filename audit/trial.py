@@ -81,7 +81,7 @@ def execute_trial(campaign_json: str, trial: Trial) -> dict:
     metrics.update(top=top, left=left, steps=result.steps, final_loss=result.losses[-1],
                    target_pixels=int(target.region.sum()), description=target.description)
 
-    patched, _ = paste(image[None], torch.as_tensor(result.patch), top, left)
+    patched, covered = paste(image[None], torch.as_tensor(result.patch), top, left)
     with torch.no_grad():
         clean = twin.labels(image[None])[0].numpy()
         attacked = twin.labels(patched)[0].numpy()
@@ -89,7 +89,7 @@ def execute_trial(campaign_json: str, trial: Trial) -> dict:
     for path in campaign.engines.get(trial.model, []):
         engine = _engine(path)
         engine_labels = engine.labels(engine.prepare(patched.numpy()))[0]
-        engine_success = success_rate(engine_labels, target)
+        engine_success = success_rate(engine_labels, target, exclude=covered.numpy())
         replay[os.path.basename(path)] = {
             "backend": engine.backend, "precision": engine.precision, "success": engine_success,
             "agreement_with_twin": float((engine_labels == attacked).mean()),

@@ -123,6 +123,14 @@ def test_momentum_attack_switches_an_objects_class(attack_scene):
     metrics = measure_trial(twin, image, result.patch, top, left, target, EOTConfig(), eot_draws=4)
     assert metrics.success == pytest.approx(result.successes[-1])
     assert metrics.intended_flipped > 0 and metrics.changed >= metrics.intended_flipped + metrics.flipped_outside
+    assert 0 < metrics.intended_share <= 1
+    # success is counted outside the patch: the patch's own pixels are not its effect
+    covered = np.zeros_like(obj)
+    covered[top:top + 16, left:left + 16] = True
+    outside = obj & ~covered
+    assert metrics.intended_flipped <= outside.sum()
+    assert metrics.success_with_patch == pytest.approx(success_rate(
+        twin.labels(paste(image[None], torch.as_tensor(result.patch), top, left)[0])[0].numpy(), target))
     assert metrics.area_of_effect == pytest.approx(metrics.changed / 256)
     assert metrics.flip_distance_max >= metrics.flip_distance_mean > 0
     assert 0 <= metrics.eot_success_min <= metrics.eot_success_mean <= 1
@@ -153,6 +161,12 @@ def test_targets(tmp_path, camvid_unet):
     gone = disappear_target(logits, 1)
     assert gone.region.sum() == 10 and (gone.labels[:2] == 2).all() and (gone.labels[2:] == IGNORE).all()
     assert success_rate(np.zeros((4, 5), int), gone) == 1.0 and success_rate(np.ones((4, 5), int), gone) == 0.0
+    half = np.zeros((4, 5), int)
+    half[0] = 1  # the first row still shows the removed class ...
+    patch = np.zeros((4, 5), bool)
+    patch[0] = True  # ... but it is under the patch
+    assert success_rate(half, gone) == 0.5 and success_rate(half, gone, exclude=patch) == 1.0
+    assert np.isnan(success_rate(half, gone, exclude=np.ones((4, 5), bool)))  # nothing left to measure
     with pytest.raises(ValueError, match="not predicted anywhere"):
         disappear_target(logits, 2)
 

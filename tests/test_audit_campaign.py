@@ -30,6 +30,12 @@ def write(tmp_path, data, name="campaign.yaml"):
 def test_campaign_expands_into_stable_trials(tmp_path):
     config = load_campaign(write(tmp_path, SHAPES_CAMPAIGN))
     assert config.patch_sizes == [4, 8] and config.models == [str((tmp_path / "twin.pt").resolve())]
+    # model, engine and mask paths are relative to the campaign file
+    with_engines = load_campaign(write(tmp_path, {
+        **SHAPES_CAMPAIGN, "engines": {"twin.pt": ["e/twin.onnx"]},
+        "targets": [{"kind": "mask", "masks": {0: "masks/0.png"}}]}, "engines.yaml"))
+    assert with_engines.engines == {str((tmp_path / "twin.pt").resolve()): [str((tmp_path / "e/twin.onnx").resolve())]}
+    assert with_engines.targets[0].masks == {0: str((tmp_path / "masks/0.png").resolve())}
     trials = expand(config)
     again = expand(load_campaign(write(tmp_path, SHAPES_CAMPAIGN, "copy.yaml")))
     assert [t.id for t in trials] == [t.id for t in again]  # deterministic ids
@@ -44,7 +50,30 @@ def test_campaign_expands_into_stable_trials(tmp_path):
     assert not {t.id for t in trials} & {t.id for t in expand(load_campaign(write(tmp_path, changed, "b.yaml")))}
 
 
+def test_random_images_and_objects(tmp_path):
+    """`sample_seed` draws `count` images at random (as seed 000 drew its 100 samples), reproducibly; with
+    `object_order: random` the attacked object of each image is drawn too, not always the largest."""
+    images = {"dataset": "shapes", "split": "val", "count": 6, "sample_seed": 3, "objects_per_image": 1}
+    trials = expand(load_campaign(write(tmp_path, {**SHAPES_CAMPAIGN, "images": images, "seeds": [0],
+                                                   "patch_sizes": [4], "targets": [{"kind": "switch"}]})))
+    indices = sorted({t.image_index for t in trials})
+    assert len(indices) == 6 and indices != list(range(6)) and max(indices) < 1800  # the 1800 validation scenes
+    other = expand(load_campaign(write(tmp_path, {**SHAPES_CAMPAIGN, "images": {**images, "sample_seed": 4},
+                                                  "seeds": [0], "patch_sizes": [4], "targets": [{"kind": "switch"}]},
+                                       "other.yaml")))
+    assert sorted({t.image_index for t in other}) != indices
+    largest = {t.image_index: t.object_id for t in trials}
+    shuffled = expand(load_campaign(write(tmp_path, {**SHAPES_CAMPAIGN, "images": {**images, "object_order": "random"},
+                                                     "seeds": [0], "patch_sizes": [4],
+                                                     "targets": [{"kind": "switch"}]}, "random.yaml")))
+    assert {t.image_index for t in shuffled} == set(indices)
+    assert any(t.object_id != largest[t.image_index] for t in shuffled)
+    with pytest.raises(CampaignError, match="cannot draw 5000 random images"):
+        expand(load_campaign(write(tmp_path, {**SHAPES_CAMPAIGN, "images": {**images, "count": 5000}}, "many.yaml")))
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"images": {"dataset": "shapes", "indices": [1], "sample_seed": 0}}, "either 'indices' or 'sample_seed'"),
     ({"patch_sizes": [0, 4]}, "patch_sizes: Value error, patch sizes must be >= 1"),
     ({"targets": [{"kind": "switch", "to_class": "pyramid"}]}, "class 'pyramid' is not a shapes class"),
     ({"targets": [{"kind": "mask"}]}, "needs 'masks'"),
