@@ -180,6 +180,13 @@ def region_mask(region, shape: tuple[int, int]) -> torch.Tensor:
     return mask
 
 
+def segment_score(logits: torch.Tensor, target: int, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) scores: the class-`target` logit summed over the (H, W) `mask` — what every attribution explains."""
+    if not 0 <= target < logits.shape[1]:
+        raise ValueError(f"target class {target} is outside the model's {logits.shape[1]} classes")
+    return (logits[:, target] * mask.to(logits.device, logits.dtype)).sum(dim=(1, 2))
+
+
 @dataclass
 class VGattResult:
     """score = contributions.sum() + bias, decomposed at `layer` ("input" = the network's own input tensor)."""
@@ -229,10 +236,9 @@ class VGatt:
         self._module = modules.get(layer) if layer else None
         self._names = {module: name for name, module in self.model.named_modules()}
 
-    def _score(self, logits: torch.Tensor, target: int, mask: torch.Tensor) -> torch.Tensor:
-        if not 0 <= target < logits.shape[1]:
-            raise ValueError(f"target class {target} is outside the model's {logits.shape[1]} classes")
-        return logits[0, target][mask.to(logits.device)].sum()
+    @staticmethod
+    def _score(logits: torch.Tensor, target: int, mask: torch.Tensor) -> torch.Tensor:
+        return segment_score(logits, target, mask)[0]
 
     def attribute(self, inputs: torch.Tensor, target: int, region=None) -> VGattResult:
         """Decompose the class-`target` score over `region` for one (3, H, W) or (1, 3, H, W) input."""
