@@ -55,5 +55,25 @@ def report(run_dir) -> None:
     click.echo(str(path))
 
 
+@audit.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--local-cpus", type=int, help="CPUs of the local cluster when one is started")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
+    """VGatt over a campaign run's stored trials: how much of each flip the patch carries (resumable)."""
+    from audit.patch_audit import run_patch_audit
+
+    try:
+        summary = run_patch_audit(run_dir, address=address, num_cpus=cpus_per_trial, local_cpus=local_cpus,
+                                  progress=not quiet)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        raise SystemExit(1)
+
+
 def main() -> None:
     audit()

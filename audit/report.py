@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.patch_audit import KIND, plot_inside_shares, summarise_audits
 from audit.store import TrialStore
 from segmenters.files import atomic_write_text
 
@@ -106,22 +107,42 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _attribution_section(attribution: dict | None, audited: int) -> str:
+    if not attribution:
+        return "<h2>Why the pixels flipped</h2><p>No VGatt audit yet: <code>audit vgatt RUN</code>.</p>"
+    if not attribution["successful_trials"]:
+        return (f"<h2>Why the pixels flipped (VGatt)</h2><p>{audited} trials audited; none succeeded "
+                "(success &ge; 0.5), so there are no flips to explain.</p>")
+    return f"""<h2>Why the pixels flipped (VGatt)</h2>
+<p>{audited} trials audited; {attribution['successful_trials']} successful (success &ge; 0.5). Share of the positive
+VGatt attribution of the flipped pixels that lies inside the patch: <b>{attribution['inside_share_attacked_mean']:.3f}</b>
+on the attacked images vs <b>{attribution['inside_share_clean_mean']:.3f}</b> on the clean images (same pixels,
+same class); the patch covers {attribution['patch_area_share_mean']:.4f} of the image. Trial pictures:
+attribution.png = clean map | attacked map | attacked image.</p>
+<img src="inside_patch_attribution.png">"""
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not (run / "trials.sqlite").exists():
         raise FileNotFoundError(f"{run} is not a campaign run (no trials.sqlite)")
     with TrialStore(run) as store:
         rows, failures = store.rows(), store.failures()
+        audits = store.audits(KIND)
     out = run / "report"
     out.mkdir(exist_ok=True)
     campaign = (run / "campaign.yaml").read_text() if (run / "campaign.yaml").exists() else ""
     summary = summarise(rows)
     figures = _plots(rows, out) if rows else []
+    attribution = summarise_audits(rows, audits) if audits else None
+    if attribution and attribution["successful_trials"]:
+        plot_inside_shares(attribution, out / "inside_patch_attribution.png")
     trial_rows = []
     for row in sorted(rows, key=lambda r: (-_or_minus_one(r["metrics"]["success"]), r["size"])):
         m = row["metrics"]
         images = "".join(f'<img src="../trials/{row["id"]}/{name}" title="{name}">'
-                         for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png")
+                         for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png",
+                                      "attribution.png")
                          if (run / "trials" / row["id"] / name).exists())
         replay = ", ".join(f"{k}: {'yes' if v['reproduces'] else 'no'} ({v['success']:.2f})"
                            for k, v in row["replay"].items()) or "-"
@@ -145,6 +166,7 @@ margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h2>Engine replay</h2>
 {_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "reproduced", "agreement_mean"])
  if any(r["replay"] for r in rows) else "<p>No engines were listed for replay.</p>"}
+{_attribution_section(attribution, len(audits))}
 <h2>Trials (best first): before | after | target | patch | held-out views with the patch as a decal</h2>
 <table><tr><th>id</th><th>model</th><th>image</th><th>target</th><th>size</th><th>success outside patch</th><th>incl. patch</th><th>intended px</th>
 <th>changed px</th><th>area of effect</th><th>EOT success</th><th>engine replay</th><th>pictures</th></tr>
@@ -153,6 +175,8 @@ margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h2>Campaign file</h2><pre>{html.escape(campaign)}</pre>
 </body></html>"""
     atomic_write_text(out / "index.html", page)
+    brief = {k: v for k, v in (attribution or {}).items() if k not in ("attacked", "clean")}
     atomic_write_text(out / "summary.json", json.dumps({"by_size": summary, "replay": replay_summary(rows),
-                                                        "trials": len(rows), "failures": len(failures)}, indent=2))
+                                                        "attribution": brief, "trials": len(rows),
+                                                        "failures": len(failures)}, indent=2))
     return out / "index.html"

@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS trials (
     seconds REAL,
     finished REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audits (
+    id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    finished REAL NOT NULL,
+    PRIMARY KEY (id, kind)
+);
 CREATE TABLE IF NOT EXISTS failures (
     id TEXT NOT NULL,
     trial TEXT NOT NULL,
@@ -58,8 +65,17 @@ class TrialStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def save_campaign(self, text: str) -> None:
+    def save_campaign(self, text: str, resolved_json: str | None = None) -> None:
+        """The campaign as written (for people) and as validated, paths resolved (for later audits)."""
         atomic_write_text(self.root / "campaign.yaml", text)
+        if resolved_json is not None:
+            atomic_write_text(self.root / "campaign.json", resolved_json)
+
+    def campaign_json(self) -> str:
+        path = self.root / "campaign.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.root} has no campaign.json (a run from before audits, or not a run)")
+        return path.read_text()
 
     def done_ids(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT id FROM trials")}
@@ -70,13 +86,7 @@ class TrialStore:
     def record(self, trial: dict, metrics: dict, artefacts: dict[str, np.ndarray | bytes],
                replay: dict | None = None, worker: str | None = None, seconds: float | None = None) -> bool:
         """Write the trial's files, then its row, in one transaction. False if the id was already stored."""
-        folder = self.artefact_dir(trial["id"])
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, content in artefacts.items():
-            if isinstance(content, np.ndarray):
-                atomic_write_bytes(folder / name, _npy_bytes(content))
-            else:
-                atomic_write_bytes(folder / name, content)
+        self._write_artefacts(trial["id"], artefacts)
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO trials (id, model, image_index, target, object_id, source_class, to_class, size, "
             "seed, metrics, replay, worker, seconds, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -84,6 +94,26 @@ class TrialStore:
              trial["source_class"], trial["to_class"], trial["size"], trial["seed"],
              json.dumps(metrics, allow_nan=True), json.dumps(replay or {}), worker, seconds, time.time()))
         return cursor.rowcount == 1
+
+    def record_audit(self, trial_id: str, kind: str, metrics: dict, artefacts: dict[str, np.ndarray | bytes]) -> bool:
+        """An audit of a stored trial (e.g. kind "attribution"): files first, then the row; exactly once."""
+        self._write_artefacts(trial_id, artefacts)
+        cursor = self.db.execute("INSERT OR IGNORE INTO audits (id, kind, metrics, finished) VALUES (?, ?, ?, ?)",
+                                 (trial_id, kind, json.dumps(metrics, allow_nan=True), time.time()))
+        return cursor.rowcount == 1
+
+    def audited_ids(self, kind: str) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT id FROM audits WHERE kind = ?", (kind,))}
+
+    def audits(self, kind: str) -> dict[str, dict]:
+        """trial id -> audit metrics."""
+        return {i: json.loads(m) for i, m in self.db.execute("SELECT id, metrics FROM audits WHERE kind = ?", (kind,))}
+
+    def _write_artefacts(self, trial_id: str, artefacts: dict[str, np.ndarray | bytes]) -> None:
+        folder = self.artefact_dir(trial_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in artefacts.items():
+            atomic_write_bytes(folder / name, _npy_bytes(content) if isinstance(content, np.ndarray) else content)
 
     def record_failure(self, trial: dict, error: str) -> None:
         """A trial that raised: kept for the report, not counted as done (a resubmission tries it again)."""

@@ -92,10 +92,22 @@ def test_campaign_through_ray_job_submit(shapes_twin, tmp_path):
         for trial in trials:
             folder = run / "trials" / trial.id
             assert {"patch.npy", "patch.png", "before.png", "after.png", "target.png"} <= {p.name for p in folder.iterdir()}
+        # the VGatt audit of the stored trials, as a job on the same cluster; resubmitted, it repeats nothing
+        audit_job = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                     str(job_dir), "--", "audit", "vgatt", str(run), "--quiet"]
+        audited = submit_job(audit_job, env)
+        assert audited.returncode == 0 and '"audited": 4' in audited.stdout, audited.stdout[-3000:]
+        with TrialStore(run) as store:
+            audits = store.audits("attribution")
+        assert sorted(audits) == sorted(t.id for t in trials)
+        for metrics in audits.values():
+            assert metrics["target_class"] is None or 0 <= metrics["inside_share_attacked"] <= 1
+        assert '"already_audited": 4' in submit_job(audit_job, env).stdout
         report = subprocess.run([str(BIN / "audit"), "report", str(run)], capture_output=True, text=True, timeout=300)
         assert report.returncode == 0, report.stderr[-2000:]
         page = (run / "report" / "index.html").read_text()
         assert page.count("<tr><td><code>") == len(trials) and (run / "report" / "by_patch_size.png").stat().st_size
+        assert "Why the pixels flipped (VGatt)" in page and "4 trials audited" in page
         for trial in trials:
             assert f'src="../trials/{trial.id}/after.png"' in page
         again = submit_job(submit, env)

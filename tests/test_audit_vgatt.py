@@ -177,3 +177,12 @@ def test_seeds_follow_section_4_4():
     assert quality["area_ratio"] == pytest.approx(7 / 7) and quality["pixel_accuracy"] == pytest.approx(6 / 7)
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         attribution_seeds({1: cat}, k=0)
+
+
+def test_positive_share_inside_the_patch():
+    from audit.patch_audit import positive_share_inside
+
+    contributions = np.array([[3.0, -5.0], [1.0, 0.0]])
+    inside = np.array([[True, True], [False, False]])
+    assert positive_share_inside(contributions, inside) == pytest.approx(3 / 4)  # negatives do not count
+    assert np.isnan(positive_share_inside(-np.abs(contributions), inside))
