@@ -75,5 +75,44 @@ def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
         raise SystemExit(1)
 
 
+@audit.command()
+@click.option("--arch", "archs", multiple=True, help="zoo architectures (default: all)")
+@click.option("--patch", "patches", type=int, multiple=True, help="patch sides (default 2 5 10 20)")
+@click.option("--classes", type=int, default=19, show_default=True, help="classes per pixel (19: Cityscapes)")
+@click.option("--size", default="256x256", show_default=True, help="HEIGHTxWIDTH of the image the patch sits in")
+@click.option("--twin", type=click.Path(exists=True, dir_okay=False),
+              help="also count linear regions met along random lines through the patch subspace of this twin")
+@click.option("--lines", type=int, default=4, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="write bounds.json and bounds.md here")
+def bounds(archs, patches, classes, size, twin, lines, out) -> None:
+    """Seed 000's complexity bound: how large a region a patch could force arbitrary maps on, per architecture."""
+    from pathlib import Path
+
+    from audit.bounds import bounds_markdown, bounds_table, empirical_regions
+    from segmenters.models import MODELS
+
+    unknown = sorted(set(archs) - set(MODELS))
+    if unknown:
+        raise click.ClickException(f"unknown architecture(s) {unknown}; the zoo has {sorted(MODELS)}")
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError as exc:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 256x256, got {size!r}") from exc
+    rows = bounds_table(list(archs) or sorted(MODELS), list(patches) or [2, 5, 10, 20], classes, (height, width))
+    table = bounds_markdown(rows)
+    result = {"bounds": rows}
+    if twin:
+        result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines)
+        table += "\nLinear regions met along random lines through the patch subspace (" + twin + "):\n\n"
+        table += "\n".join(f"- {r['patch']}x{r['patch']}: {r['regions']} (per line)" for r in result["empirical"])
+        table += "\n"
+    click.echo(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bounds.json").write_text(json.dumps(result, indent=2))
+        (folder / "bounds.md").write_text(table)
+
+
 def main() -> None:
     audit()

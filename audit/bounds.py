@@ -1,0 +1,246 @@
+"""What a patch can never do (seed 000, section 5).
+
+Two maps of a region differ when one pixel's winning class differs; a K-class region of A pixels has K^A maps,
+and reaching a different map needs a different linear region of the network. So if a patch could force any
+map on the region, the network restricted to the patch would need K^A linear regions; an upper bound B on
+those regions gives the largest region where arbitrary maps are possible: A <= log B / log K.
+
+Bounds, for the network restricted to a patch (input dimension D_0 = 3 s^2 for an s x s patch; N_l = the
+layer-l units whose receptive field meets the patch — the rest cannot change):
+  * dense (Montufar 2017, the deep form of Montufar et al. 2014):
+        B = prod_l sum_{j=0}^{d_l} C(N_l, j),   d_l = min(D_0, N_1, ..., N_{l-1})
+  * convolutional (Xiong et al. 2020): every layer multiplies the regions by at most
+        sum_{i=0}^{D_0} C(N_l, i)
+    with N_l = d_l n_l^(1) n_l^(2) (channels x spatial positions of layer l met by the patch), so
+        B = prod_l sum_{i=0}^{D_0} C(N_l, i)
+    (the last layer's own one-layer count, R_{N'} in the paper, is bounded here by the same hyperplane-
+    arrangement sum, which can only loosen the bound).
+Everything is in log10: the numbers run to thousands of digits.
+
+`patch_reach` finds N_l for a real zoo model by forward-mode differentiation of a structural copy of the
+network (ReLU-like gates as identity, max-pool as average-pool, so no unit is dropped by the input at hand),
+with a random tangent on the patch pixels: a unit is reached iff its tangent is non-zero.
+`regions_along_lines` counts, for a trained twin, the linear regions met along random lines through the patch
+subspace: the empirical side of the same question.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+LOG10 = math.log(10.0)
+
+
+def log10_binomial_sum(n: int, k: int) -> float:
+    """log10 of sum_{j=0}^{k} C(n, j), exactly enough for n up to millions (log-sum-exp over the terms)."""
+    if n < 0 or k < 0:
+        raise ValueError(f"binomial sums need n, k >= 0, got n={n}, k={k}")
+    k = min(k, n)
+    if k == n:
+        return n * math.log10(2.0)
+    js = np.arange(k + 1, dtype=np.float64)
+    terms = (math.lgamma(n + 1) - np.array([math.lgamma(j + 1) + math.lgamma(n - j + 1) for j in js])) / LOG10
+    top = terms.max()
+    return float(top + math.log10(np.power(10.0, terms - top).sum()))
+
+
+def dense_bound_log10(input_dim: int, widths: list[int]) -> float:
+    """Montufar (2017): prod_l sum_{j=0}^{d_l} C(n_l, j), d_l = min(n_0, ..., n_{l-1})."""
+    total, dimension = 0.0, input_dim
+    for width in widths:
+        total += log10_binomial_sum(width, dimension)
+        dimension = min(dimension, width)
+    return total
+
+
+def conv_bound_log10(input_dim: int, units: list[int]) -> float:
+    """Xiong et al. (2020): prod_l sum_{i=0}^{D_0} C(N_l, i), N_l = d_l n_l^(1) n_l^(2)."""
+    return float(sum(log10_binomial_sum(n, input_dim) for n in units))
+
+
+def arbitrary_map_side(bound_log10: float, classes: int) -> int:
+    """The largest s such that a K-class s x s region has no more maps than the bound allows: K^(s^2) <= B."""
+    if classes < 2:
+        raise ValueError("with fewer than two classes there is only one map")
+    area = math.floor(bound_log10 / math.log10(classes) + 1e-9)
+    return math.isqrt(max(area, 0))
+
+
+# ops that gate (and would drop units at a given input) and their structural stand-ins
+_STRUCTURAL = {F.relu: "identity", torch.relu: "identity", torch.relu_: "identity", F.relu6: "identity",
+               F.hardtanh: "identity", F.leaky_relu: "identity", F.hardswish: "identity", F.hardsigmoid: "identity",
+               F.silu: "identity", F.gelu: "identity", torch.Tensor.relu: "identity", torch.Tensor.relu_: "identity",
+               F.max_pool2d: "avg_pool"}
+
+
+class _Structural(TorchFunctionMode):
+    """Gates become identities (recording how many of their input units the patch reaches); max-pools become
+    average-pools over the same windows, so reach is structural, not an accident of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.reached: list[tuple[int, int]] = []  # per gate: (units reached, units in the layer)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _STRUCTURAL.get(func)
+        if kind is None:
+            return func(*args, **kwargs)
+        x = args[0]
+        if kind == "identity":
+            self.reached.append(_reach(x))
+            return x * 1.0
+        kernel = args[1] if len(args) > 1 else kwargs["kernel_size"]
+        stride = (args[2] if len(args) > 2 else kwargs.get("stride")) or kernel
+        padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
+        ceil_mode = args[5] if len(args) > 5 else kwargs.get("ceil_mode", False)
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=False)
+
+
+def _reach(x: torch.Tensor) -> tuple[int, int]:
+    """(units of the first sample whose tangent is non-zero, units in the layer)."""
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = fwAD.unpack_dual(x).tangent
+    if tangent is None:
+        return 0, x[0].numel()
+    return int((tangent[0] != 0).sum()), x[0].numel()
+
+
+@dataclass
+class PatchReach:
+    arch: str
+    patch: int
+    input_dim: int  # D_0 = 3 s^2
+    units: list[int]  # N_l per gate layer, in forward order
+    layer_sizes: list[int]  # all units of each gate layer
+
+
+@torch.no_grad()
+def patch_reach(model: nn.Module, patch: int, size: tuple[int, int] = (256, 256), arch: str = "") -> PatchReach:
+    """N_l for an s x s patch at the centre of a `size` image: units of every gate layer that the patch reaches."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = model.eval().double()
+    height, width = size
+    top, left = (height - patch) // 2, (width - patch) // 2
+    generator = torch.Generator().manual_seed(0)
+    # a generic point (a zero image can zero both factors of a product, e.g. a squeeze-excitation gate)
+    x = torch.randn((1, 3, height, width), generator=generator, dtype=torch.float64)
+    tangent = torch.zeros_like(x)
+    tangent[:, :, top:top + patch, left:left + patch] = 1.0 + torch.rand((1, 3, patch, patch), generator=generator,
+                                                                          dtype=torch.float64)
+    mode = _Structural()
+    with fwAD.dual_level(), mode:
+        model(fwAD.make_dual(x, tangent))
+    return PatchReach(arch, patch, 3 * patch * patch, [r for r, _ in mode.reached if r > 0],
+                      [n for r, n in mode.reached if r > 0])
+
+
+@torch.no_grad()
+def regions_along_lines(model: nn.Module, image: torch.Tensor, top: int, left: int, patch: int, lines: int = 4,
+                        samples: int = 4096, radius: float = 1.0, seed: int = 0, batch: int = 64,
+                        directions: list[torch.Tensor] | None = None) -> list[int]:
+    """Linear regions met along `lines` random lines X + t d (t in [-radius, radius], d a unit direction on
+    the patch's pixels only; or the given (3, s, s) `directions`): consecutive samples with different
+    activation patterns (every gate's state) mark a region boundary; the count is a lower bound for each line
+    (boundaries closer than the sampling step are missed)."""
+    from audit.vgatt import _Entry, _GateTape
+
+    model = model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    counts = []
+    for line in range(len(directions) if directions is not None else lines):
+        direction = torch.zeros_like(image)
+        direction[:, top:top + patch, left:left + patch] = (
+            directions[line] if directions is not None else torch.randn((3, patch, patch), generator=generator))
+        direction /= direction.norm()
+        ts = torch.linspace(-radius, radius, samples)
+        previous, regions = None, 0
+        for start in range(0, samples, batch):
+            chunk = image[None] + ts[start:start + batch, None, None, None] * direction[None]
+            tape: list[_Entry] = []
+            with _GateTape(tape, replay=False, context=[]):
+                model(chunk)
+            for row in range(len(chunk)):
+                pattern = _pattern_hash(tape, row)
+                if pattern != previous:
+                    regions += 1
+                    previous = pattern
+        counts.append(regions)
+    return counts
+
+
+def _pattern_hash(tape, row: int) -> int:
+    """One sample's activation pattern (the state of every gate) as a hash."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for entry in tape:
+        state = entry.slope if entry.slope is not None else entry.indices
+        if state is None:
+            continue
+        digest.update(np.packbits((state[row] > 0).cpu().numpy().reshape(-1)).tobytes()
+                      if entry.indices is None else state[row].cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "big")
+
+
+def bounds_table(archs: list[str], patch_sizes: list[int], classes: int = 19, size: tuple[int, int] = (256, 256),
+                 progress: bool = True) -> list[dict]:
+    """Seed 000's Table 1 for the zoo: per architecture and patch size, log10 of both bounds and the largest
+    square region where a patch could still force arbitrary `classes`-class maps."""
+    from tqdm import tqdm
+
+    from segmenters.models import build_model
+
+    rows = []
+    for arch in tqdm(archs, desc="bounds", disable=not progress):
+        model = build_model(arch, classes)
+        for patch in patch_sizes:
+            reach = patch_reach(model, patch, size, arch)
+            conv, dense = conv_bound_log10(reach.input_dim, reach.units), dense_bound_log10(reach.input_dim, reach.units)
+            rows.append({"arch": arch, "patch": patch, "gate_layers": len(reach.units),
+                         "units_reached": int(sum(reach.units)), "conv_bound_log10": conv,
+                         "dense_bound_log10": dense, "conv_side": arbitrary_map_side(conv, classes),
+                         "dense_side": arbitrary_map_side(dense, classes), "classes": classes})
+    return rows
+
+
+def bounds_markdown(rows: list[dict]) -> str:
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    sizes = sorted({r["patch"] for r in rows})
+    cell = {(r["arch"], r["patch"]): r for r in rows}
+    lines = ["| patch | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+    for size in sizes:
+        lines.append(f"| {size}x{size}: bound (conv / dense) | " + " | ".join(
+            f"10^{cell[a, size]['conv_bound_log10']:.0f} / 10^{cell[a, size]['dense_bound_log10']:.0f}" for a in archs) + " |")
+        lines.append(f"| {size}x{size}: arbitrary maps up to | " + " | ".join(
+            f"{cell[a, size]['conv_side']}x{cell[a, size]['conv_side']} / {cell[a, size]['dense_side']}x{cell[a, size]['dense_side']}"
+            for a in archs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def empirical_regions(twin_path: str, patch_sizes: list[int], lines: int = 4, samples: int = 4096,
+                      radius: float = 1.0) -> list[dict]:
+    """For a trained twin: linear regions met along random lines through the patch subspace, patch at the
+    centre of the first validation image of its dataset (in the network's normalised input space)."""
+    from segmenters.data import build_dataset
+    from segmenters.twin import load_twin
+
+    twin = load_twin(twin_path)
+    image, _ = build_dataset(twin.spec.dataset, "val", size=twin.spec.input_size)[0]
+    x = twin.spec.normalization.normalize(image[None])[0]
+    height, width = x.shape[-2:]
+    rows = []
+    for patch in patch_sizes:
+        top, left = (height - patch) // 2, (width - patch) // 2
+        counts = regions_along_lines(twin.model, x, top, left, patch, lines=lines, samples=samples, radius=radius)
+        rows.append({"patch": patch, "regions": counts, "samples_per_line": samples, "radius": radius})
+    return rows
