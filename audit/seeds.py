@@ -39,7 +39,7 @@ def seed_quality(seeds: np.ndarray, truth: np.ndarray, ignore_index: int | None 
     whose ground truth is `ignore_index` count in neither."""
     valid = np.ones(truth.shape, bool) if ignore_index is None else truth != ignore_index
     labelled = (seeds != UNKNOWN) & valid
-    total = int(valid.sum())
-    return {"pixel_accuracy": float((seeds[labelled] == truth[labelled]).mean()) if labelled.any() else float("nan"),
+    total, correct = int(valid.sum()), int((seeds[labelled] == truth[labelled]).sum())
+    return {"pixel_accuracy": correct / int(labelled.sum()) if labelled.any() else float("nan"),
             "area_ratio": float(labelled.sum()) / total if total else float("nan"),
-            "seed_pixels": int(labelled.sum())}
+            "correct_pixels": correct, "seed_pixels": int(labelled.sum()), "valid_pixels": total}

@@ -6,6 +6,9 @@
    occlusion map (window 16, stride 8) vs one VGatt map; Grad-CAM for reference.
 3. Pixel removal (appendix A.2) on the trained CamVid twin: remove the k % most relevant pixels (k = 1..8) by
    VGatt and by Grad-CAM at the same layers, measure the score change and the label change.
+4. Seeds (section 4.4) from the same maps for every ground-truth class of an image, thresholded at k of the
+   maximum: pixel accuracy and area ratio against the ground truth (CamVid has no background class, so
+   pixels negative for every class stay unknown).
 
 Twins: bench/results/export/twins/<arch>/best.pt (bench/export_parity.py trains them) and the SEMEDA LR-ASPP of
 bench/camvid_semeda.py; an architecture without a trained twin is measured with calibrated random weights
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--lraspp", default="bench/results/camvid/semeda/best.pt")
     parser.add_argument("--images", type=int, default=3, help="CamVid val images for completeness and cost")
     parser.add_argument("--removal-images", type=int, default=20)
+    parser.add_argument("--seed-images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/vgatt")
@@ -147,7 +151,40 @@ def main() -> None:
                       "score_change": [float(np.mean([pts[i].score_change for pts in points])) for i in range(8)],
                       "label_change": [float(np.mean([pts[i].label_change for pts in points])) for i in range(8)]}
                for name, points in curves.items()}
+    seeds = seed_quality_table(twin, methods, data, [int(i) for i in np.linspace(0, len(data) - 1, args.seed_images)])
+    (out / "seeds.json").write_text(json.dumps(seeds, indent=2))
+    lines = ["| method | k | pixel accuracy | area ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['k']} | {r['pixel_accuracy']:.3f} | {r['area_ratio']:.3f} |" for r in seeds]
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    print((out / "seeds.md").read_text())
     write(out, completeness, cost, removal, source, len(removal_picks))
+
+
+def seed_quality_table(twin, methods: dict, data, picks: list[int], ks=(0.1, 0.3, 0.5)) -> list[dict]:
+    """Section 4.4 seeds per method and k, pooled over images: pixel accuracy and area ratio."""
+    from tqdm import tqdm
+
+    from audit.attribution import upsample
+    from audit.seeds import attribution_seeds, seed_quality
+
+    pooled = {(name, k): [0, 0, 0] for name in methods for k in ks}  # correct, labelled, valid
+    for index in tqdm(picks, desc="seeds"):
+        image, truth = data[index]
+        truth = truth.numpy()
+        x = twin.spec.normalization.normalize(image[None])
+        predicted = twin.labels(image[None])[0].numpy()
+        present = [int(c) for c in np.unique(truth) if c != twin.spec.ignore_index]
+        for name, method in methods.items():
+            maps = {}
+            for cls in present:
+                region = predicted == cls if (predicted == cls).any() else None
+                maps[cls] = upsample(method.attribute(x, cls, region), truth.shape)
+            for k in ks:
+                quality = seed_quality(attribution_seeds(maps, k), truth, twin.spec.ignore_index)
+                for i, key in enumerate(("correct_pixels", "seed_pixels", "valid_pixels")):
+                    pooled[name, k][i] += quality[key]
+    return [{"method": name, "k": k, "pixel_accuracy": c / max(n, 1), "area_ratio": n / max(v, 1)}
+            for (name, k), (c, n, v) in pooled.items()]
 
 
 def write(out: Path, completeness, cost, removal, source: str, images: int) -> None:
