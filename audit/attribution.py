@@ -27,8 +27,12 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
-def _one_image(inputs) -> torch.Tensor:
+def _one_image(inputs, model: nn.Module | None = None) -> torch.Tensor:
+    """(1, 3, H, W) on the model's device and in its dtype."""
     x = torch.as_tensor(inputs)
+    if model is not None:
+        parameter = next(model.parameters())
+        x = x.to(parameter.device, parameter.dtype)
     x = x[None] if x.dim() == 3 else x
     if x.dim() != 4 or x.shape[:2] != (1, 3):
         raise ValueError(f"one image at a time: (3, H, W) or (1, 3, H, W), got {tuple(x.shape)}")
@@ -52,7 +56,7 @@ class GradCam:
 
     def attribute(self, inputs, target: int, region=None) -> np.ndarray:
         """(h, w) map at the layer's resolution."""
-        x = _one_image(inputs)
+        x = _one_image(inputs, self.model)
         forward = _score_function(self.model, target, region, tuple(x.shape[-2:]))
         with torch.enable_grad():
             cam = self._method(forward).attribute(x, relu_attributions=False)
@@ -71,7 +75,7 @@ class OcclusionMap:
 
     @torch.no_grad()
     def attribute(self, inputs, target: int, region=None) -> np.ndarray:
-        x = _one_image(inputs)
+        x = _one_image(inputs, self.model)
         forward = _score_function(self.model, target, region, tuple(x.shape[-2:]))
         maps = self._occlusion(forward).attribute(
             x, sliding_window_shapes=(3, self.window, self.window), strides=(3, self.stride, self.stride),
@@ -111,12 +115,12 @@ def pixel_removal(model: nn.Module, inputs, target: int, region, attribution: np
     """Appendix A.2 for a segmenter: black out the k % most relevant pixels (by `attribution`, (H, W), highest
     first) and measure the region's score and labels. `black` is the network-input value of a black pixel
     ((3,) per channel: normalisation turns 0 into -mean/std)."""
-    x = _one_image(inputs)
+    x = _one_image(inputs, model)
     height, width = x.shape[-2:]
     if attribution.shape != (height, width):
         raise ValueError(f"attribution is {attribution.shape}, the image {height}x{width}: upsample it first")
-    mask = region_mask(region, (height, width))
-    order = torch.as_tensor(np.argsort(-attribution.reshape(-1), kind="stable").copy())
+    mask = region_mask(region, (height, width)).to(x.device)
+    order = torch.as_tensor(np.argsort(-attribution.reshape(-1), kind="stable").copy(), device=x.device)
     clean = model(x)
     base = float(segment_score(clean, target, mask))
     clean_labels = clean.argmax(1)[0]
@@ -125,7 +129,7 @@ def pixel_removal(model: nn.Module, inputs, target: int, region, attribution: np
     for fraction in fractions:
         removed = x.clone().reshape(1, 3, -1)
         top = order[: max(1, int(round(fraction * height * width)))]
-        removed[0, :, top] = black.to(x.dtype).reshape(3, 1)
+        removed[0, :, top] = black.to(x.device, x.dtype).reshape(3, 1)
         batch.append(removed.reshape_as(x))
     logits = model(torch.cat(batch))
     scores = segment_score(logits, target, mask)

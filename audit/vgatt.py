@@ -247,7 +247,7 @@ class VGatt:
             x = x[None]
         if x.dim() != 4 or x.shape[:2] != (1, 3):
             raise ValueError(f"VGatt attributes one image at a time: (3, H, W) or (1, 3, H, W), got {tuple(x.shape)}")
-        x = x.detach().to(self.dtype)
+        x = x.detach().to(next(self.model.parameters()).device, self.dtype)
         tape: list[_Entry] = []
         captured: dict = {}
         context: list[str] = []
