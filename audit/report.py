@@ -54,10 +54,15 @@ def replay_summary(rows: list[dict]) -> list[dict]:
     for row in rows:
         for engine, result in row["replay"].items():
             by_engine[engine].append(result)
-    return [{"engine": engine, "trials": len(results), "backend": results[0]["backend"],
-             "precision": results[0]["precision"], "reproduced": float(np.mean([r["reproduces"] for r in results])),
-             "agreement_mean": _mean(r["agreement_with_twin"] for r in results)}
-            for engine, results in sorted(by_engine.items())]
+    table = []
+    for engine, results in sorted(by_engine.items()):
+        judged = [r["reproduces"] for r in results if r["reproduces"] is not None]
+        table.append({"engine": engine, "trials": len(results), "backend": results[0]["backend"],
+                      "precision": results[0]["precision"], "with_flips": len(judged),
+                      "reproduced": float(np.mean(judged)) if judged else float("nan"),
+                      "intended_reproduced_mean": _mean(r.get("intended_reproduced") for r in results),
+                      "agreement_mean": _mean(r["agreement_with_twin"] for r in results)})
+    return table
 
 
 def _plots(rows: list[dict], folder: Path) -> list[str]:
@@ -90,6 +95,10 @@ def _plots(rows: list[dict], folder: Path) -> list[str]:
 
 def _isnan(value) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def _verdict(reproduces) -> str:
+    return "no flips" if reproduces is None else ("yes" if reproduces else "no")
 
 
 def _or_minus_one(value) -> float:
@@ -144,7 +153,7 @@ def write_report(run_dir: str | Path) -> Path:
                          for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png",
                                       "attribution.png")
                          if (run / "trials" / row["id"] / name).exists())
-        replay = ", ".join(f"{k}: {'yes' if v['reproduces'] else 'no'} ({v['success']:.2f})"
+        replay = ", ".join(f"{k}: {_verdict(v['reproduces'])} ({v['success']:.2f})"
                            for k, v in row["replay"].items()) or "-"
         trial_rows.append(
             f"<tr><td><code>{row['id'][:10]}</code></td><td>{html.escape(Path(row['model']).name)}</td>"
@@ -164,7 +173,8 @@ margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 {_table(summary, list(summary[0]) if summary else ["model"])}
 {''.join(f'<img src="{f}">' for f in figures)}
 <h2>Engine replay</h2>
-{_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "reproduced", "agreement_mean"])
+{_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "with_flips", "reproduced",
+                               "intended_reproduced_mean", "agreement_mean"])
  if any(r["replay"] for r in rows) else "<p>No engines were listed for replay.</p>"}
 {_attribution_section(attribution, len(audits))}
 <h2>Trials (best first): before | after | target | patch | held-out views with the patch as a decal</h2>

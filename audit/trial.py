@@ -13,8 +13,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from audit.attack import (Target, class_switch_target, disappear_target, mask_target, measure_trial, patch_attack,
-                          success_rate)
+from audit.attack import (Target, achieved, class_switch_target, disappear_target, mask_target, measure_trial,
+                          patch_attack, success_rate)
 from audit.campaign import CampaignConfig, ImageSet, Trial, object_masks
 from audit.patches import paste, patch_position
 
@@ -63,6 +63,26 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def replay_on_engines(paths: list[str], patched: np.ndarray, clean: np.ndarray, attacked: np.ndarray, target: Target,
+                      covered: np.ndarray) -> dict:
+    """The twin's attacked image through each engine. A flip reproduces when the engine shows at least 90 % of
+    the pixels the twin flipped as intended (outside the patch) the way the twin does; a trial whose twin
+    flipped nothing has nothing to reproduce (None)."""
+    intended = target.region & (attacked != clean) & achieved(attacked, target) & ~covered
+    replay = {}
+    for path in paths:
+        engine = _engine(path)
+        engine_labels = engine.labels(engine.prepare(patched))[0]
+        share = float((engine_labels[intended] == attacked[intended]).mean()) if intended.any() else float("nan")
+        replay[os.path.basename(path)] = {
+            "backend": engine.backend, "precision": engine.precision,
+            "success": success_rate(engine_labels, target, exclude=covered),
+            "agreement_with_twin": float((engine_labels == attacked).mean()),
+            "intended_reproduced": share, "reproduces": None if np.isnan(share) else share >= 0.9,
+        }
+    return replay
+
+
 def execute_trial(campaign_json: str, trial: Trial) -> dict:
     """Run one trial; returns {"metrics", "replay", "artefacts", "worker", "seconds"}."""
     from segmenters.visualize import colorize, overlay, to_uint8
@@ -85,17 +105,8 @@ def execute_trial(campaign_json: str, trial: Trial) -> dict:
     with torch.no_grad():
         clean = twin.labels(image[None])[0].numpy()
         attacked = twin.labels(patched)[0].numpy()
-    replay = {}
-    for path in campaign.engines.get(trial.model, []):
-        engine = _engine(path)
-        engine_labels = engine.labels(engine.prepare(patched.numpy()))[0]
-        engine_success = success_rate(engine_labels, target, exclude=covered.numpy())
-        replay[os.path.basename(path)] = {
-            "backend": engine.backend, "precision": engine.precision, "success": engine_success,
-            "agreement_with_twin": float((engine_labels == attacked).mean()),
-            # the flip reproduces when the engine shows at least 90 % of the twin's success
-            "reproduces": bool(metrics["success"] > 0 and engine_success >= 0.9 * metrics["success"]),
-        }
+    replay = replay_on_engines(campaign.engines.get(trial.model, []), patched.numpy(), clean, attacked, target,
+                               covered.numpy())
     palette = twin.spec.palette()
     physical_png = None
     if campaign.physical_views and trial.target.kind == "switch":

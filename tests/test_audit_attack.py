@@ -109,7 +109,7 @@ def attack_scene(camvid_unet, data_root):
 
 
 @pytest.mark.data
-def test_momentum_attack_switches_an_objects_class(attack_scene):
+def test_momentum_attack_switches_an_objects_class(attack_scene, camvid_unet_engines):
     twin, image, predicted, obj, source, majority = attack_scene
     target = class_switch_target(obj, majority, source)
     assert success_rate(predicted, target) == 0.0
@@ -134,6 +134,21 @@ def test_momentum_attack_switches_an_objects_class(attack_scene):
     assert metrics.area_of_effect == pytest.approx(metrics.changed / 256)
     assert metrics.flip_distance_max >= metrics.flip_distance_mean > 0
     assert 0 <= metrics.eot_success_min <= metrics.eot_success_mean <= 1
+
+    # engine replay: the FP32 ONNX engine flips the same pixels; the FP16 one nearly all of them
+    from audit.trial import replay_on_engines
+
+    patched, covered = paste(image[None], torch.as_tensor(result.patch), top, left)
+    attacked = twin.labels(patched)[0].numpy()
+    replay = replay_on_engines([str(camvid_unet_engines["1"]), str(camvid_unet_engines["2"])], patched.numpy(),
+                               predicted, attacked, target, covered.numpy())
+    fp32, fp16 = replay["model.onnx"], replay["model.fp16.onnx"]
+    assert fp32["precision"] == "fp32" and fp32["reproduces"] is True and fp32["intended_reproduced"] == 1.0
+    assert fp32["success"] == pytest.approx(metrics.success) and fp32["agreement_with_twin"] == 1.0
+    assert fp16["intended_reproduced"] >= 0.9 and fp16["agreement_with_twin"] > 0.99
+    # nothing flipped, nothing to reproduce
+    assert replay_on_engines([str(camvid_unet_engines["1"])], image[None].numpy(), predicted, predicted, target,
+                             covered.numpy())["model.onnx"]["reproduces"] is None
 
     # the image's own pixels as the "patch": nothing changes
     own = image[:, top:top + 16, left:left + 16].numpy()
