@@ -228,7 +228,7 @@ def bounds_markdown(rows: list[dict]) -> str:
 
 
 def empirical_regions(twin_path: str, patch_sizes: list[int], lines: int = 4, samples: int = 4096,
-                      radius: float = 1.0) -> list[dict]:
+                      radius: float = 1.0, progress: bool = True) -> list[dict]:
     """For a trained twin: linear regions met along random lines through the patch subspace, patch at the
     centre of the first validation image of its dataset (in the network's normalised input space)."""
     from segmenters.data import build_dataset
@@ -238,8 +238,10 @@ def empirical_regions(twin_path: str, patch_sizes: list[int], lines: int = 4, sa
     image, _ = build_dataset(twin.spec.dataset, "val", size=twin.spec.input_size)[0]
     x = twin.spec.normalization.normalize(image[None])[0]
     height, width = x.shape[-2:]
+    from tqdm import tqdm
+
     rows = []
-    for patch in patch_sizes:
+    for patch in tqdm(patch_sizes, desc="regions along lines", disable=not progress):
         top, left = (height - patch) // 2, (width - patch) // 2
         counts = regions_along_lines(twin.model, x, top, left, patch, lines=lines, samples=samples, radius=radius)
         rows.append({"patch": patch, "regions": counts, "samples_per_line": samples, "radius": radius})

@@ -83,8 +83,9 @@ def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
 @click.option("--twin", type=click.Path(exists=True, dir_okay=False),
               help="also count linear regions met along random lines through the patch subspace of this twin")
 @click.option("--lines", type=int, default=4, show_default=True)
+@click.option("--samples", type=int, default=4096, show_default=True, help="points per line (finer finds more regions)")
 @click.option("--out", type=click.Path(file_okay=False), help="write bounds.json and bounds.md here")
-def bounds(archs, patches, classes, size, twin, lines, out) -> None:
+def bounds(archs, patches, classes, size, twin, lines, samples, out) -> None:
     """Seed 000's complexity bound: how large a region a patch could force arbitrary maps on, per architecture."""
     from pathlib import Path
 
@@ -102,7 +103,7 @@ def bounds(archs, patches, classes, size, twin, lines, out) -> None:
     table = bounds_markdown(rows)
     result = {"bounds": rows}
     if twin:
-        result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines)
+        result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines, samples=samples)
         table += "\nLinear regions met along random lines through the patch subspace (" + twin + "):\n\n"
         table += "\n".join(f"- {r['patch']}x{r['patch']}: {r['regions']} (per line)" for r in result["empirical"])
         table += "\n"
