@@ -115,13 +115,18 @@ def test_momentum_attack_switches_an_objects_class(attack_scene, camvid_unet_eng
     assert success_rate(predicted, target) == 0.0
     top, left = patch_position(obj, 16)
     result = patch_attack(twin, image, target, 16, top, left,
-                          AttackConfig(steps=60, step_size=4 / 255, eot=EOTConfig.none(), eot_samples=1), seed=0)
+                          AttackConfig(steps=60, step_size=4 / 255, eot=EOTConfig.none(), eot_samples=1,
+                                       skip_flipped=False), seed=0)
     assert result.patch.shape == (3, 16, 16) and 0 <= result.patch.min() and result.patch.max() <= 1
+    # plain CE over the whole target region descends (with skip_flipped the loss is a mean over the pixels not
+    # yet flipped, a shrinking set, so it need not)
     assert result.steps == 60 and result.losses[-1] < result.losses[0]
-    assert result.successes[-1] >= 0.6, result.successes[-10:]
+    # from nothing to a third of the object beyond the patch's own pixels
+    assert result.successes[-1] >= 0.35, result.successes[-10:]
 
     metrics = measure_trial(twin, image, result.patch, top, left, target, EOTConfig(), eot_draws=4)
     assert metrics.success == pytest.approx(result.successes[-1])
+    assert metrics.success_with_patch > metrics.success
     assert metrics.intended_flipped > 0 and metrics.changed >= metrics.intended_flipped + metrics.flipped_outside
     assert 0 < metrics.intended_share <= 1
     # success is counted outside the patch: the patch's own pixels are not its effect
@@ -162,8 +167,10 @@ def test_eot_attack_and_stop_at_success(attack_scene):
     target = class_switch_target(obj, majority, source)
     top, left = patch_position(obj, 24)
     result = patch_attack(twin, image, target, 24, top, left,
-                          AttackConfig(steps=80, step_size=4 / 255, eot_samples=2, stop_at_success=0.5), seed=1)
-    assert result.successes[-1] >= 0.5 and result.steps <= 80
+                          AttackConfig(steps=80, step_size=4 / 255, eot_samples=2, stop_at_success=0.3), seed=1)
+    # it climbs under EOT (the first step leaves it below the bar) and stops at the first step that clears it
+    assert result.successes[-1] >= 0.3 and result.steps < 80, result.successes
+    assert all(success < 0.3 for success in result.successes[:-1])
     assert len(result.losses) == result.steps
 
 
