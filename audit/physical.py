@@ -5,33 +5,12 @@ a sticker in the world, not only as pixels pasted into one image."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from segmenters.data.shapes import Camera, Light, Scene, ShapesConfig, Texture, render, render_sample
-
-#: object-frame axes of the faces a decal can go on (the top only when looking down steeply)
-FACE_AXES = {"+x": (1.0, 0.0, 0.0), "-x": (-1.0, 0.0, 0.0), "+y": (0.0, 1.0, 0.0), "-y": (0.0, -1.0, 0.0),
-             "+z": (0.0, 0.0, 1.0)}
-
-
-def facing_face(scene: Scene, object_index: int, camera: Camera) -> str:
-    obj = scene.objects[object_index]
-    position = camera.basis()[0]
-    to_camera = position - obj.center
-    to_camera /= np.linalg.norm(to_camera)
-    cos, sin = math.cos(obj.rotation), math.sin(obj.rotation)
-    rotation = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
-    return max(FACE_AXES, key=lambda face: float(rotation @ np.array(FACE_AXES[face]) @ to_camera))
-
-
-def world_units_per_pixel(camera: Camera, point: np.ndarray, height: int, width: int) -> float:
-    _, _, right, _ = camera.basis()
-    a, b = camera.project(np.stack([point, point + 0.1 * right]), height, width)
-    return 0.1 / max(float(np.hypot(*(a - b))), 1e-6)
+from segmenters.data.shapes import Camera, Light, Scene, ShapesConfig, patch_decal, render, render_sample
 
 
 def held_out_views(camera: Camera, scene: Scene, count: int, seed: int,
@@ -58,10 +37,7 @@ def physical_check(twin, split: str, index: int, instance: int, patch: np.ndarra
     sample = render_sample(0, split, index)
     height, width = image_size
     k = instance - 1
-    obj = sample.scene.objects[k]
-    face = facing_face(sample.scene, k, sample.camera)
-    size = patch.shape[-1] * world_units_per_pixel(sample.camera, obj.center, height, width)
-    decal = Texture(object_index=k, face=face, image=np.transpose(patch, (1, 2, 0)), size=float(size))
+    decal = patch_decal(sample.scene, k, sample.camera, patch, height, width)
     successes, baselines, panels = [], [], []
     for view, (camera, scene) in enumerate(held_out_views(sample.camera, sample.scene, views, seed + index)):
         rng = np.random.default_rng([seed, index, view])
@@ -77,7 +53,7 @@ def physical_check(twin, split: str, index: int, instance: int, patch: np.ndarra
         successes.append(float((after[mask] == to_class).mean()))
         baselines.append(float((before[mask] == to_class).mean()))
         panels.append((stickered.image, after))
-    return {"views": len(successes), "face": face, "decal_size": float(size),
+    return {"views": len(successes), "face": decal.face, "decal_size": decal.size,
             "success_mean": float(np.mean(successes)) if successes else float("nan"),
             "success_min": float(np.min(successes)) if successes else float("nan"),
             "baseline_mean": float(np.mean(baselines)) if baselines else float("nan"),

@@ -536,6 +536,43 @@ def render(
     )
 
 
+# ------------------------------------------------------------------------------------------------ decals
+# A patch found in an image becomes a sticker in the world: the physical check of the audit and the synthetic
+# camera of the monitor both print it here, so both see the same decal.
+#: object-frame axes of the faces a decal can go on (the top only when looking down steeply)
+FACE_AXES = {"+x": (1.0, 0.0, 0.0), "-x": (-1.0, 0.0, 0.0), "+y": (0.0, 1.0, 0.0), "-y": (0.0, -1.0, 0.0),
+             "+z": (0.0, 0.0, 1.0)}
+
+
+def facing_face(scene: Scene, object_index: int, camera: Camera) -> str:
+    """The face of object `object_index` turned most towards `camera`."""
+    obj = scene.objects[object_index]
+    position = camera.basis()[0]
+    to_camera = position - obj.center
+    to_camera /= np.linalg.norm(to_camera)
+    rotation = _rotation_z(obj.rotation)
+    return max(FACE_AXES, key=lambda face: float(rotation @ np.array(FACE_AXES[face]) @ to_camera))
+
+
+def world_units_per_pixel(camera: Camera, point: np.ndarray, height: int, width: int) -> float:
+    _, _, right, _ = camera.basis()
+    a, b = camera.project(np.stack([point, point + 0.1 * right]), height, width)
+    return 0.1 / max(float(np.hypot(*(a - b))), 1e-6)
+
+
+def patch_decal(scene: Scene, object_index: int, camera: Camera, patch: np.ndarray, height: int,
+                width: int) -> Texture:
+    """A (3, s, s) patch in [0, 1] as a decal on the object's face towards `camera`, sized so that it covers
+    about s x s pixels of an image of height x width from that camera."""
+    patch = np.asarray(patch, dtype=np.float32)
+    if patch.ndim != 3 or patch.shape[0] != 3:
+        raise ValueError(f"patch must be (3, s, s), got shape {patch.shape}")
+    obj = scene.objects[object_index]
+    size = patch.shape[-1] * world_units_per_pixel(camera, obj.center, height, width)
+    return Texture(object_index=object_index, face=facing_face(scene, object_index, camera),
+                   image=np.transpose(patch, (1, 2, 0)), size=float(size))
+
+
 # ----------------------------------------------------------------------------------------------- dataset
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 

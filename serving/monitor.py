@@ -1,0 +1,203 @@
+"""The flip monitor: camera streams through one served engine, a flip detector per stream, events out.
+
+The loop takes the newest frame of every stream (each stream's buffer already dropped what the monitor could
+not keep up with, so latency stays bounded), segments the frames of the same size in one engine call (batching
+across streams), feeds each stream's `FlipDetector`, and sends alarms and stream events to its sinks. It holds
+an `Engine` and nothing else: a `RemoteEngine` (the OIP endpoint from outside the cluster), a Serve-handle
+engine inside it, or a local ONNX engine on a vehicle.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export import Engine
+from serving.flips import FlipAlarm, FlipConfig, FlipDetector
+from serving.streams import Stream, StreamEvent, StreamFrame
+
+
+class JsonLinesSink:
+    """Every event as one JSON line, flushed at once: a crash loses nothing already reported."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        line = json.dumps(event, default=_jsonable)
+        with self._lock, self.path.open("a") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+
+
+class WebhookSink:
+    """POSTs every event as JSON to `url` from a background thread with a bounded queue: a slow or dead receiver
+    costs the monitor nothing (events beyond `capacity` waiting are counted as dropped, failures as failed)."""
+
+    def __init__(self, url: str, timeout: float = 5.0, capacity: int = 1000):
+        import requests
+
+        self.url, self.timeout = url, timeout
+        self._session = requests.Session()
+        self._queue: queue.Queue = queue.Queue(capacity)
+        self.sent = self.failed = self.dropped = 0
+        self._thread = threading.Thread(target=self._send_loop, name="webhook", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: dict) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def _send_loop(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            try:
+                answer = self._session.post(self.url, data=json.dumps(event, default=_jsonable),
+                                            headers={"Content-Type": "application/json"}, timeout=self.timeout)
+                if answer.ok:
+                    self.sent += 1
+                else:
+                    self.failed += 1
+            except Exception:  # a receiver's trouble is counted, never raised into the monitor
+                self.failed += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+@dataclass
+class StreamStats:
+    processed: int = 0
+    alarms: int = 0
+    first: float | None = None
+    last: float | None = None
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+
+    def as_dict(self, stream: Stream) -> dict:
+        span = (self.last - self.first) if self.first is not None and self.last and self.last > self.first else 0.0
+        latencies = np.array(self.latencies) * 1000.0 if self.latencies else np.array([np.nan])
+        return {"processed": self.processed, "alarms": self.alarms,
+                "fps": (self.processed - 1) / span if span > 0 else 0.0,
+                "latency_ms_p50": float(np.median(latencies)), "latency_ms_p95": float(np.percentile(latencies, 95)),
+                "read": stream.read_count, "dropped": stream.buffer.dropped, "bad_frames": stream.bad_frames,
+                "reconnects": stream.reconnects, "source_fps": stream.fps, "ended": stream.ended.is_set()}
+
+
+class Monitor:
+    """Streams -> batched engine calls -> one `FlipDetector` per stream -> sinks."""
+
+    def __init__(self, engine: Engine, sinks=(), flip_config: FlipConfig = FlipConfig(), max_batch: int = 8,
+                 on_frame=None):
+        self.engine, self.sinks, self.flip_config, self.max_batch = engine, list(sinks), flip_config, max_batch
+        self.on_frame = on_frame  # called with (StreamFrame, labels, alarms) after each frame: the web page's feed
+        self.streams: dict[str, Stream] = {}
+        self.detectors: dict[str, FlipDetector] = {}
+        self.stats: dict[str, StreamStats] = {}
+        self.alarms: list[FlipAlarm] = []
+        self.events: list[StreamEvent] = []
+        self.engine_errors = 0
+        self._stop = threading.Event()
+        self._names = [c.name for c in engine.spec.classes]
+
+    def add(self, stream: Stream) -> Stream:
+        if stream.name in self.streams:
+            raise ValueError(f"a stream named {stream.name!r} is already monitored")
+        stream.on_event = self._on_stream_event
+        self.streams[stream.name] = stream
+        self.detectors[stream.name] = FlipDetector(self._names, stream.name, self.flip_config)
+        self.stats[stream.name] = StreamStats()
+        return stream
+
+    def _emit(self, event: dict) -> None:
+        for sink in self.sinks:
+            try:
+                sink(event)
+            except Exception as exc:  # a broken sink must not stop the monitor; say so once per event
+                print(f"patchwatch monitor: sink {sink!r} failed: {exc}")
+
+    def _on_stream_event(self, event: StreamEvent) -> None:
+        self.events.append(event)
+        self._emit(event.as_dict())
+
+    def step(self) -> int:
+        """Process the newest frame of every stream that has one; returns how many frames were processed."""
+        frames = [frame for stream in self.streams.values() if (frame := stream.buffer.take()) is not None]
+        by_shape: dict[tuple, list[StreamFrame]] = collections.defaultdict(list)
+        for frame in frames:
+            by_shape[frame.rgb.shape].append(frame)
+        for group in by_shape.values():
+            for start in range(0, len(group), self.max_batch):
+                self._segment(group[start:start + self.max_batch])
+        return len(frames)
+
+    def _segment(self, group: list[StreamFrame]) -> None:
+        try:
+            labels = self.engine.labels(self.engine.prepare(np.stack([frame.rgb for frame in group])))
+        except Exception as exc:  # an engine hiccup (a restarting replica, a timeout) costs frames, not the loop
+            self.engine_errors += 1
+            for frame in group:
+                self._on_stream_event(StreamEvent(frame.stream, "engine_error", f"{type(exc).__name__}: {exc}",
+                                                  index=frame.index))
+            return
+        done = time.monotonic()
+        for frame, label in zip(group, labels):
+            stats = self.stats[frame.stream]
+            alarms = self.detectors[frame.stream].update(frame.index, frame.rgb, label)
+            stats.processed += 1
+            stats.first = stats.first if stats.first is not None else done
+            stats.last = done
+            stats.latencies.append(done - frame.captured)
+            for alarm in alarms:
+                alarm.evidence.setdefault("latency_ms", round((done - frame.captured) * 1000.0, 1))
+                stats.alarms += 1
+                self.alarms.append(alarm)
+                self._emit(alarm.as_dict())
+            if self.on_frame is not None:
+                self.on_frame(frame, label, alarms)
+
+    def run(self, duration: float | None = None, idle_sleep: float = 0.002) -> dict:
+        """Start the streams and process until every stream ended, `duration` passed, or `stop()`."""
+        for stream in self.streams.values():
+            if stream._thread is None:
+                stream.start()
+        deadline = None if duration is None else time.monotonic() + duration
+        try:
+            while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if not self.step():
+                    if all(s.ended.is_set() and not len(s.buffer) for s in self.streams.values()):
+                        break
+                    time.sleep(idle_sleep)
+        finally:
+            for stream in self.streams.values():
+                stream.stop()
+        return self.summary()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def summary(self) -> dict:
+        return {"engine": self.engine.describe(), "engine_errors": self.engine_errors,
+                "alarms": len(self.alarms), "events": len(self.events),
+                "streams": {name: self.stats[name].as_dict(stream) for name, stream in self.streams.items()}}

@@ -1,0 +1,327 @@
+"""Streams, the flip detector and the monitor: real renders, real OpenCV captures of a real local MJPEG-over-HTTP
+server, a real ONNX engine, real files and a real webhook receiver."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socketserver
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from serving.flips import FlipConfig, FlipDetector
+from serving.monitor import JsonLinesSink, Monitor, WebhookSink
+from serving.streams import (Backoff, CameraPath, FrameBuffer, FrameSource, OpenCVSource, SourceExhausted, Stream,
+                             StreamFrame, SyntheticCamera, check_frame)
+
+SHAPES_NAMES = ["background", "cube", "sphere", "cylinder"]
+
+
+# ------------------------------------------------------------------------------------------ the flip detector
+def scene_with_big_object(min_pixels: int = 600) -> tuple[int, int]:
+    """(val index, instance) of a shapes scene whose largest object is clearly visible, found by rendering."""
+    from segmenters.data.shapes import render_sample
+
+    for index in range(40):
+        instances = render_sample(0, "val", index).instances
+        counts = np.bincount(instances.reshape(-1))[1:]
+        if counts.size and counts.max() >= min_pixels:
+            return index, int(counts.argmax()) + 1
+    raise AssertionError("no shapes val scene with a large object")
+
+
+def run_detector(camera: SyntheticCamera, frames: int, flip_from: int | None = None, to_class: int | None = None,
+                 config: FlipConfig = FlipConfig()):
+    """Feed the renderer's own label maps (a perfect segmenter) through the detector; from `flip_from` on, the
+    camera's object reads `to_class` outside the decal, as a successful patch would make it."""
+    detector = FlipDetector(SHAPES_NAMES, "test", config)
+    camera.open()
+    alarms = []
+    for index in range(frames):
+        rgb, truth = camera.read()
+        labels = truth["semantic"].copy()
+        if flip_from is not None and index >= flip_from:
+            labels[(truth["instances"] == camera.instance) & ~truth["decal"]] = to_class
+        alarms += detector.update(index, rgb, labels)
+    return detector, alarms
+
+
+@pytest.fixture(scope="module")
+def big_object():
+    return scene_with_big_object()
+
+
+def test_moving_camera_alone_raises_nothing(big_object):
+    index, _ = big_object
+    # the labels move with the camera: motion compensation must follow them
+    detector, alarms = run_detector(SyntheticCamera(index, frames=40, path=CameraPath(sweep_deg=15, period=40)), 40)
+    assert alarms == [] and detector.untriggered == 0
+
+
+def test_patch_flip_is_caught_the_frame_after_onset(big_object):
+    index, instance = big_object
+    patch = np.random.default_rng(0).random((3, 10, 10)).astype(np.float32)
+    camera = SyntheticCamera(index, frames=30, patch=patch, instance=instance, onset=15, path=CameraPath(period=60))
+    from_class = int(np.bincount(camera.render(15, True).semantic[camera.render(15, True).instances == instance]).argmax())
+    to_class = 1 if from_class != 1 else 2
+    _, alarms = run_detector(camera, 30, flip_from=15, to_class=to_class)
+    assert len(alarms) == 1, [a.as_dict() for a in alarms]
+    alarm = alarms[0]
+    assert alarm.frame == 16 and alarm.onset_frame == 15  # persist=2: the frame after onset
+    assert (alarm.from_class, alarm.to_class) == (from_class, to_class)
+    assert alarm.from_name == SHAPES_NAMES[from_class] and alarm.pixels >= 300
+    assert alarm.evidence["trigger_pixels"] >= 25 and alarm.image_change < 0.06
+    record = json.loads(json.dumps(alarm.as_dict()))
+    assert record["type"] == "flip" and record["transitions"][f"{alarm.from_name}->{alarm.to_name}"] > 0
+
+
+def test_flip_without_anything_new_in_view_is_not_an_alarm(big_object):
+    index, instance = big_object
+    camera = SyntheticCamera(index, frames=24, instance=instance, path=CameraPath(period=60))
+    detector, alarms = run_detector(camera, 24, flip_from=12, to_class=1)
+    assert alarms == [] and detector.untriggered == 1
+    # ... unless the operator asks for every persistent unexplained flip
+    _, alarms = run_detector(SyntheticCamera(index, frames=24, instance=instance, path=CameraPath(period=60)), 24,
+                             flip_from=12, to_class=1, config=FlipConfig(min_trigger_pixels=0))
+    assert len(alarms) == 1 and alarms[0].frame == 13
+
+
+def test_a_new_object_is_explained_by_the_image():
+    """Labels that change because the image changed (something new arrives) are not flips."""
+    rng = np.random.default_rng(1)
+    background = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
+    detector = FlipDetector(SHAPES_NAMES, "new object")
+    for index in range(12):
+        rgb, labels = background.copy(), np.zeros((64, 80), np.uint8)
+        if index >= 6:  # a bright cube drives in
+            rgb[20:50, 30:60] = (230, 40, 40)
+            labels[20:50, 30:60] = 1
+        assert detector.update(index, rgb, labels) == []
+    assert detector.untriggered == 0
+
+
+def test_detector_refuses_mismatched_labels():
+    with pytest.raises(ValueError, match="do not match the frame"):
+        FlipDetector(SHAPES_NAMES).update(0, np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16), np.uint8))
+
+
+# --------------------------------------------------------------------------------------------------- streams
+class MjpegServer:
+    """A real MJPEG-over-HTTP camera on 127.0.0.1: each connection gets `frames` frames, then the connection
+    drops (as a flaky camera's does); it can be stopped and started again on the same port."""
+
+    def __init__(self, frames: int = 8, interval: float = 0.01):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for i in range(frames):
+                        image = np.full((48, 64, 3), (server.connections * 40 + i * 5) % 255, np.uint8)
+                        data = cv2.imencode(".jpg", image)[1].tobytes()
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                                         + data + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(interval)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.handler, self.connections, self.port, self._server = Handler, 0, 0, None
+
+    def start(self):
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), self.handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/camera.mjpg"
+
+
+def test_stream_that_drops_comes_back():
+    server = MjpegServer(frames=8).start()
+    events = []
+    stream = Stream(OpenCVSource(server.url, name="cam"), policy="drop_oldest", capacity=100,
+                    backoff=Backoff(initial=0.05, maximum=0.2), on_event=events.append).start()
+    try:
+        deadline = time.monotonic() + 20
+        while stream.reconnects < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()  # now the camera is gone altogether ...
+        time.sleep(0.5)
+        downs = sum(e.kind == "source_down" for e in events)
+        server.start()  # ... and back on the same port
+        while server.connections < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stream.stop()
+        server.stop()
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "connected" and "reconnected" in kinds and downs >= 2, kinds
+    assert "refused" in " ".join(e.detail for e in events if e.kind == "source_down") or downs >= 2
+    assert stream.read_count >= 16 and stream.reconnects >= 2 and server.connections >= 3
+    # every frame read was handed over in order, none lost by the stream itself (the buffer was big enough)
+    indices = []
+    while (frame := stream.buffer.take()) is not None:
+        indices.append(frame.index)
+    assert indices == sorted(indices) and len(indices) == stream.read_count
+
+
+def test_dead_source_gives_events_not_a_crash(tmp_path):
+    events = []
+    stream = Stream(OpenCVSource(str(tmp_path / "missing.mp4")), backoff=Backoff(initial=0.01, attempts=3),
+                    on_event=events.append).start()
+    assert stream.ended.wait(10)
+    kinds = [e.kind for e in events]
+    assert kinds == ["source_down"] * 3 + ["gave_up"], kinds
+    assert "cannot open video" in events[0].detail
+
+
+class FrameList(FrameSource):
+    """A source that plays the given objects as frames, as fast as asked (a camera driver handing over junk)."""
+
+    def __init__(self, frames, name="list", delay: float = 0.0):
+        self.frames, self.name, self.delay, self.position = list(frames), name, delay, 0
+
+    @property
+    def finite(self):
+        return True
+
+    def open(self):
+        self.position = 0
+
+    def read(self):
+        if self.position >= len(self.frames):
+            raise SourceExhausted(self.name)
+        time.sleep(self.delay)
+        self.position += 1
+        return self.frames[self.position - 1], None
+
+
+def test_malformed_frames_become_events():
+    good = np.zeros((32, 32, 3), np.uint8)
+    nan = np.full((32, 32, 3), np.nan, np.float32)
+    junk = [good, np.zeros((32, 32), np.uint8), "not a frame", nan, np.zeros((4, 4, 3), np.uint8), good]
+    events = []
+    stream = Stream(FrameList(junk), policy="drop_oldest", capacity=10, on_event=events.append).start()
+    assert stream.ended.wait(10)
+    bad = [e for e in events if e.kind == "bad_frame"]
+    assert [e.index for e in bad] == [1, 2, 3, 4]
+    assert "(H, W, 3)" in bad[0].detail and "str" in bad[1].detail and "non-finite" in bad[2].detail
+    assert "too small" in bad[3].detail
+    assert [f.index for f in iter(stream.buffer.take, None)] == [0, 5] and events[-1].kind == "ended"
+    assert check_frame(np.full((8, 8, 3), 0.5, np.float32)).dtype == np.uint8
+
+
+def test_buffer_policies():
+    latest, queue = FrameBuffer("latest"), FrameBuffer("drop_oldest", capacity=3)
+    for i in range(10):
+        frame = StreamFrame("s", i, np.zeros((8, 8, 3), np.uint8), 0.0)
+        latest.put(frame)
+        queue.put(frame)
+    assert len(latest) == 1 and latest.take().index == 9 and latest.dropped == 9
+    assert [queue.take().index for _ in range(3)] == [7, 8, 9] and queue.dropped == 7
+    with pytest.raises(ValueError, match="frame policy"):
+        FrameBuffer("newest")
+
+
+def test_overloaded_pipeline_keeps_latency_and_memory_bounded():
+    """A source far faster than its consumer: the buffer stays at one frame and the frames the consumer gets
+    are fresh; with an unbounded queue latency would grow with every frame."""
+    frame = np.zeros((64, 64, 3), np.uint8)
+    stream = Stream(FrameList([frame] * 5000, delay=0.0005), policy="latest").start()
+    latencies = []
+    try:
+        for _ in range(20):
+            time.sleep(0.05)  # the consumer: 20 frames/s against a source of ~1000/s
+            taken = stream.buffer.take()
+            if taken is not None:
+                latencies.append(time.monotonic() - taken.captured)
+            assert len(stream.buffer) <= 1
+    finally:
+        stream.stop()
+    assert stream.buffer.dropped > 100 and len(latencies) >= 15
+    assert max(latencies[-5:]) < 0.05 + 0.04, latencies  # one source interval, not a growing backlog
+
+
+# --------------------------------------------------------------------------------------------------- monitor
+class Receiver:
+    """A real webhook receiver on 127.0.0.1 that stores what it is sent."""
+
+    def __init__(self):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/events"
+
+    def close(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.data
+def test_monitor_runs_streams_through_an_onnx_engine(tmp_path, camvid_unet_engines, data_root):
+    from export import OnnxRuntimeEngine
+    from segmenters.data.frames import image_files
+
+    engine = OnnxRuntimeEngine(camvid_unet_engines["1"])
+    files = image_files(str(data_root / "camvid" / "val"))[:12]
+    video = tmp_path / "drive.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (128, 96))
+    for file in files:
+        writer.write(cv2.resize(cv2.imread(str(file)), (128, 96), interpolation=cv2.INTER_AREA))
+    writer.release()
+
+    receiver = Receiver()
+    webhook = WebhookSink(receiver.url)
+    log = tmp_path / "events.jsonl"
+    frames = []
+    monitor = Monitor(engine, sinks=[JsonLinesSink(log), webhook], on_frame=lambda f, labels, a: frames.append(labels))
+    monitor.add(Stream(OpenCVSource(str(video), name="drive"), policy="drop_oldest", capacity=64))
+    monitor.add(Stream(FrameList([np.zeros((96, 128, 3), np.uint8), np.zeros((5, 5), np.uint8)] * 3, name="junk"),
+                       policy="drop_oldest", capacity=64))
+    monitor.add(Stream(OpenCVSource(str(tmp_path / "gone.mp4"), name="gone"), backoff=Backoff(0.01, attempts=2)))
+    with pytest.raises(ValueError, match="already monitored"):
+        monitor.add(Stream(OpenCVSource(str(video), name="drive")))
+    summary = monitor.run(duration=60)
+    webhook.close()
+    receiver.close()
+
+    streams = summary["streams"]
+    assert streams["drive"]["processed"] == 12 and streams["drive"]["ended"]
+    assert streams["junk"]["processed"] == 3 and streams["junk"]["bad_frames"] == 3
+    assert streams["gone"]["processed"] == 0 and streams["gone"]["ended"]
+    assert all(labels.shape == (96, 128) and labels.max() < engine.spec.num_classes for labels in frames)
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = {(e["stream"], e["kind"]) for e in logged if e["type"] == "stream"}
+    assert {("drive", "connected"), ("drive", "ended"), ("junk", "bad_frame"), ("gone", "gave_up")} <= kinds
+    assert len(receiver.received) == len(logged) and webhook.failed == 0
