@@ -14,6 +14,7 @@ import json
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,8 @@ class Monitor:
         self.events: list[StreamEvent] = []
         self.engine_errors = 0
         self._stop = threading.Event()
+        self._detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flip-detect")
+        self._pending: Future | None = None
         self._names = [c.name for c in engine.spec.classes]
 
     def add(self, stream: Stream) -> Stream:
@@ -142,29 +145,49 @@ class Monitor:
         self._emit(event.as_dict())
 
     def step(self) -> int:
-        """Process the newest frame of every stream that has one; returns how many frames were processed."""
+        """Segment the newest frame of every stream that has one; returns how many frames were taken.
+
+        The detectors of one batch run on a helper thread while the engine segments the next (OpenCV and NumPy
+        release the GIL), one batch at a time so that per-stream order and latency stay bounded."""
         frames = [frame for stream in self.streams.values() if (frame := stream.buffer.take()) is not None]
         by_shape: dict[tuple, list[StreamFrame]] = collections.defaultdict(list)
         for frame in frames:
             by_shape[frame.rgb.shape].append(frame)
         for group in by_shape.values():
             for start in range(0, len(group), self.max_batch):
-                self._segment(group[start:start + self.max_batch])
+                batch = group[start:start + self.max_batch]
+                labels = self._segment(batch)
+                self.drain()
+                if labels is not None:
+                    self._pending = self._detect_pool.submit(self._detect, batch, labels)
         return len(frames)
 
-    def _segment(self, group: list[StreamFrame]) -> None:
+    def drain(self) -> None:
+        """Wait for the batch whose detectors are still running (its errors surface here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _segment(self, group: list[StreamFrame]) -> np.ndarray | None:
         try:
-            labels = self.engine.labels(self.engine.prepare(np.stack([frame.rgb for frame in group])))
+            return self.engine.labels(self.engine.prepare(np.stack([frame.rgb for frame in group])))
         except Exception as exc:  # an engine hiccup (a restarting replica, a timeout) costs frames, not the loop
             self.engine_errors += 1
             for frame in group:
                 self._on_stream_event(StreamEvent(frame.stream, "engine_error", f"{type(exc).__name__}: {exc}",
                                                   index=frame.index))
-            return
-        done = time.monotonic()
+            return None
+
+    def _detect(self, group: list[StreamFrame], labels: np.ndarray) -> None:
         for frame, label in zip(group, labels):
             stats = self.stats[frame.stream]
-            alarms = self.detectors[frame.stream].update(frame.index, frame.rgb, label)
+            try:
+                alarms = self.detectors[frame.stream].update(frame.index, frame.rgb, label)
+            except Exception as exc:  # one stream's odd frame must not stop the others
+                self._on_stream_event(StreamEvent(frame.stream, "detector_error", f"{type(exc).__name__}: {exc}",
+                                                  index=frame.index))
+                alarms = []
+            done = time.monotonic()  # end to end: captured -> labelled -> judged
             stats.processed += 1
             stats.first = stats.first if stats.first is not None else done
             stats.last = done
@@ -190,6 +213,7 @@ class Monitor:
                         break
                     time.sleep(idle_sleep)
         finally:
+            self.drain()
             for stream in self.streams.values():
                 stream.stop()
         return self.summary()

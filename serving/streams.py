@@ -72,7 +72,7 @@ def check_frame(rgb) -> np.ndarray:
             raise ValueError(f"frame must be uint8 (or floats in [0, 1]), got {rgb.dtype}")
         if not np.isfinite(rgb).all():
             raise ValueError("frame has non-finite (NaN or inf) values")
-        rgb = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        rgb = _to_uint8(rgb)
     return np.ascontiguousarray(rgb)
 
 
@@ -155,7 +155,8 @@ class SyntheticCamera(FrameSource):
     stores it) the patch is printed as a decal on object `instance` (1-based) from frame `onset` on, sized and
     placed as the audit's physical check does. `frames` bounds the clip (None: endless).
 
-    Each frame's truth says whether the decal is visible, and, when `labeler` (images -> label maps) is given,
+    Each frame's truth says whether the decal is visible, and, when `labeler` ((N, H, W, 3) uint8 frames -> label
+    maps) is given,
     how many of the object's pixels outside the decal read differently than in the same view without it: the
     flips the patch actually caused, which is what a detector can be scored on."""
 
@@ -210,13 +211,45 @@ class SyntheticCamera(FrameSource):
         image, instances, decal = view.image, view.instances, view.texture_mask
         truth = {"frame": frame, "patched": patched, "decal_pixels": int(decal.sum()), "instance": self.instance,
                  "semantic": view.semantic, "decal": decal, "instances": instances}
+        frame_rgb = _to_uint8(image)
         if patched and self.labeler is not None and decal.any():
-            clean = self.render(frame, False).image
-            before, after = self.labeler(np.stack([clean, image]))
+            clean = _to_uint8(self.render(frame, False).image)
+            before, after = self.labeler(np.stack([clean, frame_rgb]))
             region = (instances == self.instance) & ~decal
             flipped = region & (after != before)
             truth.update(flipped=int(flipped.sum()), object_pixels=int(region.sum()))
-        return (image * 255.0 + 0.5).astype(np.uint8), truth
+        return frame_rgb, truth
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+class ReplaySource(FrameSource):
+    """Frames already in memory, replayed in order (at `fps`, or as fast as they are read): a recorded clip, or
+    a benchmark's source that must never be the bottleneck. `loop` replays forever."""
+
+    def __init__(self, frames, name: str = "replay", fps: float | None = None, loop: bool = False):
+        self.frames, self.name, self.fps, self.loop = list(frames), name, fps, loop
+        self._position, self._next_time = 0, 0.0
+
+    @property
+    def finite(self) -> bool:
+        return not self.loop
+
+    def open(self) -> None:
+        self._position, self._next_time = 0, time.monotonic()
+
+    def read(self) -> tuple[np.ndarray, dict | None]:
+        if self._position >= len(self.frames):
+            if not self.loop or not self.frames:
+                raise SourceExhausted(self.name)
+            self._position = 0
+        if self.fps:
+            self._next_time += 1.0 / self.fps
+            time.sleep(max(0.0, self._next_time - time.monotonic()))
+        self._position += 1
+        return self.frames[self._position - 1], None
 
 
 class FrameBuffer:

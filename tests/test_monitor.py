@@ -15,8 +15,8 @@ import pytest
 
 from serving.flips import FlipConfig, FlipDetector
 from serving.monitor import JsonLinesSink, Monitor, WebhookSink
-from serving.streams import (Backoff, CameraPath, FrameBuffer, FrameSource, OpenCVSource, SourceExhausted, Stream,
-                             StreamFrame, SyntheticCamera, check_frame)
+from serving.streams import (Backoff, CameraPath, FrameBuffer, OpenCVSource, ReplaySource, Stream, StreamFrame,
+                             SyntheticCamera, check_frame)
 
 SHAPES_NAMES = ["background", "cube", "sphere", "cylinder"]
 
@@ -196,33 +196,12 @@ def test_dead_source_gives_events_not_a_crash(tmp_path):
     assert "cannot open video" in events[0].detail
 
 
-class FrameList(FrameSource):
-    """A source that plays the given objects as frames, as fast as asked (a camera driver handing over junk)."""
-
-    def __init__(self, frames, name="list", delay: float = 0.0):
-        self.frames, self.name, self.delay, self.position = list(frames), name, delay, 0
-
-    @property
-    def finite(self):
-        return True
-
-    def open(self):
-        self.position = 0
-
-    def read(self):
-        if self.position >= len(self.frames):
-            raise SourceExhausted(self.name)
-        time.sleep(self.delay)
-        self.position += 1
-        return self.frames[self.position - 1], None
-
-
 def test_malformed_frames_become_events():
     good = np.zeros((32, 32, 3), np.uint8)
     nan = np.full((32, 32, 3), np.nan, np.float32)
     junk = [good, np.zeros((32, 32), np.uint8), "not a frame", nan, np.zeros((4, 4, 3), np.uint8), good]
     events = []
-    stream = Stream(FrameList(junk), policy="drop_oldest", capacity=10, on_event=events.append).start()
+    stream = Stream(ReplaySource(junk), policy="drop_oldest", capacity=10, on_event=events.append).start()
     assert stream.ended.wait(10)
     bad = [e for e in events if e.kind == "bad_frame"]
     assert [e.index for e in bad] == [1, 2, 3, 4]
@@ -248,7 +227,7 @@ def test_overloaded_pipeline_keeps_latency_and_memory_bounded():
     """A source far faster than its consumer: the buffer stays at one frame and the frames the consumer gets
     are fresh; with an unbounded queue latency would grow with every frame."""
     frame = np.zeros((64, 64, 3), np.uint8)
-    stream = Stream(FrameList([frame] * 5000, delay=0.0005), policy="latest").start()
+    stream = Stream(ReplaySource([frame] * 5000, fps=1000), policy="latest").start()
     latencies = []
     try:
         for _ in range(20):
@@ -307,7 +286,7 @@ def test_monitor_runs_streams_through_an_onnx_engine(tmp_path, camvid_unet_engin
     frames = []
     monitor = Monitor(engine, sinks=[JsonLinesSink(log), webhook], on_frame=lambda f, labels, a: frames.append(labels))
     monitor.add(Stream(OpenCVSource(str(video), name="drive"), policy="drop_oldest", capacity=64))
-    monitor.add(Stream(FrameList([np.zeros((96, 128, 3), np.uint8), np.zeros((5, 5), np.uint8)] * 3, name="junk"),
+    monitor.add(Stream(ReplaySource([np.zeros((96, 128, 3), np.uint8), np.zeros((5, 5), np.uint8)] * 3, name="junk"),
                        policy="drop_oldest", capacity=64))
     monitor.add(Stream(OpenCVSource(str(tmp_path / "gone.mp4"), name="gone"), backoff=Backoff(0.01, attempts=2)))
     with pytest.raises(ValueError, match="already monitored"):
