@@ -38,6 +38,7 @@ class FlipConfig(BaseModel):
     open_px: int = Field(3, ge=1, description="opening kernel (px) that removes thin boundary flicker")
     min_trigger_pixels: int = Field(25, ge=0, description="new-appearance pixels at or near a flipped region since "
                                     "its onset needed for an alarm (0: alarm on any persistent unexplained flip)")
+    merge_px: int = Field(9, ge=1, description="suspect pieces closer than this (px) form one region")
     trigger_open_px: int = Field(5, ge=1, description="opening kernel (px) for blobs of new appearance")
     flow_width: int = Field(160, ge=16, description="optical flow runs at this width (speed); labels stay full size")
     area_momentum: float = Field(0.05, gt=0, le=1, description="rate of the running per-class area statistics")
@@ -78,6 +79,7 @@ class FlipDetector:
         self.names, self.stream, self.config = list(class_names), stream, config
         self.frames = 0
         self.active: list[np.ndarray] = []  # masks of regions already alarmed, carried along the motion
+        self.ignored: list[np.ndarray] = []  # persistent flips judged untriggered, carried the same way
         self._gray = self._image = self._labels = self._stable = self._suspect_age = self._changed_ago = None
         classes = len(self.names)
         self._area_mean = np.zeros(classes)
@@ -125,7 +127,7 @@ class FlipDetector:
             self._stable = np.ones(labels.shape, np.int16)
             self._suspect_age = np.zeros(labels.shape, np.int16)
             self._changed_ago = np.full(labels.shape, 10_000, np.int16)
-            self.active = []
+            self.active, self.ignored = [], []
             self._learn_areas(areas)
             return []
 
@@ -135,7 +137,8 @@ class FlipDetector:
         stable = _warp(self._stable, map_x, map_y, nearest=True)
         suspect_age = _warp(self._suspect_age, map_x, map_y, nearest=True)
         changed_ago = _warp(self._changed_ago, map_x, map_y, nearest=True)
-        self.active = [_warp(mask.astype(np.uint8), map_x, map_y, nearest=True).astype(bool) for mask in self.active]
+        carry = lambda masks: [_warp(m.astype(np.uint8), map_x, map_y, nearest=True).astype(bool) for m in masks]  # noqa: E731
+        self.active, self.ignored = carry(self.active), carry(self.ignored)
 
         change = np.abs(image - reference_image).mean(axis=2)
         change = cv2.blur(change, (config.change_blur, config.change_blur))
@@ -161,7 +164,8 @@ class FlipDetector:
         self._stable = np.where(differs & ~suspect, 1, np.minimum(stable + 1, 10_000)).astype(np.int16)
         self._image = np.where(suspect[..., None], reference_image, image).astype(np.float32)
         self._gray, self._suspect_age, self._changed_ago = gray, suspect_age, changed_ago
-        self.active = [mask & suspect for mask in self.active if (mask & suspect).sum() >= config.min_pixels // 2]
+        keep = lambda masks: [m & suspect for m in masks if (m & suspect).sum() >= config.min_pixels // 2]  # noqa: E731
+        self.active, self.ignored = keep(self.active), keep(self.ignored)
         self.last_suspect = suspect
         if not suspect.any():
             self._learn_areas(areas)
@@ -172,33 +176,39 @@ class FlipDetector:
         persistent = suspect & (suspect_age >= config.persist)
         if persistent.sum() < config.min_pixels:
             return []
-        count, components, stats, _ = cv2.connectedComponentsWithStats(suspect.astype(np.uint8), connectivity=8)
+        # pieces of one flip are one region: suspect pixels within `merge_px` of each other, or bridged by what
+        # just appeared (a patch splits the flip it causes into pieces around itself)
+        grouped = cv2.dilate(suspect.astype(np.uint8), np.ones((config.merge_px, config.merge_px), np.uint8))
+        grouped |= (self._changed_now <= config.persist).astype(np.uint8)
+        count, components = cv2.connectedComponents(grouped, connectivity=8)
         alarms = []
         z = self._area_z(areas)
         for component in range(1, count):
-            region = components == component
+            region = (components == component) & suspect
             if (region & persistent).sum() < config.min_pixels:
                 continue
-            if any((region & mask).sum() >= config.min_pixels // 2 for mask in self.active):
-                continue  # this flip already raised its alarm
+            if any((region & mask).sum() >= config.min_pixels // 2 for mask in self.active + self.ignored):
+                continue  # this flip was already judged
             pairs = np.stack([reference[region], labels[region]], axis=1)
             unique, counts = np.unique(pairs, axis=0, return_counts=True)
             order = np.argsort(-counts)
             transitions = {f"{self._name(a)}->{self._name(b)}": int(n) for (a, b), n in zip(unique[order], counts[order])}
             from_class, to_class = (int(v) for v in unique[order[0]])
-            left, top, width, height = (int(v) for v in stats[component, :4])
+            rows, cols = np.nonzero(region)
+            top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
             age = int(suspect_age[region].max())
             near = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
             trigger = int((near & (self._changed_now <= age)).sum())
-            self.active.append(region)
             if trigger < config.min_trigger_pixels:
                 # the view changed the model's mind with nothing new in sight: ambiguity, not a patch
                 self.untriggered += 1
+                self.ignored.append(region)
                 continue
+            self.active.append(region)
             alarms.append(FlipAlarm(
                 stream=self.stream, frame=index, time=time.time(),
                 onset_frame=index - age + 1,
-                bbox=(top, left, top + height, left + width), pixels=int(region.sum()),
+                bbox=(top, left, bottom, right), pixels=int(region.sum()),
                 from_class=from_class, to_class=to_class, from_name=self._name(from_class),
                 to_name=self._name(to_class), transitions=transitions,
                 image_change=float(change[region].mean()),

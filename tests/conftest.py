@@ -68,3 +68,34 @@ def camvid_unet_engines(camvid_unet, tmp_path_factory):
     save_model(convert_precision(fp32, "fp16"), folder / "model.fp16.onnx")
     return {"1": folder / "model.onnx", "2": folder / "model.fp16.onnx"}
 
+
+def largest_component(mask):
+    import cv2
+    import numpy as np
+
+    count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    sizes = np.bincount(components.reshape(-1))[1:]
+    return components == 1 + int(sizes.argmax())
+
+
+@pytest.fixture(scope="session")
+def attack_scene(camvid_unet, data_root):
+    """A CamVid val image, the twin's prediction, and an object (a connected component of one predicted class,
+    not the majority class) of 100-800 pixels: the size a 16x16 patch can plausibly take over."""
+    import numpy as np
+
+    from segmenters.data import build_dataset
+
+    _, twin = camvid_unet
+    data = build_dataset("camvid", "val", root=data_root / "camvid", size=(96, 128))
+    for index in range(0, 40, 2):
+        image, _ = data[index]
+        predicted = twin.labels(image[None])[0].numpy()
+        counts = np.bincount(predicted.reshape(-1), minlength=twin.spec.num_classes)
+        majority = int(counts.argmax())
+        candidates = [(int(obj.sum()), c, obj) for c in range(twin.spec.num_classes) if c != majority and counts[c]
+                      for obj in [largest_component(predicted == c)] if 100 <= obj.sum() <= 800]
+        if candidates:
+            _, source, obj = max(candidates, key=lambda item: item[0])
+            return twin, image, predicted, obj, source, majority
+    pytest.fail("no CamVid val image gives the twin an object of 100-800 pixels")

@@ -304,3 +304,77 @@ def test_monitor_runs_streams_through_an_onnx_engine(tmp_path, camvid_unet_engin
     kinds = {(e["stream"], e["kind"]) for e in logged if e["type"] == "stream"}
     assert {("drive", "connected"), ("drive", "ended"), ("junk", "bad_frame"), ("gone", "gave_up")} <= kinds
     assert len(receiver.received) == len(logged) and webhook.failed == 0
+
+
+# -------------------------------------------------------------------------------------------------- the page
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("headless Chromium is not installed (.ci/run installs Debian's chromium)")
+
+
+@pytest.mark.data
+def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path, attack_scene, camvid_unet_engines):
+    """A real patch attack on the CamVid twin, pasted into a (static-camera) clip from frame 5, streamed through
+    the FP32 ONNX engine: the monitor catches the flip, and the page, rendered by headless Chromium running its
+    JavaScript, lists the alarm and marks the stream."""
+    import subprocess
+
+    import requests
+    import torch
+
+    from audit.attack import AttackConfig, class_switch_target, patch_attack
+    from audit.patches import EOTConfig, paste, patch_position
+    from export import OnnxRuntimeEngine
+    from serving.monitor_web import MonitorServer, MonitorView
+
+    browser = chromium()
+    twin, image, predicted, obj, source, majority = attack_scene
+    target = class_switch_target(obj, majority, source)
+    top, left = patch_position(obj, 16)
+    result = patch_attack(twin, image, target, 16, top, left,
+                          AttackConfig(steps=60, step_size=4 / 255, eot=EOTConfig.none(), eot_samples=1), seed=0)
+    attacked = paste(image[None], torch.as_tensor(result.patch), top, left)[0][0]
+    to_rgb = lambda chw: (chw.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    clip = [to_rgb(image)] * 5 + [to_rgb(attacked)] * 5
+
+    monitor = Monitor(OnnxRuntimeEngine(camvid_unet_engines["1"]), sinks=[JsonLinesSink(tmp_path / "events.jsonl")])
+    monitor.add(Stream(ReplaySource(clip, name="front"), policy="drop_oldest", capacity=16))
+    monitor.add(Stream(ReplaySource([to_rgb(image)] * 10, name="rear"), policy="drop_oldest", capacity=16))
+    view = MonitorView(monitor)
+    server = MonitorServer(view).start()
+    try:
+        summary = monitor.run(duration=60)
+        assert [(a.stream, a.frame, a.onset_frame) for a in monitor.alarms] == [("front", 6, 5)], \
+            [(a.bbox, a.pixels, a.transitions, a.evidence) for a in monitor.alarms]
+        alarm = monitor.alarms[0]
+        assert alarm.from_class == source and alarm.to_class == majority and alarm.pixels >= 50
+
+        dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
+                              "--virtual-time-budget=4000", "--dump-dom", server.url],
+                             capture_output=True, text=True, timeout=90).stdout
+        assert '<tr class="alarm-row"><td>front</td><td>6</td><td>5</td>' in dom, dom[-2000:]
+        assert f"<td>{alarm.from_name}</td><td>{alarm.to_name}</td><td>{alarm.pixels}</td>" in dom
+        assert 'id="fig-front" class="alarm"' in dom and 'id="fig-rear" class="alarm"' not in dom, dom[-3000:]
+        subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1000,800",
+                        "--virtual-time-budget=4000", f"--screenshot={tmp_path / 'page.png'}", server.url],
+                       capture_output=True, timeout=90)
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+
+        frame = requests.get(server.url + "streams/front/frame.jpg", timeout=10)
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert cv2.imdecode(np.frombuffer(frame.content, np.uint8), cv2.IMREAD_COLOR).shape[1] == 320
+        assert requests.get(server.url + "streams/nope/frame.jpg", timeout=10).status_code == 404
+        metrics = requests.get(server.url + "metrics", timeout=10).text
+        assert 'patchwatch_monitor_frames_total{stream="front"} 10.0' in metrics
+        assert f'patchwatch_monitor_alarms_total{{from_class="{alarm.from_name}",stream="front",to_class="{alarm.to_name}"}} 1.0' in metrics
+        assert 'patchwatch_monitor_stream_events_total{kind="ended",stream="rear"} 1.0' in metrics
+    finally:
+        server.stop()
