@@ -11,6 +11,7 @@ import click
 from audit.cli import audit
 from patchwatch.edge_cli import edge
 from patchwatch.export_cli import export
+from patchwatch.monitor_cli import monitor
 from patchwatch.options import parse_size
 from patchwatch.serve_cli import serve
 
@@ -104,6 +105,7 @@ main.add_command(audit)
 main.add_command(export)
 main.add_command(edge)
 main.add_command(serve)
+main.add_command(monitor)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
+from export.engine import Engine, EngineError, check_input
+from segmenters.spec import ModelSpec
 from serving.config import ModelConfig
 from serving.metrics import ModelMetrics
 from serving.protocol import ProtocolError, datatype_of
@@ -174,3 +176,35 @@ def deployment_for(model: ModelConfig):
     else:
         options["num_replicas"] = model.num_replicas
     return EngineModel.options(**options).bind(model)
+
+
+
+class ServeHandleEngine(Engine):
+    """A served model version reached through its Serve deployment handle: the `Engine` a monitor running inside
+    the cluster holds (no HTTP, no ingress; the replica's batching still merges its calls with everyone's).
+    Construct it from a driver or task connected to the cluster."""
+
+    def __init__(self, name: str, version: str, app_name: str = "patchwatch"):
+        deployment = ModelConfig.model_construct(name=name, version=version).deployment_name
+        try:
+            self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
+            meta = self.handle.metadata.remote().result(timeout_s=60)
+        except Exception as exc:
+            raise EngineError(f"no served model {name!r} version {version!r} in Serve application {app_name!r}: "
+                              f"{exc}") from exc
+        self.spec = ModelSpec.model_validate(meta["spec"])
+        self.precision = meta["precision"]
+        self.backend = f"serve:{app_name}/{deployment} ({meta['backend']})"
+
+    def _call(self, input_name: str, array: np.ndarray, output: str) -> np.ndarray:
+        return self.handle.infer.remote(InferCall(input_name, array, (output,))).result(timeout_s=120)[output]
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        return self._call("images", images, "logits")
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        return self._call("images", check_input(images), "labels")  # only the label maps come back
+
+    def frame_labels(self, frames: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 frames -> label maps, normalised by the replica."""
+        return self._call("frames", np.ascontiguousarray(frames, dtype=np.uint8), "labels")

@@ -386,3 +386,43 @@ class Stream:
         finally:
             self.source.close()
             self.ended.set()
+
+
+def trial_camera(run_dir, trial_id: str, onset: int = 15, frames: int | None = None, fps: float | None = None,
+                 labeler=None) -> SyntheticCamera:
+    """A synthetic camera over a shapes campaign trial's scene, its found patch appearing on its object at
+    `onset`: what the monitor should catch."""
+    import json
+    import sqlite3
+    from pathlib import Path
+
+    run = Path(run_dir)
+    with sqlite3.connect(run / "trials.sqlite") as db:
+        row = db.execute("SELECT image_index, object_id FROM trials WHERE id = ?", (trial_id,)).fetchone()
+    if row is None:
+        raise ValueError(f"no trial {trial_id!r} in {run}")
+    images = json.loads((run / "campaign.json").read_text())["images"]
+    if images["dataset"] != "shapes":
+        raise ValueError(f"trial {trial_id} is on {images['dataset']}: only shapes scenes can be re-rendered")
+    patch = np.load(run / "trials" / trial_id / "patch.npy")
+    split = images["split"]
+    return SyntheticCamera(int(row[0]), split, frames=frames, patch=patch, instance=int(row[1]), onset=onset,
+                           fps=fps, labeler=labeler, name=f"trial {trial_id[:8]} (scene {row[0]})")
+
+
+def open_source(text: str, fps: float | None = None, frames: int | None = None) -> FrameSource:
+    """A source from its command-line form: a video file, an rtsp/http URL, a camera index, `synthetic:INDEX`
+    (a moving camera over shapes val scene INDEX) or `trial:RUN_DIR:TRIAL_ID[@ONSET]` (the same over a
+    campaign trial's scene, its patch appearing at frame ONSET, default 15)."""
+    if text.startswith("synthetic:"):
+        index = text.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"synthetic source wants a scene number, e.g. synthetic:3; got {text!r}")
+        return SyntheticCamera(int(index), frames=frames, fps=fps)
+    if text.startswith("trial:"):
+        body, _, onset = text[len("trial:"):].partition("@")
+        run, _, trial = body.rpartition(":")
+        if not run or not trial or (onset and not onset.isdigit()):
+            raise ValueError(f"trial source is trial:RUN_DIR:TRIAL_ID[@ONSET], got {text!r}")
+        return trial_camera(run, trial, int(onset or 15), frames=frames, fps=fps)
+    return OpenCVSource(text)

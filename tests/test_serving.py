@@ -144,6 +144,30 @@ def test_remote_engine_is_an_engine(service, local, val_frames):
     np.testing.assert_array_equal(remote.frame_labels(small(frames[:2])), local["1"].labels(images))
 
 
+def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, val_frames):
+    """The monitor's engine inside the cluster: the deployment handle, no HTTP; same labels as in process."""
+    from serving.model import ServeHandleEngine
+    from serving.monitor import Monitor
+    from serving.streams import ReplaySource, Stream
+
+    handle = ServeHandleEngine("camvid", "1")
+    assert handle.spec == local["1"].spec and handle.precision == "fp32" and "camvid_v1" in handle.backend
+    frames, _ = val_frames
+    clip = small(frames)
+    images = handle.prepare(clip)
+    np.testing.assert_allclose(handle.infer(images), local["1"].infer(images), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(handle.frame_labels(clip), local["1"].labels(images))
+    seen = []
+    monitor = Monitor(handle, on_frame=lambda frame, labels, alarms: seen.append((frame.index, labels)))
+    monitor.add(Stream(ReplaySource(list(clip), name="cam"), policy="drop_oldest", capacity=8))
+    summary = monitor.run(duration=60)
+    assert summary["streams"]["cam"]["processed"] == len(clip) and summary["engine_errors"] == 0
+    for index, labels in seen:
+        np.testing.assert_array_equal(labels, local["1"].labels(images[index:index + 1])[0])
+    with pytest.raises(Exception, match="no served model 'camvid' version '9'"):
+        ServeHandleEngine("camvid", "9")
+
+
 def test_segment_endpoint_answers_in_three_forms(service, local, val_frames):
     frames, files = val_frames
     png = files[0].read_bytes()

@@ -1,0 +1,94 @@
+"""`patchwatch monitor`: camera streams through a served (or local) engine, flips caught, events out, a live page."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import click
+
+
+def build_engine(engine_path: str | None, url: str | None, model: str | None, version: str | None,
+                 handle: str | None, api_key_env: str | None = None):
+    """The monitor's one `Engine`: an engine file, the OIP endpoint (from outside the cluster), or a Serve
+    deployment handle NAME:VERSION (from inside it, e.g. as a Ray job)."""
+    import os
+
+    chosen = [bool(engine_path), bool(url), bool(handle)]
+    if sum(chosen) != 1:
+        raise click.UsageError("give one engine: --engine FILE, --url URL --model NAME, or --handle NAME:VERSION")
+    if engine_path:
+        from export import load_engine
+
+        return load_engine(engine_path)
+    if url:
+        from serving.client import RemoteEngine
+
+        if not model:
+            raise click.UsageError("--url needs --model NAME")
+        return RemoteEngine(url, model, version, api_key=os.environ.get(api_key_env) if api_key_env else None)
+    import ray
+
+    from serving.model import ServeHandleEngine
+
+    name, _, handle_version = handle.partition(":")
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), configure_logging=False, log_to_driver=False)
+    return ServeHandleEngine(name, handle_version or "1")
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--engine", "engine_path", type=click.Path(exists=True, dir_okay=False), help="a local engine file")
+@click.option("--url", help="an OIP endpoint, e.g. http://127.0.0.1:8000 (with --model)")
+@click.option("--model", help="served model name")
+@click.option("--version", help="served model version (default: the latest)")
+@click.option("--handle", help="Serve deployment handle NAME:VERSION (run inside the cluster)")
+@click.option("--api-key-env", help="environment variable with the service's API key")
+@click.option("--events", default="runs/monitor/events.jsonl", show_default=True, help="JSON-lines event log")
+@click.option("--webhook", help="POST every event as JSON here")
+@click.option("--page-port", type=int, default=8090, show_default=True, help="live page port on 127.0.0.1 (0: any)")
+@click.option("--no-page", is_flag=True, help="no live page")
+@click.option("--policy", type=click.Choice(["latest", "drop_oldest"]), default="latest", show_default=True,
+              help="overload policy: keep only the newest frame, or a short queue")
+@click.option("--fps", type=float, help="pace synthetic sources at this rate")
+@click.option("--frames", type=int, help="stop synthetic sources after this many frames")
+@click.option("--duration", type=float, help="stop after this many seconds (default: when every source ended)")
+def monitor(sources, engine_path, url, model, version, handle, api_key_env, events, webhook, page_port, no_page,
+            policy, fps, frames, duration) -> None:
+    """Watch SOURCES (video files, rtsp/http URLs, camera indices, synthetic:INDEX, trial:RUN:TRIAL[@ONSET]) for
+    patch-induced class flips. Alarms and stream events go to --events (and --webhook); the page shows every
+    stream live with its labels and the alarm list."""
+    from serving.monitor import JsonLinesSink, Monitor, WebhookSink
+    from serving.streams import Stream, open_source
+
+    engine = build_engine(engine_path, url, model, version, handle, api_key_env)
+    sinks = [JsonLinesSink(events)]
+    hook = WebhookSink(webhook) if webhook else None
+    if hook:
+        sinks.append(hook)
+    watcher = Monitor(engine, sinks=sinks)
+    for text in sources:
+        try:
+            source = open_source(text, fps=fps, frames=frames)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="SOURCES") from exc
+        watcher.add(Stream(source, name=text, policy=policy))
+    server = None
+    if not no_page:
+        from serving.monitor_web import MonitorServer, MonitorView
+
+        server = MonitorServer(MonitorView(watcher), port=page_port).start()
+        click.echo(f"live page: {server.url}", err=True)
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    try:
+        summary = watcher.run(duration=duration)
+    except KeyboardInterrupt:
+        watcher.stop()
+        summary = watcher.summary()
+    finally:
+        if hook:
+            hook.close()
+        if server:
+            server.stop()
+    click.echo(json.dumps({**summary, "events": str(Path(events))}, indent=2, default=str))
