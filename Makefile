@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-RUN    ?= runs/default
 
 .PHONY: setup demo test bench clean
 
@@ -15,10 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until `patchwatch demo` lands, the main job is the default training run and its evaluation.
+# The main job: train, export, serve, attack and audit as Ray jobs, monitor a camera, report (prints the page).
 demo: $(STAMP)
-	$(BIN)/patchwatch train --out $(RUN)
-	$(BIN)/patchwatch eval $(RUN)/best.pt --out $(RUN)/eval
+	$(BIN)/patchwatch demo --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs

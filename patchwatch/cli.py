@@ -101,6 +101,18 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
     click.echo(json.dumps({**brief, "report": str(out / "report.json")}, indent=2))
 
 
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, help="demo folder (a trained twin there is reused)")
+@click.option("--quick", is_flag=True, help="a smaller twin and campaign (a smoke run, about 3 minutes)")
+def demo(out, quick) -> None:
+    """The whole story locally on CPU: train, export, serve, attack (Ray job), audit (Ray job), monitor a camera
+    where the found patch appears, and write an HTML report (its path is printed)."""
+    from patchwatch.demo import run_demo
+
+    page = run_demo(out, quick=quick)
+    click.echo(str(page.resolve()))
+
+
 main.add_command(audit)
 main.add_command(export)
 main.add_command(edge)

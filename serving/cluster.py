@@ -57,9 +57,10 @@ def ray_cpus(config: ServeConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(needed) + 1)
 
 
-def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float = 180.0) -> LocalService:
-    """Start Ray on this machine, Serve's proxy on `config.host:config.port`, and the application; returns once
-    every model answers."""
+def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float = 180.0,
+                address: str | None = None) -> LocalService:
+    """Start Ray on this machine (or join the cluster at `address`, e.g. a `start_head` head), Serve's proxy on
+    `config.host:config.port`, and the application; returns once every model answers."""
     import ray
     from ray import serve
 
@@ -67,8 +68,11 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
 
     config.api_key()  # a named but unset key variable fails here, before anything starts
     sigterm = signal.getsignal(signal.SIGTERM)
-    ray.init(address="local", include_dashboard=False, num_cpus=ray_cpus(config), log_to_driver=False,
-             _metrics_export_port=metrics_port, configure_logging=False)
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address="local", include_dashboard=False, num_cpus=ray_cpus(config), log_to_driver=False,
+                 _metrics_export_port=metrics_port, configure_logging=False)
     if callable(sigterm):
         # ray.init installs a SIGTERM handler that aborts the process; keep the caller's (a clean stop)
         signal.signal(signal.SIGTERM, sigterm)
@@ -109,3 +113,67 @@ def stop_local() -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+@dataclass
+class RayHead:
+    """A Ray head started with `ray start --head --block` on 127.0.0.1, every port chosen free (so it runs beside
+    other clusters on the machine), token-authenticated; `stop()` ends this cluster and only this one."""
+
+    process: object
+    gcs_address: str
+    dashboard_url: str
+    env: dict
+
+    def stop(self, timeout: float = 60.0) -> None:
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # --block tears down what it started
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
+    """Start a local head for jobs (`ray job submit --address RayHead.dashboard_url`) and drivers
+    (`ray.init(address=RayHead.gcs_address)`, with `RayHead.env`'s RAY_AUTH_* in the environment before Ray is
+    first imported: Ray reads its auth mode at import)."""
+    import secrets
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import requests
+
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    # jobs run their entrypoints (`audit campaign ...`) with the head's PATH: put this environment's commands on it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                             "metrics-export-port", "ray-client-server-port", "node-manager-port",
+                                             "object-manager-port")}
+    command = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
+               *(f"--{name}={port}" for name, port in ports.items())]
+    log = tempfile.NamedTemporaryFile("w+", prefix="ray-head-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start failed: {Path(log.name).read_text()[-2000:]}")
+        try:
+            # any answer will do: with token auth the dashboard says 401 to a request without the token
+            if requests.get(f"{head.dashboard_url}/api/version", timeout=2).status_code < 500:
+                return head
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    head.stop()
+    raise TimeoutError(f"the Ray head's dashboard did not answer within {timeout_s:.0f} s")

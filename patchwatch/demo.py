@@ -1,0 +1,248 @@
+"""`patchwatch demo`: the whole story on one machine, on the CPU, in minutes.
+
+1. train the shapes U-Net twin (reused when OUT/twin/best.pt exists)
+2. export it to ONNX behind the parity gate (reused when newer than the twin)
+3. serve it with Ray Serve (OIP v2 on 127.0.0.1), on a local Ray cluster whose job agent takes jobs
+4. run a small campaign as a Ray job: `ray job submit -- audit campaign campaign.yaml`
+5. audit it with VGatt, as a second job: `ray job submit -- audit vgatt RUN`
+6. stream a synthetic camera in which the strongest found patch appears on its object, plus a clean camera,
+   through the served engine (HTTP), with the flip monitor and its live page; catch the flip
+7. write the campaign report and a demo page (each step, its time, the alarm with frames around it)
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ONSET = 12
+FRAMES = 40
+CLEAN_SCENE = 7  # a val scene the clean camera circles
+
+
+class Steps:
+    """Each step's name, time and outcome, printed as it goes and kept for the page."""
+
+    def __init__(self):
+        self.done: list[dict] = []
+
+    def run(self, name: str, function, *args, **kwargs):
+        print(f"\n== {name}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        seconds = time.perf_counter() - started
+        self.done.append({"step": name, "seconds": round(seconds, 1)})
+        print(f"== {name}: {seconds:.1f} s", file=sys.stderr, flush=True)
+        return result
+
+
+def train_twin(out: Path, quick: bool) -> dict:
+    from segmenters.training import TrainConfig, train
+
+    best = out / "twin" / "best.pt"
+    if best.exists() and (out / "twin" / "summary.json").exists():
+        return {"reused": str(best), "val_miou": json.loads((out / "twin" / "summary.json").read_text())["best_val_miou"]}
+    # fewer scenes and epochs than the default run (2000 x 14): the demo needs a working twin, not the best one
+    config = TrainConfig(out=str(out / "twin"), train_length=300 if quick else 1200, val_length=60 if quick else 200,
+                         epochs=2 if quick else 8, eval_every=2 if quick else 8)
+    summary = train(config)
+    return {"trained": str(best), "val_miou": summary["best_val_miou"], "seconds": summary["train_seconds_this_run"]}
+
+
+def export_engine(out: Path) -> dict:
+    from export.pipeline import ParitySettings, export_onnx_gated
+
+    twin, onnx = out / "twin" / "best.pt", out / "unet.onnx"
+    if onnx.exists() and onnx.stat().st_mtime > twin.stat().st_mtime:
+        return {"reused": str(onnx)}
+    reports = export_onnx_gated(twin, onnx, settings=ParitySettings(source="shapes", count=8))
+    report = reports["fp32"]
+    return {"engine": str(onnx), "parity": "PASS" if report.passed else "FAIL",
+            "label_agreement": report.label_agreement, "max_abs_logit_diff": report.max_abs}
+
+
+def start_service(out: Path):
+    """A Ray head with a job agent (campaigns arrive as jobs) and the engine served on it."""
+    from serving.cluster import free_port, start_head, start_local
+    from serving.config import ServeConfig
+
+    config = ServeConfig(models=[{"name": "shapes", "version": "1", "path": str((out / "unet.onnx").resolve()),
+                                  "threads": 1, "max_batch_size": 4}], port=free_port())
+    # campaign trials and VGatt tasks share the 2-core machine with the replica: 4 logical CPUs let them overlap
+    head = start_head(num_cpus=4)
+    os.environ.update({k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
+    try:
+        service = start_local(config, address=head.gcs_address)
+    except BaseException:
+        head.stop()
+        raise
+    return service, head
+
+
+def submit_job(head, command: list[str], timeout: float = 900) -> str:
+    """`ray job submit` as a user types it; retried while the job agent is still starting."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env, dashboard = head.env, head.dashboard_url
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([ray, "job", "submit", "--address", dashboard, "--", *command], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        output = done.stdout + done.stderr
+        if "No available agent" in output and time.monotonic() < deadline:
+            time.sleep(2)
+            continue
+        if done.returncode != 0:
+            raise RuntimeError(f"ray job submit -- {' '.join(command)} failed:\n{output[-3000:]}")
+        return output
+
+
+def write_campaign(out: Path, quick: bool) -> Path:
+    twin, onnx = (out / "twin" / "best.pt").resolve(), (out / "unet.onnx").resolve()
+    path = out / "campaign.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "demo",
+        "models": [str(twin)], "engines": {str(twin): [str(onnx)]},
+        "images": {"dataset": "shapes", "split": "val", "count": 3 if quick else 8, "sample_seed": 0,
+                   "objects_per_image": 1, "object_order": "random", "min_object_pixels": 150},
+        "targets": [{"kind": "switch"}], "patch_sizes": [8], "seeds": [0],
+        "attack": {"steps": 60 if quick else 150, "step_size": 0.0157, "eot_samples": 2},
+        "eot_eval_draws": 4, "physical_views": 4,
+    }, sort_keys=False))
+    return path
+
+
+def strongest_trial(run: Path) -> tuple[str, dict]:
+    """The trial whose patch works best as a sticker (physical check), then in the image."""
+    with sqlite3.connect(run / "trials.sqlite") as db:
+        rows = db.execute("SELECT id, metrics FROM trials").fetchall()
+    if not rows:
+        raise RuntimeError(f"the campaign stored no trials in {run}")
+    scored = [(trial, json.loads(metrics)) for trial, metrics in rows]
+    key = lambda item: (np.nan_to_num(item[1].get("physical_success_mean", 0.0)), item[1]["success"])  # noqa: E731
+    return max(scored, key=key)
+
+
+def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
+    from PIL import Image
+
+    from segmenters.visualize import overlay
+    from serving.client import RemoteEngine
+    from serving.monitor import JsonLinesSink, Monitor
+    from serving.monitor_web import MonitorServer, MonitorView
+    from serving.streams import CameraPath, ReplaySource, Stream, SyntheticCamera, trial_camera
+
+    engine = RemoteEngine(service_url, "shapes", "1")
+    events = out / "monitor" / "events.jsonl"
+    if events.exists():
+        events.unlink()
+    recent: dict[str, list] = {}
+    pictures: list[dict] = []
+    palette = engine.spec.palette()
+
+    def keep(frame, labels, alarms):
+        # the frames before an alarm, so the page can show the patch arriving and the flip it caused
+        history = recent.setdefault(frame.stream, [])
+        history.append((frame.index, overlay(frame.rgb, labels, palette), frame.rgb))
+        del history[:-4]
+        for alarm in alarms:
+            folder = out / "monitor"
+            strip = []
+            for index, painted, rgb in history[-3:]:
+                name = f"{frame.stream.replace(':', '_').replace('/', '_')}_{index:04d}"
+                Image.fromarray(rgb).resize((256, 256), Image.NEAREST).save(folder / f"{name}.png")
+                Image.fromarray(painted).resize((256, 256), Image.NEAREST).save(folder / f"{name}_labels.png")
+                strip.append({"frame": index, "image": f"monitor/{name}.png", "labels": f"monitor/{name}_labels.png"})
+            pictures.append({"alarm": alarm.as_dict(), "strip": strip})
+
+    monitor = Monitor(engine, sinks=[JsonLinesSink(events)], on_frame=keep)
+    patched = trial_camera(run, trial, onset=ONSET, frames=FRAMES, fps=10)
+    patched.path = CameraPath(sweep_deg=6.0, tilt_deg=2.0, zoom=0.03)  # a slow drift past the attack view
+    monitor.add(Stream(patched, name="camera-1 (patch appears)", policy="latest"))
+    clean = SyntheticCamera(CLEAN_SCENE, frames=FRAMES, fps=10, name="camera-2 (clean)")
+    monitor.add(Stream(clean, name="camera-2 (clean)", policy="latest"))
+    # a dead camera and a corrupt frame, as the fleet has them: events, not crashes
+    monitor.add(Stream(ReplaySource([np.zeros((4, 4, 3), np.uint8)], name="camera-3 (broken)"),
+                       name="camera-3 (broken)"))
+    view = MonitorView(monitor)
+    (out / "monitor").mkdir(parents=True, exist_ok=True)
+    server = MonitorServer(view).start()
+    print(f"live monitor page (while the streams run): {server.url}", file=sys.stderr, flush=True)
+    try:
+        summary = monitor.run(duration=300)
+    finally:
+        server.stop()
+    summary["pictures"] = pictures
+    summary["events_file"] = str(events)
+    summary["onset"] = ONSET
+    return summary
+
+
+def demo_page(out: Path, steps: Steps, facts: dict, report: Path) -> Path:
+    rows = "".join(f"<tr><td>{html.escape(s['step'])}</td><td>{s['seconds']}</td></tr>" for s in steps.done)
+    watch = facts["monitor"]
+    alarms = "".join(
+        f"<h3>{html.escape(p['alarm']['stream'])}: {html.escape(p['alarm']['from_name'])} &rarr; "
+        f"{html.escape(p['alarm']['to_name'])}, {p['alarm']['pixels']} px, alarm at frame {p['alarm']['frame']} "
+        f"(patch appeared at frame {watch['onset'] if 'patch' in p['alarm']['stream'] else '?'})</h3><p>"
+        + "".join(f'<figure style="display:inline-block"><img src="{s["image"]}"><img src="{s["labels"]}">'
+                  f"<figcaption>frame {s['frame']}</figcaption></figure>" for s in p["strip"]) + "</p>"
+        for p in watch["pictures"]) or "<p><b>no alarm was raised</b></p>"
+    streams = "".join(f"<tr><td>{html.escape(name)}</td><td>{s['processed']}</td><td>{s['alarms']}</td>"
+                      f"<td>{s['fps']:.1f}</td><td>{s['latency_ms_p50']:.0f}</td><td>{s['bad_frames']}</td></tr>"
+                      for name, s in watch["streams"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>patchwatch demo</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em}} td,th{{border:1px solid #ccc;padding:.2em .6em}}
+table{{border-collapse:collapse}} img{{width:256px;margin:2px;image-rendering:pixelated}}</style></head><body>
+<h1>patchwatch demo</h1>
+<p>A shapes U-Net twin, trained here, exported to ONNX behind the parity gate, served with Ray Serve; a patch
+campaign and a VGatt audit ran as Ray jobs; a camera in which the strongest patch appears streamed through the
+served engine while the flip monitor watched.</p>
+<h2>Steps</h2><table><tr><th>step</th><th>seconds</th></tr>{rows}</table>
+<h2>Twin and engine</h2><pre>{html.escape(json.dumps({k: facts[k] for k in ("twin", "engine")}, indent=1))}</pre>
+<h2>Campaign</h2><p><a href="{os.path.relpath(report, out)}">campaign report</a> (with the VGatt audit) &middot;
+strongest patch: trial <code>{html.escape(facts['trial'])}</code></p>
+<h2>Monitor</h2><table><tr><th>stream</th><th>frames</th><th>alarms</th><th>fps</th><th>latency p50 (ms)</th>
+<th>bad frames</th></tr>{streams}</table>
+{alarms}
+<p>Every event: <a href="monitor/events.jsonl">monitor/events.jsonl</a></p>
+</body></html>"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
+    from audit.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps, facts = Steps(), {}
+    facts["twin"] = steps.run("1. train the shapes U-Net twin", train_twin, out, quick)
+    facts["engine"] = steps.run("2. export to ONNX behind the parity gate", export_engine, out)
+    service, head = steps.run("3. serve the engine with Ray Serve", start_service, out)
+    try:
+        campaign = write_campaign(out, quick)
+        run = (out / "campaign").resolve()
+        steps.run("4. campaign as a Ray job", submit_job, head,
+                  ["audit", "campaign", str(campaign.resolve()), "--out", str(run), "--quiet"])
+        steps.run("5. VGatt audit as a Ray job", submit_job, head, ["audit", "vgatt", str(run), "--quiet"])
+        trial, _ = strongest_trial(run)
+        facts["trial"] = trial
+        facts["monitor"] = steps.run("6. stream cameras through the served engine, watch for flips", watch,
+                                     service.url, run, trial, out)
+    finally:
+        service.stop()
+        head.stop()
+    report = steps.run("7. reports", write_report, run)
+    (out / "demo.json").write_text(json.dumps({"steps": steps.done, **facts}, indent=1, default=str))
+    return demo_page(out, steps, facts, report)
