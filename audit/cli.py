@@ -37,6 +37,11 @@ def campaign(campaign_file, out, address, cpus_per_trial, gpus_per_trial, local_
                                progress=not quiet)
     except CampaignError as exc:
         raise click.ClickException(str(exc)) from exc
+    _finish(summary)
+
+
+def _finish(summary: dict) -> None:
+    """Print a Ray-task run's summary; a run with failed items exits 1 (a job that lost work must look failed)."""
     click.echo(json.dumps(summary, indent=2))
     if summary["failed"]:
         raise SystemExit(1)
@@ -70,9 +75,7 @@ def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
                                   progress=not quiet)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(summary, indent=2))
-    if summary["failed"]:
-        raise SystemExit(1)
+    _finish(summary)
 
 
 @audit.command()
