@@ -58,7 +58,8 @@ def run_tasks(function, arguments: list[tuple], items: list, on_result, on_failu
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=False)
         else:
-            ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": a cluster of our own, never one that `ray start` left on this machine
+            ray.init(address="local", num_cpus=local_cpus, include_dashboard=False, log_to_driver=False)
         started_ray = True
     task = ray.remote(function).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                                         retry_exceptions=False)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,21 +87,11 @@ def start_service(out: Path):
     return service, head
 
 
-def submit_job(head, command: list[str], timeout: float = 900) -> str:
-    """`ray job submit` as a user types it; retried while the job agent is still starting."""
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    env, dashboard = head.env, head.dashboard_url
-    deadline = time.monotonic() + 120
-    while True:
-        done = subprocess.run([ray, "job", "submit", "--address", dashboard, "--", *command], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        output = done.stdout + done.stderr
-        if "No available agent" in output and time.monotonic() < deadline:
-            time.sleep(2)
-            continue
-        if done.returncode != 0:
-            raise RuntimeError(f"ray job submit -- {' '.join(command)} failed:\n{output[-3000:]}")
-        return output
+def submit_job(head, entrypoint: list[str]) -> str:
+    done = head.submit(entrypoint)
+    if done.returncode != 0:
+        raise RuntimeError(f"ray job submit -- {' '.join(entrypoint)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return done.stdout
 
 
 def write_campaign(out: Path, quick: bool) -> Path:

@@ -125,6 +125,25 @@ class RayHead:
     dashboard_url: str
     env: dict
 
+    def submit(self, entrypoint: list[str], working_dir: str | None = None, timeout: float = 900.0):
+        """`ray job submit --address DASHBOARD [--working-dir DIR] -- ENTRYPOINT`, as a user types it, waiting
+        for the job to end; retried while the head's job agent is still starting (it answers "No available agent
+        to submit job" then and submits nothing). Returns the CompletedProcess."""
+        import shutil
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        command = [ray, "job", "submit", "--address", self.dashboard_url,
+                   *(["--working-dir", str(working_dir)] if working_dir else []), "--", *entrypoint]
+        deadline = time.monotonic() + 120
+        while True:
+            done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(2)
+
     def stop(self, timeout: float = 60.0) -> None:
         import subprocess
 
