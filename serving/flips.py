@@ -62,9 +62,12 @@ class FlipAlarm:
     image_change: float  # mean image change inside the region (vs the reference): low for a patch flip
     area_z: dict[str, float]  # per-class area change in spreads of its running statistics
     evidence: dict = field(default_factory=dict)  # e.g. a VGatt confirmation on the twin
+    # (H, W) bool masks, not serialised: the flipped region, and the new appearance that triggered the alarm
+    region: np.ndarray | None = field(default=None, repr=False, compare=False)
+    trigger: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return {"type": "flip", **asdict(self)}
+        return {"type": "flip", **{k: v for k, v in asdict(self).items() if k not in ("region", "trigger")}}
 
 
 def _warp(array: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, nearest: bool) -> np.ndarray:
@@ -198,7 +201,8 @@ class FlipDetector:
             top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
             age = int(suspect_age[region].max())
             near = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-            trigger = int((near & (self._changed_now <= age)).sum())
+            trigger_mask = near & (self._changed_now <= age)
+            trigger = int(trigger_mask.sum())
             if trigger < config.min_trigger_pixels:
                 # the view changed the model's mind with nothing new in sight: ambiguity, not a patch
                 self.untriggered += 1
@@ -212,7 +216,7 @@ class FlipDetector:
                 from_class=from_class, to_class=to_class, from_name=self._name(from_class),
                 to_name=self._name(to_class), transitions=transitions,
                 image_change=float(change[region].mean()),
-                evidence={"trigger_pixels": trigger},
+                evidence={"trigger_pixels": trigger}, region=region, trigger=trigger_mask,
                 area_z={self.names[c]: round(float(z[c]), 2) for c in {from_class, to_class} if 0 <= c < len(self.names)}))
         return alarms
 

@@ -110,9 +110,10 @@ class Monitor:
     """Streams -> batched engine calls -> one `FlipDetector` per stream -> sinks."""
 
     def __init__(self, engine: Engine, sinks=(), flip_config: FlipConfig = FlipConfig(), max_batch: int = 8,
-                 on_frame=None):
+                 on_frame=None, confirm=None):
         self.engine, self.sinks, self.flip_config, self.max_batch = engine, list(sinks), flip_config, max_batch
         self.on_frame = on_frame  # called with (StreamFrame, labels, alarms) after each frame: the web page's feed
+        self.confirm = confirm  # e.g. serving.confirm.VGattConfirmer(twin): (rgb, region, to_class) -> evidence
         self.streams: dict[str, Stream] = {}
         self.detectors: dict[str, FlipDetector] = {}
         self.stats: dict[str, StreamStats] = {}
@@ -194,6 +195,11 @@ class Monitor:
             stats.latencies.append(done - frame.captured)
             for alarm in alarms:
                 alarm.evidence.setdefault("latency_ms", round((done - frame.captured) * 1000.0, 1))
+                if self.confirm is not None:
+                    try:
+                        alarm.evidence["vgatt"] = self.confirm(frame.rgb, alarm.region, alarm.to_class, alarm.trigger)
+                    except Exception as exc:  # evidence is optional; the alarm goes out regardless
+                        alarm.evidence["vgatt"] = {"error": f"{type(exc).__name__}: {exc}"}
                 stats.alarms += 1
                 self.alarms.append(alarm)
                 self._emit(alarm.as_dict())

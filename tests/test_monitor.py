@@ -345,17 +345,28 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
     to_rgb = lambda chw: (chw.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
     clip = [to_rgb(image)] * 5 + [to_rgb(attacked)] * 5
 
-    monitor = Monitor(OnnxRuntimeEngine(camvid_unet_engines["1"]), sinks=[JsonLinesSink(tmp_path / "events.jsonl")])
+    from serving.confirm import VGattConfirmer
+
+    confirm = VGattConfirmer(twin)
+    monitor = Monitor(OnnxRuntimeEngine(camvid_unet_engines["1"]), sinks=[JsonLinesSink(tmp_path / "events.jsonl")],
+                      confirm=confirm)
     monitor.add(Stream(ReplaySource(clip, name="front"), policy="drop_oldest", capacity=16))
     monitor.add(Stream(ReplaySource([to_rgb(image)] * 10, name="rear"), policy="drop_oldest", capacity=16))
     view = MonitorView(monitor)
     server = MonitorServer(view).start()
     try:
-        summary = monitor.run(duration=60)
+        monitor.run(duration=60)
         assert [(a.stream, a.frame, a.onset_frame) for a in monitor.alarms] == [("front", 6, 5)], \
             [(a.bbox, a.pixels, a.transitions, a.evidence) for a in monitor.alarms]
         alarm = monitor.alarms[0]
         assert alarm.from_class == source and alarm.to_class == majority and alarm.pixels >= 50
+        # VGatt on the twin (a ReLU U-Net: exact): the flipped pixels' new class draws far more of its evidence
+        # from what appeared (the patch) than the same pixels of the clean frame draw from there
+        evidence = alarm.evidence["vgatt"]
+        assert evidence["exact"] and evidence["completeness_error"] < 1e-6 and evidence["trigger_area_share"] < 0.05
+        clean = confirm(to_rgb(image), alarm.region, alarm.to_class, alarm.trigger)
+        assert evidence["trigger_share"] > clean["trigger_share"], (evidence, clean)
+        assert "region" not in alarm.as_dict() and json.dumps(alarm.as_dict())
 
         dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
                               "--virtual-time-budget=4000", "--dump-dom", server.url],
