@@ -120,9 +120,14 @@ class TrialStore:
         self.db.execute("INSERT INTO failures (id, trial, error, at) VALUES (?, ?, ?, ?)",
                         (trial["id"], json.dumps(trial), error, time.time()))
 
-    def failures(self) -> list[dict]:
+    def failures(self, outstanding: bool = True) -> list[dict]:
+        """Failed attempts, oldest first; by default only those of trials still not stored (a resubmission that
+        stored a trial settles its earlier failures; `outstanding=False` keeps the whole history)."""
+        query = "SELECT id, trial, error, at FROM failures"
+        if outstanding:
+            query += " WHERE id NOT IN (SELECT id FROM trials)"
         return [{"id": i, "trial": json.loads(t), "error": e, "at": a}
-                for i, t, e, a in self.db.execute("SELECT id, trial, error, at FROM failures ORDER BY at")]
+                for i, t, e, a in self.db.execute(query + " ORDER BY at")]
 
     def rows(self) -> list[dict]:
         cursor = self.db.execute("SELECT * FROM trials ORDER BY finished")

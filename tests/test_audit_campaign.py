@@ -111,10 +111,14 @@ def test_store_records_each_trial_exactly_once(tmp_path):
     trial = {"id": "t1", "model": "m.pt", "image_index": 3, "target": "switch", "object_id": 2, "source_class": 1,
              "to_class": 2, "size": 4, "seed": 0}
     with TrialStore(tmp_path / "run") as store:
+        store.record_failure(trial, "LocalRayletDiedError: the raylet died")  # a first attempt that was lost
+        assert [f["id"] for f in store.failures()] == ["t1"] and store.done_ids() == set()
         assert store.record(trial, {"success": 0.5}, {"patch.npy": np.ones((3, 4, 4), np.float32),
                                                       "note.txt": b"hi"})
         assert not store.record(trial, {"success": 0.9}, {})
         assert store.done_ids() == {"t1"} and store.count() == 1
+        # the resubmission stored it: its failure is settled, not reported as outstanding, but kept in history
+        assert store.failures() == [] and len(store.failures(outstanding=False)) == 1
     with TrialStore(tmp_path / "run") as reopened:  # survives the process
         (row,) = reopened.rows()
         assert row["metrics"] == {"success": 0.5} and row["size"] == 4
