@@ -51,8 +51,8 @@ def train_twin(out: Path, quick: bool) -> dict:
     if best.exists() and (out / "twin" / "summary.json").exists():
         return {"reused": str(best), "val_miou": json.loads((out / "twin" / "summary.json").read_text())["best_val_miou"]}
     # fewer scenes and epochs than the default run (2000 x 14): the demo needs a working twin, not the best one
-    config = TrainConfig(out=str(out / "twin"), train_length=300 if quick else 1200, val_length=60 if quick else 200,
-                         epochs=2 if quick else 8, eval_every=2 if quick else 8)
+    config = TrainConfig(out=str(out / "twin"), train_length=300 if quick else 1500, val_length=60 if quick else 200,
+                         epochs=2 if quick else 10, eval_every=2 if quick else 10)
     summary = train(config)
     return {"trained": str(best), "val_miou": summary["best_val_miou"], "seconds": summary["train_seconds_this_run"]}
 
@@ -101,7 +101,7 @@ def write_campaign(out: Path, quick: bool) -> Path:
         "name": "demo",
         "models": [str(twin)], "engines": {str(twin): [str(onnx)]},
         "images": {"dataset": "shapes", "split": "val", "count": 3 if quick else 8, "sample_seed": 0,
-                   "objects_per_image": 1, "object_order": "random", "min_object_pixels": 150},
+                   "objects_per_image": 1, "object_order": "random", "min_object_pixels": 300},
         "targets": [{"kind": "switch"}], "patch_sizes": [8], "seeds": [0],
         "attack": {"steps": 60 if quick else 150, "step_size": 0.0157, "eot_samples": 2},
         "eot_eval_draws": 4, "physical_views": 4,
@@ -110,13 +110,15 @@ def write_campaign(out: Path, quick: bool) -> Path:
 
 
 def strongest_trial(run: Path) -> tuple[str, dict]:
-    """The trial whose patch works best as a sticker (physical check), then in the image."""
+    """The trial whose patch flips the most pixels as a sticker: physical success times the pixels it changed
+    in the image (a patch that switches a tiny object is no demonstration)."""
     with sqlite3.connect(run / "trials.sqlite") as db:
         rows = db.execute("SELECT id, metrics FROM trials").fetchall()
     if not rows:
         raise RuntimeError(f"the campaign stored no trials in {run}")
     scored = [(trial, json.loads(metrics)) for trial, metrics in rows]
-    key = lambda item: (np.nan_to_num(item[1].get("physical_success_mean", 0.0)), item[1]["success"])  # noqa: E731
+    key = lambda item: (np.nan_to_num(item[1].get("physical_success_mean", 0.0)) * item[1]["changed"],  # noqa: E731
+                        item[1]["success"])
     return max(scored, key=key)
 
 
