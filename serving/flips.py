@@ -156,11 +156,10 @@ class FlipDetector:
         blob_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (config.trigger_open_px,) * 2)
         blobs = cv2.morphologyEx(explained.astype(np.uint8), cv2.MORPH_OPEN, blob_kernel).astype(bool)
         changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, 10_000)).astype(np.int16)
-        self._changed_now = changed_ago
 
         alarms = []
         if self.frames > config.warmup:
-            alarms = self._alarms(index, suspect, suspect_age, reference, labels16, change, areas)
+            alarms = self._alarms(index, suspect, suspect_age, changed_ago, reference, labels16, change, areas)
 
         # what is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label
         self._labels = np.where(suspect, reference, labels16).astype(np.int16)
@@ -174,7 +173,7 @@ class FlipDetector:
             self._learn_areas(areas)
         return alarms
 
-    def _alarms(self, index, suspect, suspect_age, reference, labels, change, areas) -> list[FlipAlarm]:
+    def _alarms(self, index, suspect, suspect_age, changed_ago, reference, labels, change, areas) -> list[FlipAlarm]:
         config = self.config
         persistent = suspect & (suspect_age >= config.persist)
         if persistent.sum() < config.min_pixels:
@@ -182,7 +181,7 @@ class FlipDetector:
         # pieces of one flip are one region: suspect pixels within `merge_px` of each other, or bridged by what
         # just appeared (a patch splits the flip it causes into pieces around itself)
         grouped = cv2.dilate(suspect.astype(np.uint8), np.ones((config.merge_px, config.merge_px), np.uint8))
-        grouped |= (self._changed_now <= config.persist).astype(np.uint8)
+        grouped |= (changed_ago <= config.persist).astype(np.uint8)
         count, components = cv2.connectedComponents(grouped, connectivity=8)
         alarms = []
         z = self._area_z(areas)
@@ -201,7 +200,7 @@ class FlipDetector:
             top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
             age = int(suspect_age[region].max())
             near = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-            trigger_mask = near & (self._changed_now <= age)
+            trigger_mask = near & (changed_ago <= age)
             trigger = int(trigger_mask.sum())
             if trigger < config.min_trigger_pixels:
                 # the view changed the model's mind with nothing new in sight: ambiguity, not a patch
