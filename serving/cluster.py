@@ -173,10 +173,13 @@ def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    ports = {name: free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                             "metrics-export-port", "ray-client-server-port", "node-manager-port",
-                                             "object-manager-port")}
+    names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
+             "object-manager-port")
+    chosen: set[int] = set()
+    while len(chosen) < len(names):  # a port freed by one probe can come back from the next: Ray wants them distinct
+        chosen.add(free_port())
+    ports = dict(zip(names, sorted(chosen)))
     command = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
                *(f"--{name}={port}" for name, port in ports.items())]
