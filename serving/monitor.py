@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import threading
 import time
@@ -110,7 +111,7 @@ class Monitor:
     """Streams -> batched engine calls -> one `FlipDetector` per stream -> sinks."""
 
     def __init__(self, engine: Engine, sinks=(), flip_config: FlipConfig = FlipConfig(), max_batch: int = 8,
-                 on_frame=None, confirm=None):
+                 on_frame=None, confirm=None, detect_workers: int | None = None):
         self.engine, self.sinks, self.flip_config, self.max_batch = engine, list(sinks), flip_config, max_batch
         self.on_frame = on_frame  # called with (StreamFrame, labels, alarms) after each frame: the web page's feed
         self.confirm = confirm  # e.g. serving.confirm.VGattConfirmer(twin): (rgb, region, to_class) -> evidence
@@ -121,8 +122,12 @@ class Monitor:
         self.events: list[StreamEvent] = []
         self.engine_errors = 0
         self._stop = threading.Event()
-        self._detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flip-detect")
-        self._pending: Future | None = None
+        # a batch holds one frame per stream, so its detectors can run side by side (OpenCV and NumPy release the
+        # GIL); half the cores, leaving the rest to the engine's own threads when it runs on this machine
+        self.detect_workers = detect_workers or max(1, min(max_batch, (os.cpu_count() or 2) // 2))
+        self._detect_pool = ThreadPoolExecutor(max_workers=self.detect_workers, thread_name_prefix="flip-detect")
+        self._pending: list[Future] = []
+        self._confirm_lock = threading.Lock()
         self._names = [c.name for c in engine.spec.classes]
 
     def add(self, stream: Stream) -> Stream:
@@ -160,14 +165,15 @@ class Monitor:
                 labels = self._segment(batch)
                 self.drain()
                 if labels is not None:
-                    self._pending = self._detect_pool.submit(self._detect, batch, labels)
+                    self._pending = [self._detect_pool.submit(self._detect, frame, label)
+                                     for frame, label in zip(batch, labels)]
         return len(frames)
 
     def drain(self) -> None:
-        """Wait for the batch whose detectors are still running (its errors surface here)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Wait for the batch whose detectors are still running (their errors surface here)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def _segment(self, group: list[StreamFrame]) -> np.ndarray | None:
         try:
@@ -179,32 +185,32 @@ class Monitor:
                                                   index=frame.index))
             return None
 
-    def _detect(self, group: list[StreamFrame], labels: np.ndarray) -> None:
-        for frame, label in zip(group, labels):
-            stats = self.stats[frame.stream]
-            try:
-                alarms = self.detectors[frame.stream].update(frame.index, frame.rgb, label)
-            except Exception as exc:  # one stream's odd frame must not stop the others
-                self._on_stream_event(StreamEvent(frame.stream, "detector_error", f"{type(exc).__name__}: {exc}",
-                                                  index=frame.index))
-                alarms = []
-            done = time.monotonic()  # end to end: captured -> labelled -> judged
-            stats.processed += 1
-            stats.first = stats.first if stats.first is not None else done
-            stats.last = done
-            stats.latencies.append(done - frame.captured)
-            for alarm in alarms:
-                alarm.evidence.setdefault("latency_ms", round((done - frame.captured) * 1000.0, 1))
-                if self.confirm is not None:
-                    try:
+    def _detect(self, frame: StreamFrame, label: np.ndarray) -> None:
+        stats = self.stats[frame.stream]
+        try:
+            alarms = self.detectors[frame.stream].update(frame.index, frame.rgb, label)
+        except Exception as exc:  # one stream's odd frame must not stop the others
+            self._on_stream_event(StreamEvent(frame.stream, "detector_error", f"{type(exc).__name__}: {exc}",
+                                              index=frame.index))
+            alarms = []
+        done = time.monotonic()  # end to end: captured -> labelled -> judged
+        stats.processed += 1
+        stats.first = stats.first if stats.first is not None else done
+        stats.last = done
+        stats.latencies.append(done - frame.captured)
+        for alarm in alarms:
+            alarm.evidence.setdefault("latency_ms", round((done - frame.captured) * 1000.0, 1))
+            if self.confirm is not None:
+                try:
+                    with self._confirm_lock:  # one twin: its attributions go one at a time
                         alarm.evidence["vgatt"] = self.confirm(frame.rgb, alarm.region, alarm.to_class, alarm.trigger)
-                    except Exception as exc:  # evidence is optional; the alarm goes out regardless
-                        alarm.evidence["vgatt"] = {"error": f"{type(exc).__name__}: {exc}"}
-                stats.alarms += 1
-                self.alarms.append(alarm)
-                self._emit(alarm.as_dict())
-            if self.on_frame is not None:
-                self.on_frame(frame, label, alarms)
+                except Exception as exc:  # evidence is optional; the alarm goes out regardless
+                    alarm.evidence["vgatt"] = {"error": f"{type(exc).__name__}: {exc}"}
+            stats.alarms += 1
+            self.alarms.append(alarm)
+            self._emit(alarm.as_dict())
+        if self.on_frame is not None:
+            self.on_frame(frame, label, alarms)
 
     def run(self, duration: float | None = None, idle_sleep: float = 0.002) -> dict:
         """Start the streams and process until every stream ended, `duration` passed, or `stop()`."""
@@ -229,5 +235,6 @@ class Monitor:
 
     def summary(self) -> dict:
         return {"engine": self.engine.describe(), "engine_errors": self.engine_errors,
+                "detect_workers": self.detect_workers,
                 "alarms": len(self.alarms), "events": len(self.events),
                 "streams": {name: self.stats[name].as_dict(stream) for name, stream in self.streams.items()}}
