@@ -213,7 +213,8 @@ def main() -> None:
                         help="ONNX Runtime intra-op threads (default: its own choice, every core)")
     parser.add_argument("--detect-workers", type=int, default=None, help="the monitor's detector threads")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    # FlipConfig's thresholds were tuned on the clips of seeds 0 and 1: seed 2's are held out
+    parser.add_argument("--seed", type=int, default=2, help="clip onsets and camera paths (2: held out from tuning)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a FlipConfig field for the detection run, e.g. --set flow=farneback")
     parser.add_argument("--skip-throughput", action="store_true")

@@ -4,17 +4,22 @@ own pixels, whose image is untouched).
 
 What is normal is learned online, per stream:
 - a *reference label map*, carried from frame to frame along the image's own motion (dense optical flow:
-  OpenCV's DIS, a tenth of Farneback's cost at equal detection in the benchmark) and updated wherever the new labels agree with it or the image itself changed there;
+  OpenCV's DIS, a tenth of Farneback's cost at equal detection in the benchmark) and updated wherever the new
+  labels agree with it or the image itself changed there;
 - a *reference image*, carried the same way, so that "the image changed here" means changed since the labels
   were established, not just since the previous frame;
-- per pixel, how many frames its reference label has held (`stable`), and per class the share of the frame it
-  covers (a running mean and spread of per-class areas).
+- per pixel, how many frames its reference label has held (`stable`), when the image there last changed and
+  when its current run of change began (`appeared`), and per class the share of the frame it covers (a running
+  mean and spread of per-class areas).
 
 A pixel is *suspect* when its label differs from the (motion-compensated) reference, it had held its label for
 `min_stable` frames, and the image there is within `image_change` of the reference. Suspect pixels are opened
-(thin boundary flicker goes) and grouped into connected regions; a region of `min_pixels` or more whose pixels
-stayed suspect for `persist` frames raises one `FlipAlarm`, which stays active (no repeated alarms) while the
-region lasts. Suspect pixels keep their old reference label, so a patch that stays keeps the region flagged.
+(thin boundary flicker goes) and grouped into connected regions. A region of `min_pixels` or more whose pixels
+stayed suspect for `persist` frames raises one `FlipAlarm` if new appearance (a blob of image change) began near
+it on the very frame the flip began: the *trigger*, a sticker coming into view. A flip with no such trigger is
+counted as `untriggered` and set aside: the view changed the model's mind, as moving cameras do. An alarm stays
+active (no repeated alarms) while its region lasts; suspect pixels keep their old reference label, so a patch
+that stays keeps the region flagged.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class FlipConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    image_change: float = Field(0.08, gt=0, description="mean |RGB| change in [0, 1] above which the image explains a label change")
+    image_change: float = Field(0.06, gt=0, description="mean |RGB| change in [0, 1] above which the image explains a label change")
     change_blur: int = Field(5, ge=1, description="box filter (px) over the image change: texture shimmer is not change")
     min_pixels: int = Field(25, ge=1, description="smallest flipped region that raises an alarm")
     persist: int = Field(2, ge=1, description="frames a region must stay flipped: 2 alarms on the frame after onset")
     min_stable: int = Field(3, ge=0, description="frames a pixel's label must have held before its flip counts")
     warmup: int = Field(3, ge=1, description="frames that only learn, before any alarm")
     open_px: int = Field(3, ge=1, description="opening kernel (px) that removes thin boundary flicker")
-    min_trigger_pixels: int = Field(18, ge=0, description="new-appearance pixels at or near a flipped region since "
-                                    "its onset needed for an alarm (0: alarm on any persistent unexplained flip)")
+    min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
+                                    "on the flip's onset frame, needed for an alarm (0: alarm on any persistent "
+                                    "unexplained flip)")
     merge_px: int = Field(9, ge=1, description="suspect pieces closer than this (px) form one region")
     trigger_open_px: int = Field(5, ge=1, description="opening kernel (px) for blobs of new appearance")
     flow: Literal["dis-fast", "dis-medium", "farneback"] = Field(
@@ -87,6 +93,7 @@ class FlipDetector:
         self.active: list[np.ndarray] = []  # masks of regions already alarmed, carried along the motion
         self.ignored: list[np.ndarray] = []  # persistent flips judged untriggered, carried the same way
         self._gray = self._image = self._labels = self._stable = self._suspect_age = self._changed_ago = None
+        self._appeared_ago = None
         classes = len(self.names)
         self._area_mean = np.zeros(classes)
         self._area_var = np.zeros(classes)
@@ -140,6 +147,7 @@ class FlipDetector:
             self._stable = np.ones(labels.shape, np.int16)
             self._suspect_age = np.zeros(labels.shape, np.int16)
             self._changed_ago = np.full(labels.shape, 10_000, np.int16)
+            self._appeared_ago = np.full(labels.shape, 10_000, np.int16)
             self.active, self.ignored = [], []
             self._learn_areas(areas)
             return []
@@ -150,6 +158,7 @@ class FlipDetector:
         stable = _warp(self._stable, map_x, map_y, nearest=True)
         suspect_age = _warp(self._suspect_age, map_x, map_y, nearest=True)
         changed_ago = _warp(self._changed_ago, map_x, map_y, nearest=True)
+        appeared_ago = _warp(self._appeared_ago, map_x, map_y, nearest=True)
         carry = lambda masks: [_warp(m.astype(np.uint8), map_x, map_y, nearest=True).astype(bool) for m in masks]  # noqa: E731
         self.active, self.ignored = carry(self.active), carry(self.ignored)
 
@@ -165,17 +174,22 @@ class FlipDetector:
         # blobs of new appearance (a sticker coming into view), not the slivers of occlusion edges
         blob_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (config.trigger_open_px,) * 2)
         blobs = cv2.morphologyEx(explained.astype(np.uint8), cv2.MORPH_OPEN, blob_kernel).astype(bool)
+        # when the current run of change at a pixel began: a sticker's texture may keep registering as change
+        # under imperfect flow, but it appeared once
+        appeared_ago = np.where(blobs & (changed_ago > 0), 0, np.minimum(appeared_ago + 1, 10_000)).astype(np.int16)
         changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, 10_000)).astype(np.int16)
 
         alarms = []
         if self.frames > config.warmup:
-            alarms = self._alarms(index, suspect, suspect_age, changed_ago, reference, labels16, change, areas)
+            alarms = self._alarms(index, suspect, suspect_age, changed_ago, appeared_ago, reference, labels16, change,
+                                  areas)
 
         # what is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label
         self._labels = np.where(suspect, reference, labels16).astype(np.int16)
         self._stable = np.where(differs & ~suspect, 1, np.minimum(stable + 1, 10_000)).astype(np.int16)
         self._image = np.where(suspect[..., None], reference_image, image).astype(np.float32)
         self._gray, self._suspect_age, self._changed_ago = gray, suspect_age, changed_ago
+        self._appeared_ago = appeared_ago
         keep = lambda masks: [m & suspect for m in masks if (m & suspect).sum() >= config.min_pixels // 2]  # noqa: E731
         self.active, self.ignored = keep(self.active), keep(self.ignored)
         self.last_suspect = suspect
@@ -183,7 +197,8 @@ class FlipDetector:
             self._learn_areas(areas)
         return alarms
 
-    def _alarms(self, index, suspect, suspect_age, changed_ago, reference, labels, change, areas) -> list[FlipAlarm]:
+    def _alarms(self, index, suspect, suspect_age, changed_ago, appeared_ago, reference, labels, change,
+                areas) -> list[FlipAlarm]:
         config = self.config
         persistent = suspect & (suspect_age >= config.persist)
         if persistent.sum() < config.min_pixels:
@@ -195,12 +210,18 @@ class FlipDetector:
         count, components = cv2.connectedComponents(grouped, connectivity=8)
         alarms = []
         z = self._area_z(areas)
+        ignored = np.zeros(suspect.shape, bool)
+        for mask in self.ignored:
+            ignored |= mask
         for component in range(1, count):
             region = (components == component) & suspect
+            if any((region & mask).sum() >= config.min_pixels // 2 for mask in self.active):
+                continue  # this flip already raised its alarm
+            # a flip already judged ambiguous is set aside; a new flip beside it (a patch on an object the model
+            # was already unsure of) is judged on its own pixels, with its own onset
+            region &= ~ignored
             if (region & persistent).sum() < config.min_pixels:
                 continue
-            if any((region & mask).sum() >= config.min_pixels // 2 for mask in self.active + self.ignored):
-                continue  # this flip was already judged
             pairs = np.stack([reference[region], labels[region]], axis=1)
             unique, counts = np.unique(pairs, axis=0, return_counts=True)
             order = np.argsort(-counts)
@@ -208,9 +229,15 @@ class FlipDetector:
             from_class, to_class = (int(v) for v in unique[order[0]])
             rows, cols = np.nonzero(region)
             top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
-            age = int(suspect_age[region].max())
             near = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-            trigger_mask = near & (changed_ago <= age)
+            # the new appearance must have begun on the very frame the flip began: a sticker coming into view
+            # flips its object at once, while what a moving camera reveals comes before or after the model's
+            # change of mind (bench/monitor.py: this cut clean-clip false alarms about tenfold). A region may hold
+            # an older, smaller flip too, so each onset that a sizeable part of it shares is tried.
+            ages, sizes = np.unique(suspect_age[region], return_counts=True)
+            onsets = [int(a) for a, n in zip(ages, sizes) if a >= config.persist and n >= config.min_pixels // 2]
+            age, trigger_mask = max(((a, near & (appeared_ago == a - 1)) for a in onsets or [int(ages.max())]),
+                                    key=lambda item: int(item[1].sum()))
             trigger = int(trigger_mask.sum())
             if trigger < config.min_trigger_pixels:
                 # the view changed the model's mind with nothing new in sight: ambiguity, not a patch

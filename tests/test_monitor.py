@@ -83,6 +83,16 @@ def test_patch_flip_is_caught_the_frame_after_onset(big_object):
     assert record["type"] == "flip" and record["transitions"][f"{alarm.from_name}->{alarm.to_name}"] > 0
 
 
+def test_new_appearance_must_begin_with_the_flip(big_object):
+    """A sticker that has been in view for frames before the object's label flips did not cause the flip: the
+    detector needs the appearance and the flip to begin on the same frame."""
+    index, instance = big_object
+    patch = np.random.default_rng(0).integers(0, 2, (3, 10, 10)).astype(np.float32)
+    camera = SyntheticCamera(index, frames=30, patch=patch, instance=instance, onset=12, path=CameraPath(period=60))
+    detector, alarms = run_detector(camera, 30, flip_from=16, to_class=1)
+    assert alarms == [] and detector.untriggered >= 1
+
+
 def test_flip_without_anything_new_in_view_is_not_an_alarm(big_object):
     index, instance = big_object
     camera = SyntheticCamera(index, frames=24, instance=instance, path=CameraPath(period=60))
