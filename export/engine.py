@@ -51,6 +51,14 @@ class Engine(ABC):
         dtype = np.uint8 if self.spec.num_classes <= 256 else np.int32
         return self.infer(images).argmax(axis=1).astype(dtype)
 
+    def segment(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Frames or images -> (N, H, W) label maps: the call callers make.
+
+        Takes what `prepare` takes ((N, H, W, 3) / (H, W, 3) uint8 RGB frames, or float (N, 3, H, W) / (3, H, W)
+        images in the spec's value range). Engines on a GPU override it so that normalisation and argmax run on
+        the device and only uint8 crosses to the host; this default equals `labels(prepare(frames))`."""
+        return self.labels(self.prepare(frames))
+
     def prepare(self, frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Frames -> normalised engine input, the one place images are normalised for engines.
 
