@@ -59,7 +59,7 @@ def render_clips(engine, run: Path, args) -> list[Clip]:
     from serving.streams import CameraPath, SyntheticCamera
 
     size = tuple(engine.spec.input_size)
-    labeler = lambda frames: engine.labels(engine.prepare(frames))  # noqa: E731
+    labeler = engine.segment
     rendered = []
     for trial, index, instance, patch, onset, path in tqdm(list(clips(run, args.clips, args.frames, args.seed)),
                                                           desc="render clips (patched + clean)"):
@@ -140,12 +140,12 @@ def throughput(engine, args) -> dict:
         camera.open()
         frames.append([camera.read()[0] for _ in range(per_stream)])
     for _ in range(3):
-        engine.labels(engine.prepare(np.stack([clip[0] for clip in frames])))
+        engine.segment(np.stack([clip[0] for clip in frames]))
 
     def engine_alone() -> float:
         started = time.perf_counter()
         for i in range(per_stream):
-            engine.labels(engine.prepare(np.stack([clip[i] for clip in frames])))
+            engine.segment(np.stack([clip[i] for clip in frames]))
         return streams * per_stream / (time.perf_counter() - started)
 
     def pipeline() -> tuple[float, dict]:

@@ -2,7 +2,7 @@
 session in-process, at 360x480 on real CamVid frames.
 
 Workload, identical on both sides: an RGB uint8 camera frame in, its label map out. In-process that is
-`engine.labels(engine.prepare(frames))` on an `OnnxRuntimeEngine` of the same file; served it is an HTTP request
+`engine.segment(frames)` on an `OnnxRuntimeEngine` of the same file; served it is an HTTP request
 with the binary tensor extension (`frames` UINT8 in, `labels` UINT8 out) to a local Ray cluster on 127.0.0.1.
 
   * latency, batch 1: sequential requests, p50 and p99, served vs in-process;
@@ -98,7 +98,7 @@ def batched_in_process(engine, frames: np.ndarray, batch: int, images: int) -> f
     stack = np.stack([frames[i % len(frames)] for i in range(batch)])
     start, done = time.perf_counter(), 0
     while done < images:
-        engine.labels(engine.prepare(stack))
+        engine.segment(stack)
         done += batch
     return done / (time.perf_counter() - start)
 
@@ -132,7 +132,7 @@ def main() -> None:
     local = OnnxRuntimeEngine(engine_file, threads=args.threads)
 
     def in_process(batch):
-        return local.labels(local.prepare(batch))
+        return local.segment(batch)
 
     config = ServeConfig(models=[{"name": "bench", "path": str(engine_file.resolve()), "max_batch_size": args.batch,
                                   "batch_wait_ms": args.batch_wait_ms, "threads": args.threads,

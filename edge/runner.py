@@ -79,7 +79,7 @@ def run_engine(
                 continue
             rgb = item.rgb if size is None else cv2.resize(item.rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
             t0 = time.perf_counter()
-            labels = engine.labels(engine.prepare(rgb))[0]
+            labels = engine.segment(rgb)[0]
             infer_s += time.perf_counter() - t0
             frames += 1
             areas += np.bincount(labels.ravel(), minlength=spec.num_classes)[: spec.num_classes]

@@ -6,6 +6,7 @@ Uses torch's `torch.export`-based exporter (the default since torch 2.9). Weight
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -39,7 +40,9 @@ def export_onnx(
     shapes the example the exporter traces with.
     """
     height, width = sample_size or twin.spec.input_size
-    model = twin.model.eval().cpu()
+    model = twin.model.eval()
+    if next(model.parameters()).device.type != "cpu":  # trace a CPU copy; the caller's twin stays on its device
+        model = copy.deepcopy(model).cpu()
     example = torch.zeros(1, 3, height, width)
     dims = {0: "batch", 2: "height", 3: "width"}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from export.engine import Engine, EngineError, TorchEngine, prepare_images
 from export.onnx_export import export_onnx, load_model, model_metadata, save_model
 from export.onnxruntime_engine import OnnxRuntimeEngine
@@ -89,20 +91,22 @@ def export_onnx_gated(
     settings: ParitySettings | None = None,
     opset: int = 18,
     progress: bool = True,
+    device: torch.device = torch.device("cpu"),
 ) -> dict[str, ParityReport]:
-    """Export, convert and gate; raises `ParityError` for the first precision over tolerance."""
+    """Export, convert and gate on `device` (engine and reference twin both there; fp32 is TF32-free on CUDA);
+    raises `ParityError` for the first precision over tolerance."""
     settings = settings or ParitySettings()
     twin = load_twin(checkpoint)
-    reference = TorchEngine(twin)
     source, images = settings.images(twin)
     fp32_path = precision_path(out, "fp32")
-    proto = export_onnx(twin, fp32_path)
+    proto = export_onnx(twin, fp32_path, opset=opset)
+    reference = TorchEngine(twin, device=device, precision="fp32")
     reports = {}
     for precision in ("fp32",) + tuple(p for p in precisions if p != "fp32"):
         path = precision_path(out, precision)
         if precision != "fp32":
             save_model(convert_precision(proto, precision, _calibration(precision, twin, settings)), path)
-        engine = OnnxRuntimeEngine(path)
+        engine = OnnxRuntimeEngine(path, device=device)
         reports[precision] = _gate_file(engine, path, reference, images, source, settings, progress)
         gate(reports[precision])
     return reports
@@ -118,8 +122,10 @@ def export_tensorrt_gated(
     workspace_bytes: int = 2 << 30,
     settings: ParitySettings | None = None,
     progress: bool = True,
+    device: torch.device = torch.device("cuda", 0),
 ) -> ParityReport:
-    """Build a TensorRT plan from a gated ONNX (converting an fp32 graph to `precision` first) and gate it."""
+    """Build a TensorRT plan from a gated ONNX (converting an fp32 graph to `precision` first) and gate it on the
+    CUDA `device` against the twin there (fp32, TF32 off)."""
     from export.tensorrt_engine import TensorRTEngine, build_plan, tensorrt_missing_reason
 
     reason = tensorrt_missing_reason()
@@ -130,7 +136,9 @@ def export_tensorrt_gated(
     spec, graph_precision = model_metadata(onnx_path)
     if spec.checkpoint_digest != twin.spec.checkpoint_digest:
         raise ValueError(f"{onnx_path} was not exported from {checkpoint} (weight digests differ)")
-    reference = TorchEngine(twin)
+    if device.type != "cuda":
+        raise EngineError(f"a TensorRT plan runs on a CUDA device, not {device}")
+    reference = TorchEngine(twin, device=device, precision="fp32")
     precision = precision or graph_precision
     if precision != graph_precision:
         converted = Path(f"{plan_path}.onnx")  # the graph this plan was built from, kept beside it
@@ -138,5 +146,5 @@ def export_tensorrt_gated(
         onnx_path = converted
     build_plan(onnx_path, plan_path, profile=profile, workspace_bytes=workspace_bytes)
     source, images = settings.images(twin)
-    report = _gate_file(TensorRTEngine(plan_path), Path(plan_path), reference, images, source, settings, progress)
+    report = _gate_file(TensorRTEngine(plan_path, device=device.index or 0), Path(plan_path), reference, images, source, settings, progress)
     return gate(report)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from export.engine import Engine, EngineError, EngineInputError
+from export.engine import Engine, EngineError, EngineInputError, frames_on_device, labels_to_host
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, model_metadata
 from segmenters.files import atomic_write_bytes, atomic_write_text
 from segmenters.spec import ModelSpec, file_digest
@@ -53,6 +53,8 @@ class PlanInfo(BaseModel):
     onnx_digest: str
     spec: ModelSpec
     built_at: float
+    #: fp32 layers may run in TF32 (TensorRT's default, cleared for fp32 plans so that fp32 means fp32)
+    tf32: bool = False
 
 
 class PlanMismatchError(EngineError):
@@ -111,6 +113,7 @@ def build_plan(
     *,
     profile: dict[str, Shape] | None = None,
     workspace_bytes: int = 2 << 30,
+    tf32: bool = False,
 ) -> PlanInfo:
     """Parse the ONNX, build a serialised plan for this GPU, write it with its sidecar."""
     reason = tensorrt_missing_reason()
@@ -139,6 +142,9 @@ def build_plan(
         raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    tf32_flag = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32_flag is not None and not tf32:
+        config.clear_flag(tf32_flag)
     optimisation = builder.create_optimization_profile()
     optimisation.set_shape(INPUT_NAME, profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(optimisation)
@@ -153,6 +159,7 @@ def build_plan(
         onnx_digest=file_digest(onnx_path),
         spec=spec,
         built_at=time.time(),
+        tf32=tf32,
     )
     atomic_write_bytes(plan_path, bytes(serialised))
     atomic_write_text(sidecar_path(plan_path), info.model_dump_json(indent=2))
@@ -173,7 +180,7 @@ class TensorRTEngine(Engine):
         if why:
             raise PlanMismatchError(f"{plan_path}: {why}")
         self.spec, self.precision = self.info.spec, self.info.precision
-        self.device = torch.device("cuda", device)
+        self.torch_device = torch.device("cuda", device)
         self._torch = torch
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
@@ -181,23 +188,36 @@ class TensorRTEngine(Engine):
             raise EngineError(f"TensorRT could not deserialise {plan_path}")
         self.context = self.engine.create_execution_context()
         self.backend = "tensorrt"
+        self.device = f"cuda:{device} ({torch.cuda.get_device_name(device)})"
 
-    def _run(self, images: np.ndarray) -> np.ndarray:
+    @property
+    def math(self) -> str:
+        return "tf32" if self.precision == "fp32" and self.info.tf32 else self.precision
+
+    def _forward(self, x) -> object:
+        """Normalised (N, 3, H, W) float32 on the device -> logits on the device."""
         torch = self._torch
         low, high = self.info.profile["min"], self.info.profile["max"]
-        if not all(lo <= d <= hi for lo, d, hi in zip(low, images.shape, high)):
-            raise EngineInputError(f"input shape {images.shape} is outside the plan's profile {low}..{high}")
-        x = torch.from_numpy(images).to(self.device)
+        if not all(lo <= d <= hi for lo, d, hi in zip(low, x.shape, high)):
+            raise EngineInputError(f"input shape {tuple(x.shape)} is outside the plan's profile {low}..{high}")
         if not self.context.set_input_shape(INPUT_NAME, tuple(x.shape)):
             raise EngineInputError(f"TensorRT refused input shape {tuple(x.shape)}")
-        out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device=self.device)
+        out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device=self.torch_device)
         self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
         self.context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.current_stream(self.torch_device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EngineError("TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu().numpy()
+        return out
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        return self._forward(self._torch.from_numpy(images).to(self.torch_device)).cpu().numpy()
+
+    def _labels(self, images: np.ndarray) -> np.ndarray:
+        return labels_to_host(self._forward(self._torch.from_numpy(images).to(self.torch_device)), self.spec)
+
+    def _segment_frames(self, frames: np.ndarray) -> np.ndarray:
+        return labels_to_host(self._forward(frames_on_device(frames, self.spec, self.torch_device)), self.spec)
 
     def describe(self) -> dict:
         return {**super().describe(), "target": self.info.target.model_dump()}

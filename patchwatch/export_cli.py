@@ -22,11 +22,24 @@ def _parity_options(command):
             click.option("--data-root", help="dataset folder (default ../shared/data/...)"),
             click.option("--calibration-count", type=int, default=32, show_default=True,
                          help="training images INT8 calibrates on"),
+            click.option("--device", default="auto", show_default=True,
+                         help="where the engine and its reference twin run for the gate: auto (CUDA when available), "
+                              "cpu, cuda or cuda:N; fp32 is gated with TF32 off"),
             click.option("--quiet", is_flag=True, help="no progress bars"),
         ]
     ):
         command = option(command)
     return command
+
+
+def _device(request: str):
+    """The gate's device, resolved before any work; a CUDA request on a machine without one is a usage error."""
+    from segmenters.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(request)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
 
 
 def _settings(parity_data, parity_count, parity_size, data_root, calibration_count):
@@ -48,8 +61,9 @@ def export() -> None:
               help="also write reduced-precision graphs (repeatable): <out>.fp16.onnx, <out>.int8.onnx")
 @click.option("--opset", type=int, default=18, show_default=True)
 @_parity_options
-def export_onnx_command(checkpoint, out, precisions, opset, quiet, **parity) -> None:
+def export_onnx_command(checkpoint, out, precisions, opset, device, quiet, **parity) -> None:
     """Export CHECKPOINT to ONNX (dynamic batch and size, ModelSpec in metadata) and gate it on real images."""
+    device = _device(device)
     from export import ParityError
     from export.onnx_export import OnnxExportError
     from export.pipeline import export_onnx_gated, precision_path
@@ -58,7 +72,7 @@ def export_onnx_command(checkpoint, out, precisions, opset, quiet, **parity) -> 
     out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
     try:
         reports = export_onnx_gated(checkpoint, out, precisions=tuple(precisions), settings=_settings(**parity),
-                                    opset=opset, progress=not quiet)
+                                    opset=opset, progress=not quiet, device=device)
     except (ParityError, OnnxExportError, DatasetError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     for report in reports.values():
@@ -78,8 +92,14 @@ def export_onnx_command(checkpoint, out, precisions, opset, quiet, **parity) -> 
 @click.option("--workspace-mb", type=int, default=2048, show_default=True, help="builder workspace limit")
 @_parity_options
 def export_tensorrt_command(onnx_path, checkpoint, out, precision, min_shape, opt_shape, max_shape, workspace_mb,
-                            quiet, **parity) -> None:
+                            device, quiet, **parity) -> None:
     """Build a TensorRT plan from ONNX_PATH for this GPU, record its target, and gate it against the twin."""
+    from export.tensorrt_engine import tensorrt_missing_reason
+
+    reason = tensorrt_missing_reason()
+    if reason:  # say so before the device or any conversion
+        raise click.ClickException(f"cannot build a TensorRT plan: {reason}")
+    device = _device("cuda" if device == "auto" else device)
     from export import EngineError, ParityError
     from export.onnx_export import model_metadata
     from export.pipeline import export_tensorrt_gated
@@ -95,7 +115,7 @@ def export_tensorrt_command(onnx_path, checkpoint, out, precision, min_shape, op
     try:
         report = export_tensorrt_gated(onnx_path, checkpoint, out, precision=precision, profile=profile,
                                        workspace_bytes=workspace_mb << 20, settings=_settings(**parity),
-                                       progress=not quiet)
+                                       progress=not quiet, device=device)
     except (EngineError, ParityError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(report.text())

@@ -37,6 +37,19 @@ def build_engine(engine_path: str | None, url: str | None, model: str | None, ve
     return ServeHandleEngine(name, handle_version or "1")
 
 
+def build_confirmer(checkpoint: str, device: str):
+    """VGatt confirmation of alarms on the twin, on `device` (resolved here, before any stream opens)."""
+    from segmenters.device import DeviceError, resolve_device
+    from segmenters.twin import load_twin
+    from serving.confirm import VGattConfirmer
+
+    try:
+        where = resolve_device(device)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+    return VGattConfirmer(load_twin(checkpoint, map_location=where))
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--engine", "engine_path", type=click.Path(exists=True, dir_okay=False), help="a local engine file")
@@ -54,20 +67,25 @@ def build_engine(engine_path: str | None, url: str | None, model: str | None, ve
 @click.option("--fps", type=float, help="pace synthetic sources at this rate")
 @click.option("--frames", type=int, help="stop synthetic sources after this many frames")
 @click.option("--duration", type=float, help="stop after this many seconds (default: when every source ended)")
+@click.option("--confirm-twin", type=click.Path(exists=True, dir_okay=False),
+              help="the engine's twin checkpoint: each alarm gets VGatt evidence computed on it")
+@click.option("--device", default="auto", show_default=True,
+              help="where the confirming twin runs: auto (CUDA when available), cpu, cuda or cuda:N")
 def monitor(sources, engine_path, url, model, version, handle, api_key_env, events, webhook, page_port, no_page,
-            policy, fps, frames, duration) -> None:
+            policy, fps, frames, duration, confirm_twin, device) -> None:
     """Watch SOURCES (video files, rtsp/http URLs, camera indices, synthetic:INDEX, trial:RUN:TRIAL[@ONSET]) for
     patch-induced class flips. Alarms and stream events go to --events (and --webhook); the page shows every
     stream live with its labels and the alarm list."""
     from serving.monitor import JsonLinesSink, Monitor, WebhookSink
     from serving.streams import Stream, open_source
 
+    confirm = build_confirmer(confirm_twin, device) if confirm_twin else None
     engine = build_engine(engine_path, url, model, version, handle, api_key_env)
     sinks = [JsonLinesSink(events)]
     hook = WebhookSink(webhook) if webhook else None
     if hook:
         sinks.append(hook)
-    watcher = Monitor(engine, sinks=sinks)
+    watcher = Monitor(engine, sinks=sinks, confirm=confirm)
     for text in sources:
         try:
             source = open_source(text, fps=fps, frames=frames)

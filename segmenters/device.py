@@ -32,6 +32,13 @@ def _parse(request: str | torch.device | None) -> tuple[str, int | None]:
     return match.group(1), None if match.group(2) is None else int(match.group(2))
 
 
+def device_name(request: str | torch.device | None) -> str:
+    """The request's canonical spelling ('auto', 'cpu', 'cuda', 'cuda:1'): its form checked, nothing resolved, so
+    that a config naming a GPU can be validated on a machine without one."""
+    kind, index = _parse(request)
+    return kind if index is None else f"{kind}:{index}"
+
+
 def _no_cuda_reason() -> str:
     if not torch.backends.cuda.is_built():
         return f"this torch ({torch.__version__}) is built without CUDA"

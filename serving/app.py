@@ -266,7 +266,7 @@ class InferenceServer:
             ],
             # Beyond the protocol's fields: how to use this model, for clients that read it
             "parameters": {"version": model.version, "precision": meta["precision"], "backend": meta["backend"],
-                           "max_batch_size": model.max_batch_size,
+                           "device": meta.get("device", "cpu"), "max_batch_size": model.max_batch_size,
                            "inputs": "send exactly one: " + "; ".join(f"{k}: {v['about']}" for k, v in INPUTS.items())},
             "model_spec": meta["spec"],
         })

@@ -88,20 +88,17 @@ class RemoteEngine(Engine):
         if "model_spec" not in meta:
             raise EngineError(f"{url} model {model!r} publishes no model_spec: not a patchwatch server?")
         self.spec = ModelSpec.model_validate(meta["model_spec"])
-        self.precision = meta.get("parameters", {}).get("precision", "fp32")
+        parameters = meta.get("parameters", {})
+        self.precision, self.device = parameters.get("precision", "fp32"), parameters.get("device", "remote")
         self.backend = f"oip:{self.client.url}/{model}"
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self.client.infer(self.model, {"images": images}, {"logits": True}, self.version)["logits"]
 
-    def labels(self, images: np.ndarray) -> np.ndarray:
+    def _labels(self, images: np.ndarray) -> np.ndarray:
         # only the label map crosses the network: C times less than the logits
-        from export.engine import check_input
+        return self.client.infer(self.model, {"images": images}, {"labels": True}, self.version)["labels"]
 
-        return self.client.infer(self.model, {"images": check_input(images)}, {"labels": True},
-                                 self.version)["labels"]
-
-    def frame_labels(self, frames: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 frames -> label maps, normalised on the server (4x less to send than floats)."""
-        return self.client.infer(self.model, {"frames": np.ascontiguousarray(frames, dtype=np.uint8)},
-                                 {"labels": True}, self.version)["labels"]
+    def _segment_frames(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames -> label maps, normalised on the server (4x less to send than floats)."""
+        return self.client.infer(self.model, {"frames": frames}, {"labels": True}, self.version)["labels"]

@@ -55,8 +55,13 @@ class ModelConfig(BaseModel):
     #: when set, replaces num_replicas
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(1.0, ge=0)
-    #: > 0 puts the replica on a GPU node; ONNX Runtime then uses its TensorRT/CUDA providers when installed
+    #: > 0 gives each replica (a share of) a GPU; fractions let replicas share one
     num_gpus: float = Field(0.0, ge=0)
+    #: where the engine runs inside its replica: auto (the GPU Ray gave it, else the CPU), cpu, or cuda
+    #: (refused at start when Ray gave it no GPU)
+    device: str = "auto"
+    #: ONNX Runtime CUDA provider options (cudnn_conv_algo_search, gpu_mem_limit, ...); fp32 keeps TF32 off
+    provider_options: dict[str, str | int | float] = Field(default_factory=dict)
     #: ONNX Runtime intra-op threads (default: its own choice)
     threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
@@ -69,10 +74,23 @@ class ModelConfig(BaseModel):
             raise ValueError(f"{value!r} is not an engine file ({', '.join(ENGINE_SUFFIXES)})")
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from segmenters.device import DeviceError, device_name
+
+        try:
+            return device_name(value)  # the form only: which GPU is Ray's to say
+        except DeviceError as exc:
+            raise ValueError(str(exc)) from None
+
     @model_validator(mode="after")
     def _plans_need_gpus(self) -> ModelConfig:
         if Path(self.path).suffix.lower() in (".plan", ".engine") and self.num_gpus <= 0:
             raise ValueError(f"model {self.name!r}: a TensorRT plan needs num_gpus > 0")
+        if self.device.startswith("cuda") and self.num_gpus <= 0:
+            raise ValueError(f"model {self.name!r}: device {self.device!r} needs num_gpus > 0 (Ray gives replicas "
+                             "their GPUs)")
         return self
 
     @property

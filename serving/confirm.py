@@ -21,7 +21,8 @@ class VGattConfirmer:
         self.vgatt = VGatt(twin.model.eval())
 
     def __call__(self, rgb: np.ndarray, region: np.ndarray, to_class: int, trigger: np.ndarray | None = None) -> dict:
-        image = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0)
+        device = next(self.twin.model.parameters()).device  # the twin's, chosen by whoever loaded it
+        image = torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32) / 255.0).to(device)
         result = self.vgatt.attribute(self.twin.spec.normalization.normalize(image[None]), to_class, region)
         positive = np.clip(result.map, 0, None)
         total = float(positive.sum())

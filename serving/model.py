@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
-from export.engine import Engine, EngineError, check_input
+from export.engine import Engine, EngineError, label_dtype
 from segmenters.spec import ModelSpec
 from serving.config import ModelConfig
 from serving.metrics import ModelMetrics
@@ -91,16 +91,18 @@ class EngineModel:
     """A replica that owns one `Engine` (ONNX Runtime or TensorRT) and batches requests into it."""
 
     def __init__(self, model: ModelConfig):
+        import ray
+
         from export import load_engine
+        from segmenters.device import assigned_device
 
         self.config = model
+        # the GPU Ray gave this replica (CUDA_VISIBLE_DEVICES names it cuda:0 here), or the CPU when it gave none
+        device = assigned_device(model.device, ray.get_gpu_ids())
         options = {}
         if model.path.lower().endswith(".onnx"):
-            if model.num_gpus <= 0:
-                # Ray gave this replica no GPU: keep ONNX Runtime off any GPU the node may have
-                options["providers"] = ["CPUExecutionProvider"]
-            options["threads"] = model.threads
-        self.engine = load_engine(model.path, **options)
+            options.update(threads=model.threads, provider_options=model.provider_options)
+        self.engine = load_engine(model.path, device=device, **options)
         self.metrics = ModelMetrics(model.name, model.version)
         self._batch.set_max_batch_size(model.max_batch_size)
         self._batch.set_batch_wait_timeout_s(model.batch_wait_ms / 1000.0)
@@ -108,7 +110,7 @@ class EngineModel:
     def metadata(self) -> dict:
         """What the ingress reports for this model: spec, precision, backend."""
         return {"spec": self.engine.spec.model_dump(mode="json"), "precision": self.engine.precision,
-                "backend": self.engine.backend, "path": self.config.path}
+                "backend": self.engine.backend, "device": self.engine.device, "path": self.config.path}
 
     def ready(self) -> bool:
         return True
@@ -118,37 +120,37 @@ class EngineModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _batch(self, calls: list[InferCall]) -> list[dict[str, np.ndarray]]:
-        # Calls of one image size run as one engine batch; other sizes run after it.
-        by_size: dict[tuple[int, int], list[int]] = {}
+        # Calls of one input kind and image size run as one engine batch; other groups run after it.
+        groups: dict[tuple, list[int]] = {}
         for index, call in enumerate(calls):
             size = call.array.shape[2:] if call.input_name == "images" else call.array.shape[1:3]
-            by_size.setdefault(tuple(size), []).append(index)
+            groups.setdefault((call.input_name, tuple(size)), []).append(index)
         results: list[dict[str, np.ndarray]] = [{} for _ in calls]
-        for indices in by_size.values():
+        for indices in groups.values():
             group = [calls[i] for i in indices]
             started = time.perf_counter()
-            logits = await asyncio.to_thread(self._run, group)
-            self.metrics.observe_batch(len(logits), (time.perf_counter() - started) * 1000.0)
+            outputs = await asyncio.to_thread(self._run, group)
+            self.metrics.observe_batch(sum(c.images for c in group), (time.perf_counter() - started) * 1000.0)
             start = 0
             for i, call in zip(indices, group):
-                chunk = logits[start:start + call.images]
+                results[i] = {name: value[start:start + call.images] for name, value in outputs.items()
+                              if name in call.outputs}
                 start += call.images
-                if "logits" in call.outputs:
-                    results[i]["logits"] = chunk
-                if "labels" in call.outputs:
-                    results[i]["labels"] = chunk.argmax(axis=1).astype(self.label_dtype)
         return results
 
-    def _run(self, group: list[InferCall]) -> np.ndarray:
-        batch = np.concatenate([self._engine_input(call) for call in group])
-        return self.engine.infer(batch)
-
-    def _engine_input(self, call: InferCall) -> np.ndarray:
-        return call.array if call.input_name == "images" else self.engine.prepare(call.array)
+    def _run(self, group: list[InferCall]) -> dict[str, np.ndarray]:
+        """One group's engine batch. Labels alone come from `segment` (argmax on the engine's device, only uint8
+        back); when a call wants the logits they come back and the labels are their argmax."""
+        batch = np.concatenate([call.array for call in group])
+        frames = group[0].input_name == "frames"
+        if not any("logits" in call.outputs for call in group):
+            return {"labels": self.engine.segment(batch) if frames else self.engine.labels(batch)}
+        logits = self.engine.infer(self.engine.prepare(batch) if frames else batch)
+        return {"logits": logits, "labels": logits.argmax(axis=1).astype(self.label_dtype)}
 
     @property
     def label_dtype(self):
-        return np.uint8 if self.engine.spec.num_classes <= 256 else np.int32
+        return label_dtype(self.engine.spec)
 
     def check_health(self) -> None:
         """Serve calls this periodically; an exception marks the replica unhealthy and Serve replaces it. A tiny
@@ -193,7 +195,7 @@ class ServeHandleEngine(Engine):
             raise EngineError(f"no served model {name!r} version {version!r} in Serve application {app_name!r}: "
                               f"{exc}") from exc
         self.spec = ModelSpec.model_validate(meta["spec"])
-        self.precision = meta["precision"]
+        self.precision, self.device = meta["precision"], meta["device"]
         self.backend = f"serve:{app_name}/{deployment} ({meta['backend']})"
 
     def _call(self, input_name: str, array: np.ndarray, output: str) -> np.ndarray:
@@ -202,9 +204,8 @@ class ServeHandleEngine(Engine):
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self._call("images", images, "logits")
 
-    def labels(self, images: np.ndarray) -> np.ndarray:
-        return self._call("images", check_input(images), "labels")  # only the label maps come back
+    def _labels(self, images: np.ndarray) -> np.ndarray:
+        return self._call("images", images, "labels")  # only the label maps come back
 
-    def frame_labels(self, frames: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 frames -> label maps, normalised by the replica."""
-        return self._call("frames", np.ascontiguousarray(frames, dtype=np.uint8), "labels")
+    def _segment_frames(self, frames: np.ndarray) -> np.ndarray:
+        return self._call("frames", frames, "labels")  # normalised by the replica

@@ -177,7 +177,7 @@ class Monitor:
 
     def _segment(self, group: list[StreamFrame]) -> np.ndarray | None:
         try:
-            return self.engine.labels(self.engine.prepare(np.stack([frame.rgb for frame in group])))
+            return self.engine.segment(np.stack([frame.rgb for frame in group]))
         except Exception as exc:  # an engine hiccup (a restarting replica, a timeout) costs frames, not the loop
             self.engine_errors += 1
             for frame in group:

@@ -141,7 +141,7 @@ def test_remote_engine_is_an_engine(service, local, val_frames):
     images = remote.prepare(small(frames[:2]))
     np.testing.assert_allclose(remote.infer(images), local["1"].infer(images), atol=1e-4, rtol=0)
     np.testing.assert_array_equal(remote.labels(images), local["1"].labels(images))
-    np.testing.assert_array_equal(remote.frame_labels(small(frames[:2])), local["1"].labels(images))
+    np.testing.assert_array_equal(remote.segment(small(frames[:2])), local["1"].labels(images))
 
 
 def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, val_frames):
@@ -156,7 +156,7 @@ def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, 
     clip = small(frames)
     images = handle.prepare(clip)
     np.testing.assert_allclose(handle.infer(images), local["1"].infer(images), atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(handle.frame_labels(clip), local["1"].labels(images))
+    np.testing.assert_array_equal(handle.segment(clip), local["1"].labels(images))
     seen = []
     monitor = Monitor(handle, on_frame=lambda frame, labels, alarms: seen.append((frame.index, labels)))
     monitor.add(Stream(ReplaySource(list(clip), name="cam"), policy="drop_oldest", capacity=8))
