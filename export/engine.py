@@ -11,6 +11,7 @@ the normalisation arithmetic lives (`frames_to_images`), so every engine and twi
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -142,6 +143,16 @@ def check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing `array` without a copy. Received buffers are often read-only; the tensor is only read,
+    so torch's warning about writing to it does not apply."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 def frames_to_images(frames: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
     """(N, H, W, 3) uint8 frames (any device) -> (N, 3, H, W) float32 in the spec's value range.
 
@@ -156,11 +167,11 @@ def frames_to_images(frames: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
 def prepare_images(frames: np.ndarray | Sequence[np.ndarray], spec: ModelSpec) -> np.ndarray:
     frames = as_batch(frames)
     if frames.dtype == np.uint8:
-        images = frames_to_images(torch.from_numpy(check_frames(frames)), spec)
+        images = frames_to_images(host_tensor(check_frames(frames)), spec)
     elif np.issubdtype(frames.dtype, np.floating):
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise EngineInputError(f"float images must be (3, H, W) or (N, 3, H, W), got shape {frames.shape}")
-        images = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+        images = host_tensor(np.ascontiguousarray(frames, dtype=np.float32))
     else:
         raise EngineInputError(f"frames must be uint8 RGB or float images, got {frames.dtype}")
     return spec.normalization.normalize(images).contiguous().numpy()
@@ -169,7 +180,7 @@ def prepare_images(frames: np.ndarray | Sequence[np.ndarray], spec: ModelSpec) -
 def frames_on_device(frames: np.ndarray, spec: ModelSpec, device: torch.device) -> torch.Tensor:
     """uint8 frames -> normalised (N, 3, H, W) float32 on `device`: only the uint8 frames cross the bus."""
     # a pageable copy: pinning a fresh buffer per call costs more than it saves at these sizes
-    on_device = torch.from_numpy(frames).to(device)
+    on_device = host_tensor(frames).to(device)
     return spec.normalization.normalize(frames_to_images(on_device, spec)).contiguous()
 
 
@@ -213,7 +224,7 @@ class TorchEngine(Engine):
             return self.model(images)
 
     def _to_device(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(images).to(self.torch_device)
+        return host_tensor(images).to(self.torch_device)
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self.forward(self._to_device(images)).float().cpu().numpy()
