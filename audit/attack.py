@@ -9,6 +9,8 @@ patch spends its effort on the pixels still to flip.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from audit.patches import EOTConfig, apply_patch_eot, paste, pool_patch
+from audit.patches import EOTConfig, apply_patch_eot, draw_eot, paste, place_patch, pool_patch
 from segmenters.twin import Twin
 
 IGNORE = 255
+#: EOT draws of a trial's measurement run through the twin at once (bounds memory; results do not depend on it)
+EOT_EVAL_BATCH = 8
 
 
 @dataclass
@@ -105,10 +109,13 @@ class AttackResult:
 
 
 def target_loss(logits: torch.Tensor, target: torch.Tensor, skip_flipped: bool) -> torch.Tensor:
-    """Mean pixel CE towards `target` (N, H, W; IGNORE elsewhere); flipped pixels optionally left alone."""
+    """Mean pixel CE towards `target` (N, H, W; IGNORE elsewhere); flipped pixels optionally left alone.
+
+    Per-pixel losses summed by a plain reduction: CUDA's summing cross-entropy adds across blocks with
+    atomics, in no fixed order."""
     if skip_flipped:
         target = torch.where(logits.argmax(1) == target, torch.full_like(target, IGNORE), target)
-    losses = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+    losses = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").sum()
     return losses / (target != IGNORE).sum().clamp(min=1)
 
 
@@ -131,57 +138,119 @@ def success_rate(predicted: np.ndarray, target: Target, exclude: np.ndarray | No
     return float(achieved(predicted, target)[region].mean())
 
 
+class DeviceTarget:
+    """A `Target` on a device: the goal labels, and success counted there (no host copy per prediction)."""
+
+    def __init__(self, target: Target, device: torch.device):
+        self.target = target
+        self.goal = torch.as_tensor(target.labels, device=device)
+        self.region = self.goal != IGNORE
+
+    def achieved(self, predicted: torch.Tensor) -> torch.Tensor:
+        if self.target.removed_class is not None:
+            return predicted != self.target.removed_class
+        return predicted == self.goal
+
+    def counts(self, predicted: torch.Tensor, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hits, pixels) per prediction ((N, H, W) labels, (N, H, W) or (H, W) bool `exclude`): region pixels
+        outside `exclude` that show what was wanted, and all region pixels outside it; `success_rate` is
+        hits / pixels (nan where pixels is 0)."""
+        scored = self.region & ~exclude
+        return (self.achieved(predicted) & scored).sum(dim=(-2, -1)), scored.expand_as(predicted).sum(dim=(-2, -1))
+
+
+def rates(hits: torch.Tensor, pixels: torch.Tensor) -> list[float]:
+    """Success rates from `DeviceTarget.counts` (one host copy): the same numbers `success_rate` gives."""
+    return [hit / total if total else float("nan") for hit, total in zip(hits.tolist(), pixels.tolist())]
+
+
+@contextlib.contextmanager
+def deterministic_convolutions() -> Iterator[None]:
+    """Within: cuDNN picks only deterministic convolution algorithms (and never benchmarks), so an attack on a
+    given GPU repeats itself; restored after. No effect on the CPU, whose kernels are deterministic already.
+    Layers without a deterministic CUDA backward (bilinear upsampling: DeepLabV3, LR-ASPP, ladder DenseNet)
+    still accumulate in no fixed order; the U-Net has none."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def model_device(twin: Twin) -> torch.device:
+    return next(twin.model.parameters()).device
+
+
 def patch_attack(twin: Twin, image: np.ndarray | torch.Tensor, target: Target, size: int, top: int, left: int,
                  config: AttackConfig = AttackConfig(), seed: int = 0, progress=None) -> AttackResult:
-    """Optimise a `size` x `size` patch at (top, left) of `image` ((3, H, W) in [0, 1]) towards `target`.
+    """Optimise a `size` x `size` patch at (top, left) of `image` ((3, H, W) in [0, 1]) towards `target`, on
+    the twin's device.
 
     Momentum iterative method (Dong et al. 2018), descending the targeted loss:
         g <- mu * g + grad / ||grad||_1 ;  raw <- clip(raw - alpha * sign(g), 0, 1)
-    with the gradient the mean over `eot_samples` EOT draws, through the average pooling of the patch.
+    with the gradient the mean over `eot_samples` EOT draws (one batch), through the average pooling of the
+    patch. The initial patch and every draw come from one generator on the device, seeded with `seed`: the
+    same seed on the same device gives the same patch. Losses and successes stay on the device until the end,
+    unless `progress` or `stop_at_success` needs them at each step.
     """
     model = twin.model.eval()
-    device = next(model.parameters()).device
-    image = torch.as_tensor(image, dtype=torch.float32, device=device)
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    device = model_device(twin)
+    image = _image_on(image, device)
     height, width = image.shape[1:]
     if not (0 <= top <= height - size and 0 <= left <= width - size):
         raise ValueError(f"a {size}x{size} patch at ({top}, {left}) does not fit a {height}x{width} image")
-    generator = torch.Generator().manual_seed(seed)
-    raw = torch.rand((3, size, size), generator=generator).to(device)
-    momentum = torch.zeros_like(raw)
-    goal = torch.as_tensor(target.labels, device=device)
-    batch = image[None].expand(config.eot_samples, -1, -1, -1)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    result = AttackResult(patch=np.zeros(0), top=top, left=left)
-    covered = np.zeros((height, width), bool)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    raw = torch.rand((3, size, size), generator=generator, device=device)
+    momentum = torch.zeros_like(raw)
+    goal = DeviceTarget(target, device)
+    covered = torch.zeros((height, width), dtype=torch.bool, device=device)
     covered[top:top + size, left:left + size] = True
-    for step in range(config.steps):
-        raw.requires_grad_(True)
-        printed = pool_patch(raw) if config.pool else raw
-        if config.eot.is_identity:
-            patched, _ = paste(batch, printed, top, left)
-        else:
-            patched, _ = apply_patch_eot(batch, printed, top, left, config.eot, generator)
-        logits = twin.logits(patched)
-        loss = target_loss(logits, goal.expand(len(logits), -1, -1), config.skip_flipped)
-        (grad,) = torch.autograd.grad(loss, raw)
-        with torch.no_grad():
-            momentum = config.momentum * momentum + grad / grad.abs().sum().clamp(min=1e-12)
-            raw = (raw - config.step_size * momentum.sign()).clamp(0.0, 1.0)
-            nominal, _ = paste(image[None], pool_patch(raw) if config.pool else raw, top, left)
-            success = success_rate(twin.logits(nominal).argmax(1)[0].cpu().numpy(), target, exclude=covered)
-        result.losses.append(float(loss.detach()))
-        result.successes.append(success)
-        result.steps = step + 1
-        if progress is not None:
-            progress(step, float(loss), success)
-        if config.stop_at_success is not None and success >= config.stop_at_success:
-            break
+    batch = image[None].expand(config.eot_samples, -1, -1, -1)
+    printed = pool_patch if config.pool else torch.clone
+    losses, hits = [], []
+    with deterministic_convolutions():
+        for step in range(config.steps):
+            loss, raw, momentum = _mim_step(twin, batch, raw, momentum, goal.goal, top, left, config, generator)
+            with torch.no_grad():
+                nominal, _ = paste(image[None], printed(raw), top, left)
+                hit, pixels = goal.counts(twin.logits(nominal).argmax(1), covered)
+            losses.append(loss)
+            hits.append(hit)
+            if progress is None and config.stop_at_success is None:
+                continue  # no host copy at this step
+            success = rates(hit, pixels)[0]
+            if progress is not None:
+                progress(step, float(loss), success)
+            if config.stop_at_success is not None and success >= config.stop_at_success:
+                break
     with torch.no_grad():
-        result.patch = (pool_patch(raw) if config.pool else raw).cpu().numpy()
-    return result
+        patch = printed(raw).cpu().numpy()
+    return AttackResult(patch=patch, top=top, left=left, losses=torch.stack(losses).cpu().tolist(),
+                        successes=rates(torch.cat(hits), pixels.expand(len(hits))), steps=len(losses))
+
+
+def _mim_step(twin: Twin, batch: torch.Tensor, raw: torch.Tensor, momentum: torch.Tensor, goal: torch.Tensor,
+              top: int, left: int, config: AttackConfig,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One momentum step over one batch of EOT draws: (loss, new raw patch, new momentum), all on the device."""
+    raw = raw.detach().requires_grad_(True)
+    patched, _ = apply_patch_eot(batch, pool_patch(raw) if config.pool else raw, top, left, config.eot, generator)
+    loss = target_loss(twin.logits(patched), goal.expand(len(patched), -1, -1), config.skip_flipped)
+    (grad,) = torch.autograd.grad(loss, raw)
+    with torch.no_grad():
+        momentum = config.momentum * momentum + grad / grad.abs().sum().clamp(min=1e-12)
+        raw = (raw - config.step_size * momentum.sign()).clamp(0.0, 1.0)
+    return loss.detach(), raw, momentum
+
+
+def _image_on(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    image = torch.as_tensor(image, dtype=torch.float32, device=device)
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    return image
 
 
 @dataclass
@@ -208,13 +277,17 @@ class TrialMetrics:
 
 @torch.no_grad()
 def measure_trial(twin: Twin, image: np.ndarray | torch.Tensor, patch: np.ndarray, top: int, left: int,
-                  target: Target, eot: EOTConfig = EOTConfig(), eot_draws: int = 16, seed: int = 1) -> TrialMetrics:
-    device = next(twin.model.parameters()).device
-    image = torch.as_tensor(image, dtype=torch.float32, device=device)
+                  target: Target, eot: EOTConfig = EOTConfig(), eot_draws: int = 16, seed: int = 1,
+                  batch: int = EOT_EVAL_BATCH) -> TrialMetrics:
+    """The trial's measurements on the twin's device: nominal placement, then `eot_draws` EOT draws (drawn at
+    once from a generator there seeded with `seed`, so they do not depend on `batch`), run through the twin
+    `batch` at a time to bound memory."""
+    device = model_device(twin)
+    image = _image_on(image, device)
     patch_t = torch.as_tensor(patch, dtype=torch.float32, device=device)
-    clean = twin.logits(image[None]).argmax(1)[0].cpu().numpy()
+    clean = twin.labels(image[None])[0].cpu().numpy()
     patched, patch_mask = paste(image[None], patch_t, top, left)
-    attacked = twin.logits(patched).argmax(1)[0].cpu().numpy()
+    attacked = twin.labels(patched)[0].cpu().numpy()
     patch_mask = patch_mask.cpu().numpy()
     region = target.region
     changed = (attacked != clean) & ~patch_mask
@@ -224,13 +297,8 @@ def measure_trial(twin: Twin, image: np.ndarray | torch.Tensor, patch: np.ndarra
     rows, cols = np.nonzero(changed)
     centre = (top + (size - 1) / 2.0, left + (size - 1) / 2.0)
     distances = np.hypot(rows - centre[0], cols - centre[1])
-    generator = torch.Generator().manual_seed(seed)
-    draws = []
-    for _ in range(eot_draws):
-        varied, drawn = apply_patch_eot(image[None], patch_t, top, left, eot, generator)
-        draws.append(success_rate(twin.logits(varied).argmax(1)[0].cpu().numpy(), target,
-                                  exclude=drawn[0, 0].cpu().numpy() > 0.5))
-    draws = [d for d in draws if not np.isnan(d)]
+    draws = [d for d in eot_successes(twin, image, patch_t, top, left, target, eot, eot_draws, seed, batch)
+             if not np.isnan(d)]
     return TrialMetrics(
         success=success_rate(attacked, target, exclude=patch_mask), success_with_patch=success_rate(attacked, target),
         intended_flipped=int(intended.sum()),
@@ -241,3 +309,25 @@ def measure_trial(twin: Twin, image: np.ndarray | torch.Tensor, patch: np.ndarra
         flip_distance_max=float(distances.max()) if distances.size else float("nan"),
         eot_success_mean=float(np.mean(draws)) if draws else float("nan"),
         eot_success_min=float(np.min(draws)) if draws else float("nan"), eot_draws=eot_draws)
+
+
+@torch.no_grad()
+def eot_successes(twin: Twin, image: torch.Tensor, patch: torch.Tensor, top: int, left: int, target: Target,
+                  eot: EOTConfig, count: int, seed: int, batch: int = EOT_EVAL_BATCH) -> list[float]:
+    """Success (outside the drawn patch, coverage > 1/2) under each of `count` EOT draws; image and patch on
+    the twin's device."""
+    if batch < 1:
+        raise ValueError(f"EOT evaluation batch must be >= 1, got {batch}")
+    if count == 0:
+        return []
+    generator = torch.Generator(device=image.device).manual_seed(seed)
+    drawn = draw_eot(count, patch.shape[-1], eot, generator)
+    goal = DeviceTarget(target, image.device)
+    hits, pixels = [], []
+    for start in range(0, count, batch):
+        chunk = drawn[start:start + batch]
+        varied, masks = place_patch(image[None].expand(len(chunk), -1, -1, -1), patch, top, left, eot, chunk)
+        hit, total = goal.counts(twin.logits(varied).argmax(1), masks[:, 0] > 0.5)
+        hits.append(hit)
+        pixels.append(total)
+    return rates(torch.cat(hits), torch.cat(pixels))

@@ -162,15 +162,14 @@ def regions_along_lines(model: nn.Module, image: torch.Tensor, top: int, left: i
         direction[:, top:top + patch, left:left + patch] = (
             directions[line] if directions is not None else torch.randn((3, patch, patch), generator=generator))
         direction /= direction.norm()
-        ts = torch.linspace(-radius, radius, samples)
+        ts = torch.linspace(-radius, radius, samples, dtype=image.dtype, device=image.device)
         previous, regions = None, 0
         for start in range(0, samples, batch):
             chunk = image[None] + ts[start:start + batch, None, None, None] * direction[None]
             tape: list[_Entry] = []
             with _GateTape(tape, replay=False, context=[]):
                 model(chunk)
-            for row in range(len(chunk)):
-                pattern = _pattern_hash(tape, row)
+            for pattern in _pattern_hashes(tape, len(chunk)):
                 if pattern != previous:
                     regions += 1
                     previous = pattern
@@ -178,18 +177,22 @@ def regions_along_lines(model: nn.Module, image: torch.Tensor, top: int, left: i
     return counts
 
 
-def _pattern_hash(tape, row: int) -> int:
-    """One sample's activation pattern (the state of every gate) as a hash."""
+def _pattern_hashes(tape, rows: int) -> list[int]:
+    """Each sample's activation pattern (the state of every gate) as a hash; each gate's states for the
+    whole batch come to the host at once."""
     import hashlib
 
-    digest = hashlib.blake2b(digest_size=16)
+    digests = [hashlib.blake2b(digest_size=16) for _ in range(rows)]
     for entry in tape:
-        state = entry.slope if entry.slope is not None else entry.indices
-        if state is None:
+        if entry.slope is not None:
+            states = [np.packbits(row.reshape(-1)).tobytes() for row in (entry.slope > 0).cpu().numpy()]
+        elif entry.indices is not None:
+            states = [row.tobytes() for row in entry.indices.cpu().numpy()]
+        else:
             continue
-        digest.update(np.packbits((state[row] > 0).cpu().numpy().reshape(-1)).tobytes()
-                      if entry.indices is None else state[row].cpu().numpy().tobytes())
-    return int.from_bytes(digest.digest(), "big")
+        for digest, state in zip(digests, states):
+            digest.update(state)
+    return [int.from_bytes(digest.digest(), "big") for digest in digests]
 
 
 def bounds_table(archs: list[str], patch_sizes: list[int], classes: int = 19, size: tuple[int, int] = (256, 256),
@@ -228,15 +231,16 @@ def bounds_markdown(rows: list[dict]) -> str:
 
 
 def empirical_regions(twin_path: str, patch_sizes: list[int], lines: int = 4, samples: int = 4096,
-                      radius: float = 1.0, progress: bool = True) -> list[dict]:
+                      radius: float = 1.0, progress: bool = True, device: torch.device | str = "cpu") -> list[dict]:
     """For a trained twin: linear regions met along random lines through the patch subspace, patch at the
-    centre of the first validation image of its dataset (in the network's normalised input space)."""
+    centre of the first validation image of its dataset (in the network's normalised input space), with the
+    twin on `device` (the lines are drawn on the CPU, so they do not depend on it)."""
     from segmenters.data import build_dataset
     from segmenters.twin import load_twin
 
-    twin = load_twin(twin_path)
+    twin = load_twin(twin_path, map_location=device)
     image, _ = build_dataset(twin.spec.dataset, "val", size=twin.spec.input_size)[0]
-    x = twin.spec.normalization.normalize(image[None])[0]
+    x = twin.spec.normalization.normalize(image[None].to(device))[0]
     height, width = x.shape[-2:]
     from tqdm import tqdm
 

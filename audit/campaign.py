@@ -15,8 +15,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from audit.attack import AttackConfig
+from audit.attack import EOT_EVAL_BATCH, AttackConfig
 from segmenters.data import build_dataset, dataset_classes
+from segmenters.device import DEVICE_HELP, device_name
 
 
 class CampaignError(ValueError):
@@ -101,6 +102,16 @@ class CampaignConfig(BaseModel):
     eot_eval_draws: int = Field(16, ge=0)
     #: shapes only: re-render each switched object with the patch as a decal from this many held-out views
     physical_views: int = Field(0, ge=0)
+    #: EOT evaluation draws run through the twin at once (memory; the draws and results do not depend on it)
+    eot_eval_batch: int = Field(EOT_EVAL_BATCH, ge=1)
+    #: where trials run: auto (the GPU Ray gave the trial, else the CPU), cpu, cuda or cuda:N. Not part of a
+    #: trial's id: a campaign resubmitted on another device skips the trials it stored
+    device: str = Field("auto", description=DEVICE_HELP)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return device_name(value)  # the form only: where it can be had is decided where trials run
 
     @field_validator("patch_sizes")
     @classmethod

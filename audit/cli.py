@@ -7,6 +7,14 @@ import json
 
 import click
 
+from segmenters.device import DEVICE_HELP, DeviceError
+
+#: shared by the commands whose trials run as Ray tasks
+GPU_WAIT = click.option("--gpu-wait", type=click.FloatRange(min=0),
+                        help="seconds a job on a joined cluster waits for a node with the GPUs one trial needs "
+                             "(autoscaling) before it refuses (default: audit.runner.GPU_WAIT_S); a local "
+                             "cluster is refused at once")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def audit() -> None:
@@ -19,23 +27,24 @@ def audit() -> None:
 @click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, as inside `ray job submit`, "
                                 "else a local cluster)")
 @click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
-@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs Ray gives each trial; a fraction shares one GPU among several trials")
+@click.option("--device", help=f"where trials run: {DEVICE_HELP} (default: the campaign file's `device`)")
+@GPU_WAIT
 @click.option("--local-cpus", type=int, help="CPUs of the local cluster when one is started")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def campaign(campaign_file, out, address, cpus_per_trial, gpus_per_trial, local_cpus, quiet) -> None:
+def campaign(campaign_file, out, address, cpus_per_trial, gpus_per_trial, device, gpu_wait, local_cpus,
+             quiet) -> None:
     """Run a patch-attack campaign; every finished trial is stored at once, and a rerun skips stored trials."""
     from audit.campaign import CampaignError, load_campaign
     from audit.runner import run_campaign
 
     try:
         config = load_campaign(campaign_file)
-    except CampaignError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
         summary = run_campaign(campaign_file, out or f"runs/campaigns/{config.name}", address=address,
                                num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, local_cpus=local_cpus,
-                               progress=not quiet)
-    except CampaignError as exc:
+                               progress=not quiet, device=device, gpu_wait_s=gpu_wait)
+    except (CampaignError, DeviceError) as exc:
         raise click.ClickException(str(exc)) from exc
     _finish(summary)
 
@@ -64,16 +73,20 @@ def report(run_dir) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
 @click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs Ray gives each audited trial; a fraction shares one GPU")
+@click.option("--device", default="auto", show_default=True, help=f"where VGatt runs: {DEVICE_HELP}")
+@GPU_WAIT
 @click.option("--local-cpus", type=int, help="CPUs of the local cluster when one is started")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
+def vgatt(run_dir, address, cpus_per_trial, gpus_per_trial, device, gpu_wait, local_cpus, quiet) -> None:
     """VGatt over a campaign run's stored trials: how much of each flip the patch carries (resumable)."""
     from audit.patch_audit import run_patch_audit
 
     try:
-        summary = run_patch_audit(run_dir, address=address, num_cpus=cpus_per_trial, local_cpus=local_cpus,
-                                  progress=not quiet)
-    except FileNotFoundError as exc:
+        summary = run_patch_audit(run_dir, address=address, num_cpus=cpus_per_trial, num_gpus=gpus_per_trial,
+                                  device=device, local_cpus=local_cpus, progress=not quiet, gpu_wait_s=gpu_wait)
+    except (FileNotFoundError, DeviceError) as exc:
         raise click.ClickException(str(exc)) from exc
     _finish(summary)
 
@@ -88,13 +101,20 @@ def vgatt(run_dir, address, cpus_per_trial, local_cpus, quiet) -> None:
 @click.option("--lines", type=int, default=4, show_default=True)
 @click.option("--samples", type=int, default=4096, show_default=True, help="points per line (finer finds more regions)")
 @click.option("--out", type=click.Path(file_okay=False), help="write bounds.json and bounds.md here")
-def bounds(archs, patches, classes, size, twin, lines, samples, out) -> None:
+@click.option("--device", default="auto", show_default=True,
+              help=f"where the twin runs for --twin's regions: {DEVICE_HELP}")
+def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> None:
     """Seed 000's complexity bound: how large a region a patch could force arbitrary maps on, per architecture."""
     from pathlib import Path
 
     from audit.bounds import bounds_markdown, bounds_table, empirical_regions
+    from segmenters.device import resolve_device
     from segmenters.models import MODELS
 
+    try:
+        device = resolve_device(device)
+    except DeviceError as exc:
+        raise click.ClickException(str(exc)) from exc
     unknown = sorted(set(archs) - set(MODELS))
     if unknown:
         raise click.ClickException(f"unknown architecture(s) {unknown}; the zoo has {sorted(MODELS)}")
@@ -106,7 +126,8 @@ def bounds(archs, patches, classes, size, twin, lines, samples, out) -> None:
     table = bounds_markdown(rows)
     result = {"bounds": rows}
     if twin:
-        result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines, samples=samples)
+        result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines, samples=samples,
+                                                device=device)
         table += "\nLinear regions met along random lines through the patch subspace (" + twin + "):\n\n"
         table += "\n".join(f"- {r['patch']}x{r['patch']}: {r['regions']} (per line)" for r in result["empirical"])
         table += "\n"

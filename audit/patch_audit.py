@@ -8,7 +8,8 @@ works through the network's long-range context rather than by chance shows a far
 handful of pixels it covers would.
 
 `run_patch_audit` runs one Ray task per stored, not yet audited trial; the driver stores each audit at once
-(an `audits` row keyed by trial id and kind), so a killed audit resumes where it stopped.
+(an `audits` row keyed by trial id and kind), so a killed audit resumes where it stopped. Each task runs VGatt
+(float64) on the device Ray gave it; only the results come back to the host.
 """
 
 from __future__ import annotations
@@ -23,16 +24,17 @@ import torch
 
 from audit.patches import paste
 from audit.store import TrialStore
+from segmenters.device import describe_device, resolve_device
 
 KIND = "attribution"
 
 
 @lru_cache(maxsize=4)
-def _vgatt(model_path: str):
+def _vgatt(model_path: str, device: torch.device):
     from audit.trial import _twin
     from audit.vgatt import VGatt
 
-    return VGatt(_twin(model_path).model)
+    return VGatt(_twin(model_path, device).model)
 
 
 def positive_share_inside(contribution_map: np.ndarray, inside: np.ndarray) -> float:
@@ -42,41 +44,53 @@ def positive_share_inside(contribution_map: np.ndarray, inside: np.ndarray) -> f
     return float(positive[inside].sum() / total) if total > 0 else float("nan")
 
 
-def audit_trial(campaign_json: str, row: dict, run_dir: str) -> dict:
-    """The attribution audit of one stored trial: {"metrics", "artefacts"}."""
+def audit_trial(campaign_json: str, row: dict, run_dir: str, device: torch.device | None = None) -> dict:
+    """The attribution audit of one stored trial on `device` (default: resolved from auto here):
+    {"metrics", "artefacts"}."""
     from audit.campaign import CampaignConfig
     from audit.trial import _dataset, _png, _twin
     from segmenters.visualize import to_uint8
 
     campaign = CampaignConfig.model_validate_json(campaign_json)
-    twin = _twin(row["model"])
+    device = resolve_device("auto") if device is None else device
+    twin = _twin(row["model"], device)
     image, _ = _dataset(campaign.images.model_dump_json())[row["image_index"]]
+    image = image.to(device)
     patch = np.load(Path(run_dir) / "trials" / row["id"] / "patch.npy")
     top, left = row["metrics"]["top"], row["metrics"]["left"]
-    attacked, covered = paste(image[None], torch.as_tensor(patch), top, left)
+    attacked, covered = paste(image[None], torch.as_tensor(patch, device=device), top, left)
     with torch.no_grad():
         clean_labels = twin.labels(image[None])[0]
         attacked_labels = twin.labels(attacked)[0]
     flipped = (attacked_labels != clean_labels) & ~covered
-    metrics = {"flipped_pixels": int(flipped.sum()), "patch_area_share": float(covered.float().mean())}
+    metrics = {"flipped_pixels": int(flipped.sum()), "patch_area_share": float(covered.float().mean()),
+               "device": describe_device(device)}
     if not flipped.any():
         return {"metrics": {**metrics, "target_class": None}, "artefacts": {}}
     # the class the flipped pixels went to (the switch target, or what a vanished class became)
     target = int(torch.bincount(attacked_labels[flipped]).argmax())
-    region = flipped & (attacked_labels == target)
-    vgatt = _vgatt(row["model"])
-    inside = covered.numpy()
+    region = (flipped & (attacked_labels == target)).cpu().numpy()
+    metrics.update(target_class=target, region_pixels=int(region.sum()))
+    maps = _attributions(_vgatt(row["model"], device), twin, {"attacked": attacked, "clean": image[None]}, target,
+                         region, covered.cpu().numpy(), metrics)
+    panel = np.concatenate([_heat(maps["clean"]), _heat(maps["attacked"]), to_uint8(attacked[0].cpu().numpy())],
+                           axis=1)
+    return {"metrics": metrics, "artefacts": {"attribution.png": _png(panel)}}
+
+
+def _attributions(vgatt, twin, pictures: dict[str, torch.Tensor], target: int, region: np.ndarray,
+                  inside: np.ndarray, metrics: dict) -> dict[str, np.ndarray]:
+    """VGatt maps (host arrays) of each named picture; their inside-patch shares, bias ratios and completeness
+    errors go into `metrics`."""
     maps = {}
-    for name, picture in (("attacked", attacked), ("clean", image[None])):
-        result = vgatt.attribute(twin.spec.normalization.normalize(picture), target, region.numpy())
+    for name, picture in pictures.items():
+        result = vgatt.attribute(twin.spec.normalization.normalize(picture), target, region)
         maps[name] = result.map
         metrics.update({f"inside_share_{name}": positive_share_inside(result.map, inside),
                         f"bias_ratio_{name}": result.bias_ratio,
                         f"completeness_error_{name}": result.completeness_error})
-    metrics.update(target_class=target, region_pixels=int(region.sum()),
-                   non_affine_layers=len(result.non_affine_layers))
-    panel = np.concatenate([_heat(maps["clean"]), _heat(maps["attacked"]), to_uint8(attacked[0].numpy())], axis=1)
-    return {"metrics": metrics, "artefacts": {"attribution.png": _png(panel)}}
+    metrics["non_affine_layers"] = len(result.non_affine_layers)
+    return maps
 
 
 def _heat(contribution_map: np.ndarray) -> np.ndarray:
@@ -90,9 +104,13 @@ def _heat(contribution_map: np.ndarray) -> np.ndarray:
 
 
 def run_patch_audit(run_dir: str | Path, *, address: str | None = None, num_cpus: float = 1.0,
-                    local_cpus: int | None = None, progress: bool = True) -> dict:
-    from audit.runner import run_tasks
+                    num_gpus: float = 0.0, device: str = "auto", local_cpus: int | None = None,
+                    progress: bool = True, gpu_wait_s: float | None = None) -> dict:
+    """VGatt over the run's stored, not yet audited trials, one Ray task each on `device` (auto|cpu|cuda|cuda:N)
+    with `num_gpus` per task; refuses a device the tasks cannot have before anything runs."""
+    from audit.runner import check_device_request, run_tasks, starts_local_cluster
 
+    check_device_request(device, num_gpus, local=starts_local_cluster(address))
     with TrialStore(run_dir) as store:
         campaign_json = store.campaign_json()
         rows = store.rows()
@@ -108,14 +126,15 @@ def run_patch_audit(run_dir: str | Path, *, address: str | None = None, num_cpus
 
         counts = run_tasks(_audit_task, [(campaign_json, row, str(run_dir)) for row in pending], pending, stored,
                            failed, total=len(rows), done=summary["already_audited"], label="VGatt audit",
-                           address=address, num_cpus=num_cpus, num_gpus=0.0, max_retries=3,
-                           local_cpus=local_cpus, progress=progress)
+                           address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=3,
+                           local_cpus=local_cpus, progress=progress, device=device, gpu_wait_s=gpu_wait_s)
     return {**summary, "audited": counts["stored"], "failed": counts["failed"]}
 
 
-def _audit_task(campaign_json: str, row: dict, run_dir: str, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    result = audit_trial(campaign_json, row, run_dir)
+def _audit_task(campaign_json: str, row: dict, run_dir: str, device: str, threads: int) -> dict:
+    from audit.runner import task_device
+
+    result = audit_trial(campaign_json, row, run_dir, task_device(device, threads))
     result["metrics"]["worker"] = f"{os.uname().nodename}:{os.getpid()}"
     return result
 

@@ -33,7 +33,9 @@ def held_out_views(camera: Camera, scene: Scene, count: int, seed: int,
 def physical_check(twin, split: str, index: int, instance: int, patch: np.ndarray, to_class: int,
                    image_size: tuple[int, int], views: int = 8, seed: int = 1000, min_pixels: int = 30) -> dict:
     """Success of the patch as a decal on object `instance` (1-based, as in the shapes instance map) of shapes
-    scene `index`, over `views` held-out renders; also the same views without the decal, as the baseline."""
+    scene `index`, over `views` held-out renders; also the same views without the decal, as the baseline.
+    Renders on the CPU, segments on the twin's device."""
+    device = next(twin.model.parameters()).device
     sample = render_sample(0, split, index)
     height, width = image_size
     k = instance - 1
@@ -49,7 +51,7 @@ def physical_check(twin, split: str, index: int, instance: int, patch: np.ndarra
         if mask.sum() < min_pixels or not stickered.texture_mask.any():
             continue  # the object (or the decal's face) is out of this view
         images = torch.from_numpy(np.stack([clean.image, stickered.image]).transpose(0, 3, 1, 2).copy())
-        before, after = twin.labels(images).numpy()
+        before, after = twin.labels(images.to(device)).cpu().numpy()
         successes.append(float((after[mask] == to_class).mean()))
         baselines.append(float((before[mask] == to_class).mean()))
         panels.append((stickered.image, after))

@@ -172,7 +172,7 @@ def region_mask(region, shape: tuple[int, int]) -> torch.Tensor:
         mask = torch.zeros(shape, dtype=torch.bool)
         mask[top:bottom, left:right] = True
     else:
-        mask = torch.as_tensor(np.asarray(region)).bool()
+        mask = (region if isinstance(region, torch.Tensor) else torch.as_tensor(np.asarray(region))).bool()
         if tuple(mask.shape) != (height, width):
             raise ValueError(f"region mask is {tuple(mask.shape)}, the output is {height}x{width}")
     if not mask.any():
@@ -269,7 +269,7 @@ class VGatt:
                     x.requires_grad_(True)
                 with _GateTape(tape, replay=False, context=context):
                     logits = self.model(x)
-                mask = region_mask(region, tuple(logits.shape[-2:]))
+                mask = region_mask(region, tuple(logits.shape[-2:])).to(logits.device)
                 score = self._score(logits, target, mask)
                 if self._module is not None and "activation" not in captured:
                     raise ValueError(f"layer {self.layer!r} does not run in the forward pass")
