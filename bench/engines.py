@@ -1,5 +1,10 @@
 """Engine benchmark: PyTorch eager vs ONNX Runtime (CPU), per zoo model, at 360x480 and 512x1024, batch 1 and 8.
 
+`--calls` picks what is timed: `infer` (normalised images -> logits, the default and the figures earlier runs
+report), `labels` (what callers did before `Engine.segment`: `labels(prepare(frames))`, the logits on the host)
+and `segment` (uint8 frames -> labels). With labels and segment a second table compares the two: latency and
+the host memory each uses per frame (peak resident growth over the loaded engine, divided by the batch).
+
 Each (model, backend, size, batch) cell runs in its own process so its peak memory is its own: the figure is
 the process's peak resident set during inference, and the growth over the resident set after loading. Both
 backends use the same threads. Latency is the median over `--repeats` timed calls after a warm-up call;
@@ -34,15 +39,19 @@ def measure(args: argparse.Namespace) -> None:
     from segmenters.twin import load_twin
 
     engine = (TorchEngine(load_twin(args.checkpoint)) if args.backend == "torch"
-              else OnnxRuntimeEngine(args.onnx, threads=args.threads))
+              else OnnxRuntimeEngine(args.onnx, threads=args.threads, device="cpu"))
     height, width = args.size
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, height, width)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, height, width)).astype(np.float32)
+    frames = rng.integers(0, 256, (args.batch, height, width, 3), dtype=np.uint8)
+    call = {"infer": lambda: engine.infer(x), "labels": lambda: engine.labels(engine.prepare(frames)),
+            "segment": lambda: engine.segment(frames)}[args.call]
     loaded_rss = psutil.Process().memory_info().rss
-    engine.infer(x)  # warm-up: allocations, kernel selection
+    call()  # warm-up: allocations, kernel selection
     times, deadline = [], time.perf_counter() + args.budget
     while len(times) < args.repeats and (len(times) < 2 or time.perf_counter() < deadline):
         start = time.perf_counter()
-        engine.infer(x)
+        call()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     latency = statistics.median(times)
@@ -57,6 +66,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per cell (at least 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", type=int, default=19, help="Cityscapes-sized label set")
+    parser.add_argument("--calls", default="infer", help="comma-separated: infer, labels, segment")
+    parser.add_argument("--sizes", default=None, help="comma-separated HxW (default 360x480,512x1024)")
+    parser.add_argument("--batches", default=None, help="comma-separated (default 1,8)")
     parser.add_argument("--out", default="bench/results/engines")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -64,6 +76,7 @@ def main() -> None:
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--call", default="infer", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         measure(args)
@@ -80,6 +93,9 @@ def main() -> None:
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     archs = args.archs.split(",") if args.archs else sorted(MODELS)
+    calls = args.calls.split(",")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else SIZES
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
     classes = tuple(ClassInfo(name=f"class{i}", color=(i * 13 % 256, i * 71 % 256, i * 151 % 256))
                     for i in range(args.classes))
     cells = []
@@ -90,26 +106,47 @@ def main() -> None:
             spec = ModelSpec(arch=arch, classes=classes, input_size=SIZES[0], dataset="benchmark")
             save_twin(checkpoint, build_model(arch, len(classes)), spec)
             export_onnx(load_twin(checkpoint), onnx_path)
-        cells += [(arch, size, batch, backend, checkpoint, onnx_path)
-                  for size in SIZES for batch in BATCHES for backend in ("torch", "onnxruntime")]
+        cells += [(arch, size, batch, backend, call, checkpoint, onnx_path) for size in sizes for batch in batches
+                  for backend in ("torch", "onnxruntime") for call in calls]
     rows = []
-    for arch, size, batch, backend, checkpoint, onnx_path in tqdm(cells, desc="engine cells"):
+    for arch, size, batch, backend, call, checkpoint, onnx_path in tqdm(cells, desc="engine cells"):
         command = [sys.executable, __file__, "--child", "--backend", backend, "--checkpoint", str(checkpoint),
                    "--onnx", str(onnx_path), "--size", f"{size[0]}x{size[1]}", "--batch", str(batch),
-                   "--repeats", str(args.repeats), "--budget", str(args.budget), "--threads", str(args.threads)]
+                   "--repeats", str(args.repeats), "--budget", str(args.budget), "--threads", str(args.threads),
+                   "--call", call]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{arch} {backend} {size} b{batch} failed:\n{done.stderr[-2000:]}")
-        rows.append({"arch": arch, "size": f"{size[0]}x{size[1]}", "batch": batch, "backend": backend,
+            raise RuntimeError(f"{arch} {backend} {call} {size} b{batch} failed:\n{done.stderr[-2000:]}")
+        rows.append({"arch": arch, "size": f"{size[0]}x{size[1]}", "batch": batch, "backend": backend, "call": call,
                      **json.loads(done.stdout.strip().splitlines()[-1])})
     (out / "engines.json").write_text(json.dumps(rows, indent=2))
-    table = summarise(rows)
+    table = "\n\n".join(t for t in (summarise([r for r in rows if r["call"] == "infer"]),
+                                      segment_table(rows)) if t)
     (out / "engines.md").write_text(table + "\n")
     print(table)
-    plot(rows, out / "engines.png")
+    if any(r["call"] == "infer" for r in rows):
+        plot([r for r in rows if r["call"] == "infer"], out / "engines.png")
+
+
+def segment_table(rows: list[dict]) -> str:
+    """labels(prepare(frames)) against segment(frames), per backend: latency and host MB per frame."""
+    found = {(r["arch"], r["size"], r["batch"], r["backend"], r["call"]): r for r in rows}
+    keys = sorted({k[:4] for k in found if (*k[:4], "labels") in found and (*k[:4], "segment") in found})
+    if not keys:
+        return ""
+    lines = ["| model | size | batch | backend | labels(prepare()) ms | segment ms | segment/labels latency | "
+             "host MB/frame labels(prepare()) | host MB/frame segment |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        old, new = found[(*key, "labels")], found[(*key, "segment")]
+        per_frame = lambda r: r["peak_growth_mb"] / r["batch"]  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {old['latency_ms']:.0f} | {new['latency_ms']:.0f}"
+                     f" | {new['latency_ms'] / old['latency_ms']:.2f} | {per_frame(old):.1f} | {per_frame(new):.1f} |")
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict]) -> str:
+    if not rows:
+        return ""
     lines = ["| model | size | batch | torch ms | ORT ms | ORT/torch latency | torch img/s | ORT img/s | "
              "ORT/torch throughput | torch peak MB (+growth) | ORT peak MB (+growth) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
