@@ -12,7 +12,7 @@ from audit.cli import audit
 from patchwatch.edge_cli import edge
 from patchwatch.export_cli import export
 from patchwatch.monitor_cli import monitor
-from patchwatch.options import parse_size
+from patchwatch.options import device_option, parse_size, resolved_device
 from patchwatch.serve_cli import serve
 
 
@@ -41,6 +41,10 @@ def main() -> None:
 @click.option("--threads", type=int)
 @click.option("--eval-every", type=int, help="validate every N epochs (and after the last)")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the training step")
+@device_option("to train (default: the config's, auto)", default=None)
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
+              help="mixed precision (default auto: bf16 on CUDA where the GPU has it, else fp16; off on the CPU)")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers (default: a few on CUDA, 0 on the CPU)")
 @click.option("--out", help="run folder (checkpoints, history, plots)")
 @click.option("--resume", is_flag=True, help="continue from OUT/last.pt")
 @click.option("--quiet", is_flag=True, help="no progress bars")
@@ -48,7 +52,8 @@ def train(config_path, lambdas, size, crop, resume, quiet, **flags) -> None:
     """Train a twin (default: the U-Net on synthetic shapes at 128x128)."""
     from pydantic import ValidationError
 
-    from segmenters.training import TrainConfig, train as run_training
+    from segmenters.device import DeviceError
+    from segmenters.training import TrainConfig, TrainSetupError, train as run_training
 
     overrides = {k: v for k, v in flags.items() if v is not None}
     if lambdas:
@@ -63,7 +68,10 @@ def train(config_path, lambdas, size, crop, resume, quiet, **flags) -> None:
         )
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    summary = run_training(config, resume=resume, progress=not quiet)
+    try:
+        summary = run_training(config, resume=resume, progress=not quiet)
+    except (DeviceError, TrainSetupError) as exc:  # raised before anything is rendered or written
+        raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -77,15 +85,17 @@ def train(config_path, lambdas, size, crop, resume, quiet, **flags) -> None:
 @click.option("--limit", type=int, help="evaluate at most this many images")
 @click.option("--overlays", type=int, default=8, show_default=True, help="overlay panels to write")
 @click.option("--out", help="report folder (default: beside the checkpoint, eval-<dataset>-<split>)")
+@device_option("the twin runs")
 @click.option("--quiet", is_flag=True)
-def eval_command(checkpoint, dataset, split, data_root, size, length, limit, overlays, out, quiet) -> None:
+def eval_command(checkpoint, dataset, split, data_root, size, length, limit, overlays, out, device, quiet) -> None:
     """Evaluate a twin: mIoU, per-class IoU, F1, E-measure, trimap mIoU; JSON report and PNG overlays."""
     from segmenters.data import DatasetError, build_dataset
     from segmenters.evaluate import evaluate
     from segmenters.twin import load_twin
 
+    where = resolved_device(device)
     try:
-        twin = load_twin(checkpoint)
+        twin = load_twin(checkpoint, map_location=where)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     dataset = dataset or twin.spec.dataset
@@ -104,12 +114,14 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, help="demo folder (a trained twin there is reused)")
 @click.option("--quick", is_flag=True, help="a smaller twin and campaign (a smoke run, about 3 minutes)")
-def demo(out, quick) -> None:
-    """The whole story locally on CPU: train, export, serve, attack (Ray job), audit (Ray job), monitor a camera
-    where the found patch appears, and write an HTML report (its path is printed)."""
+@device_option("training, the gate, the served engine, trials and audits run (on a GPU the replica and each "
+               "Ray task take a quarter of it)")
+def demo(out, quick, device) -> None:
+    """The whole story locally: train, export, serve, attack (Ray job), audit (Ray job), monitor a camera where the
+    found patch appears, and write an HTML report (its path is printed)."""
     from patchwatch.demo import run_demo
 
-    page = run_demo(out, quick=quick)
+    page = run_demo(out, quick=quick, device=resolved_device(device))
     click.echo(str(page.resolve()))
 
 

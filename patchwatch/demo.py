@@ -1,4 +1,4 @@
-"""`patchwatch demo`: the whole story on one machine, on the CPU, in minutes.
+"""`patchwatch demo`: the whole story on one machine, on the CPU (or its GPU with `--device cuda`), in minutes.
 
 1. train the shapes U-Net twin (reused when OUT/twin/best.pt exists)
 2. export it to ONNX behind the parity gate (reused when newer than the twin)
@@ -26,6 +26,8 @@ import yaml
 ONSET = 12
 FRAMES = 40
 CLEAN_SCENE = 7  # a val scene the clean camera circles
+#: on a GPU, the served replica and each campaign trial or audit task take this share of it, so they overlap
+GPU_SHARE = 0.25
 
 
 class Steps:
@@ -44,7 +46,7 @@ class Steps:
         return result
 
 
-def train_twin(out: Path, quick: bool) -> dict:
+def train_twin(out: Path, quick: bool, device) -> dict:
     from segmenters.training import TrainConfig, train
 
     best = out / "twin" / "best.pt"
@@ -52,30 +54,30 @@ def train_twin(out: Path, quick: bool) -> dict:
         return {"reused": str(best), "val_miou": json.loads((out / "twin" / "summary.json").read_text())["best_val_miou"]}
     # fewer scenes and epochs than the default run (2000 x 14): the demo needs a working twin, not the best one
     config = TrainConfig(out=str(out / "twin"), train_length=300 if quick else 1500, val_length=60 if quick else 200,
-                         epochs=2 if quick else 10, eval_every=2 if quick else 10)
+                         epochs=2 if quick else 10, eval_every=2 if quick else 10, device=str(device))
     summary = train(config)
     return {"trained": str(best), "val_miou": summary["best_val_miou"], "seconds": summary["train_seconds_this_run"]}
 
 
-def export_engine(out: Path) -> dict:
+def export_engine(out: Path, device) -> dict:
     from export.pipeline import ParitySettings, export_onnx_gated
 
     twin, onnx = out / "twin" / "best.pt", out / "unet.onnx"
     if onnx.exists() and onnx.stat().st_mtime > twin.stat().st_mtime:
         return {"reused": str(onnx)}
-    reports = export_onnx_gated(twin, onnx, settings=ParitySettings(source="shapes", count=8))
+    reports = export_onnx_gated(twin, onnx, settings=ParitySettings(source="shapes", count=8), device=device)
     report = reports["fp32"]
     return {"engine": str(onnx), "parity": "PASS" if report.passed else "FAIL",
             "label_agreement": report.label_agreement, "max_abs_logit_diff": report.max_abs}
 
 
-def start_service(out: Path):
+def start_service(out: Path, gpu_share: float):
     """A Ray head with a job agent (campaigns arrive as jobs) and the engine served on it."""
     from serving.cluster import free_port, start_head, start_local
     from serving.config import ServeConfig
 
     config = ServeConfig(models=[{"name": "shapes", "version": "1", "path": str((out / "unet.onnx").resolve()),
-                                  "threads": 1, "max_batch_size": 4}], port=free_port())
+                                  "threads": 1, "max_batch_size": 4, "num_gpus": gpu_share}], port=free_port())
     # campaign trials and VGatt tasks share the 2-core machine with the replica: 4 logical CPUs let them overlap
     head = start_head(num_cpus=4)
     os.environ.update({k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")})
@@ -211,21 +213,32 @@ strongest patch: trial <code>{html.escape(facts['trial'])}</code></p>
     return path
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
+def gpu_options(device) -> list[str]:
+    """What a campaign or audit job is told: the CPU, or CUDA with a share of a GPU per task (the one Ray gives)."""
+    return ["--device", device.type] + (["--gpus-per-trial", str(GPU_SHARE)] if device.type == "cuda" else [])
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, device=None) -> Path:
+    """`device`: a resolved `torch.device` (default: the CPU)."""
+    import torch
+
     from audit.report import write_report
 
+    device = device or torch.device("cpu")
+    gpu_share = GPU_SHARE if device.type == "cuda" else 0.0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     steps, facts = Steps(), {}
-    facts["twin"] = steps.run("1. train the shapes U-Net twin", train_twin, out, quick)
-    facts["engine"] = steps.run("2. export to ONNX behind the parity gate", export_engine, out)
-    service, head = steps.run("3. serve the engine with Ray Serve", start_service, out)
+    facts["twin"] = steps.run("1. train the shapes U-Net twin", train_twin, out, quick, device)
+    facts["engine"] = steps.run("2. export to ONNX behind the parity gate", export_engine, out, device)
+    service, head = steps.run("3. serve the engine with Ray Serve", start_service, out, gpu_share)
     try:
         campaign = write_campaign(out, quick)
         run = (out / "campaign").resolve()
         steps.run("4. campaign as a Ray job", submit_job, head,
-                  ["audit", "campaign", str(campaign.resolve()), "--out", str(run), "--quiet"])
-        steps.run("5. VGatt audit as a Ray job", submit_job, head, ["audit", "vgatt", str(run), "--quiet"])
+                  ["audit", "campaign", str(campaign.resolve()), "--out", str(run), "--quiet", *gpu_options(device)])
+        steps.run("5. VGatt audit as a Ray job", submit_job, head,
+                  ["audit", "vgatt", str(run), "--quiet", *gpu_options(device)])
         trial, _ = strongest_trial(run)
         facts["trial"] = trial
         facts["monitor"] = steps.run("6. stream cameras through the served engine, watch for flips", watch,

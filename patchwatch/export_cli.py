@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from patchwatch.options import parse_shape, parse_size
+from patchwatch.options import device_option, parse_shape, parse_size, resolved_device
 
 PRECISION_CHOICES = click.Choice(["fp32", "fp16", "int8"])
 
@@ -22,24 +22,12 @@ def _parity_options(command):
             click.option("--data-root", help="dataset folder (default ../shared/data/...)"),
             click.option("--calibration-count", type=int, default=32, show_default=True,
                          help="training images INT8 calibrates on"),
-            click.option("--device", default="auto", show_default=True,
-                         help="where the engine and its reference twin run for the gate: auto (CUDA when available), "
-                              "cpu, cuda or cuda:N; fp32 is gated with TF32 off"),
+            device_option("the engine and its reference twin run for the gate (fp32 with TF32 off)"),
             click.option("--quiet", is_flag=True, help="no progress bars"),
         ]
     ):
         command = option(command)
     return command
-
-
-def _device(request: str):
-    """The gate's device, resolved before any work; a CUDA request on a machine without one is a usage error."""
-    from segmenters.device import DeviceError, resolve_device
-
-    try:
-        return resolve_device(request)
-    except DeviceError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
 
 
 def _settings(parity_data, parity_count, parity_size, data_root, calibration_count):
@@ -63,7 +51,7 @@ def export() -> None:
 @_parity_options
 def export_onnx_command(checkpoint, out, precisions, opset, device, quiet, **parity) -> None:
     """Export CHECKPOINT to ONNX (dynamic batch and size, ModelSpec in metadata) and gate it on real images."""
-    device = _device(device)
+    device = resolved_device(device)
     from export import ParityError
     from export.onnx_export import OnnxExportError
     from export.pipeline import export_onnx_gated, precision_path
@@ -99,7 +87,7 @@ def export_tensorrt_command(onnx_path, checkpoint, out, precision, min_shape, op
     reason = tensorrt_missing_reason()
     if reason:  # say so before the device or any conversion
         raise click.ClickException(f"cannot build a TensorRT plan: {reason}")
-    device = _device("cuda" if device == "auto" else device)
+    device = resolved_device("cuda" if device == "auto" else device)
     from export import EngineError, ParityError
     from export.onnx_export import model_metadata
     from export.pipeline import export_tensorrt_gated

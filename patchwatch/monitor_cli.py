@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from patchwatch.options import device_option, resolved_device
+
 
 def build_engine(engine_path: str | None, url: str | None, model: str | None, version: str | None,
                  handle: str | None, api_key_env: str | None = None):
@@ -39,15 +41,10 @@ def build_engine(engine_path: str | None, url: str | None, model: str | None, ve
 
 def build_confirmer(checkpoint: str, device: str):
     """VGatt confirmation of alarms on the twin, on `device` (resolved here, before any stream opens)."""
-    from segmenters.device import DeviceError, resolve_device
     from segmenters.twin import load_twin
     from serving.confirm import VGattConfirmer
 
-    try:
-        where = resolve_device(device)
-    except DeviceError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from exc
-    return VGattConfirmer(load_twin(checkpoint, map_location=where))
+    return VGattConfirmer(load_twin(checkpoint, map_location=resolved_device(device)))
 
 
 @click.command()
@@ -69,8 +66,7 @@ def build_confirmer(checkpoint: str, device: str):
 @click.option("--duration", type=float, help="stop after this many seconds (default: when every source ended)")
 @click.option("--confirm-twin", type=click.Path(exists=True, dir_okay=False),
               help="the engine's twin checkpoint: each alarm gets VGatt evidence computed on it")
-@click.option("--device", default="auto", show_default=True,
-              help="where the confirming twin runs: auto (CUDA when available), cpu, cuda or cuda:N")
+@device_option("the confirming twin runs")
 def monitor(sources, engine_path, url, model, version, handle, api_key_env, events, webhook, page_port, no_page,
             policy, fps, frames, duration, confirm_twin, device) -> None:
     """Watch SOURCES (video files, rtsp/http URLs, camera indices, synthetic:INDEX, trial:RUN:TRIAL[@ONSET]) for

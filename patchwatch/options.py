@@ -4,6 +4,24 @@ from __future__ import annotations
 
 import click
 
+from segmenters.device import DEVICE_HELP
+
+
+def device_option(what: str, default: str | None = "auto"):
+    """`--device`: the one device flag of every command; `what` says what runs there."""
+    return click.option("--device", default=default, show_default=default is not None,
+                        help=f"where {what}: {DEVICE_HELP}")
+
+
+def resolved_device(request: str):
+    """`--device`'s value resolved before any work, or a usage error naming the device."""
+    from segmenters.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(request)
+    except DeviceError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from exc
+
 
 def parse_size(value: str | None) -> tuple[int, int] | None:
     """"360x480" -> (360, 480) as (height, width)."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is resolved, so CLIs can name DEVICE_HELP without it
+    import torch
 
 #: what `--device` accepts (help text)
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
@@ -40,6 +42,8 @@ def device_name(request: str | torch.device | None) -> str:
 
 
 def _no_cuda_reason() -> str:
+    import torch
+
     if not torch.backends.cuda.is_built():
         return f"this torch ({torch.__version__}) is built without CUDA"
     return "no CUDA device is visible (CUDA_VISIBLE_DEVICES, driver)"
@@ -48,6 +52,8 @@ def _no_cuda_reason() -> str:
 def resolve_device(request: str | torch.device | None = "auto") -> torch.device:
     """`auto` -> the current CUDA device when there is one, else the CPU; `cpu`; `cuda` -> cuda:0 (or the current
     one); `cuda:N` -> that GPU. Raises `DeviceError` for CUDA on a machine without it, or a GPU index it lacks."""
+    import torch
+
     kind, index = _parse(request)
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -67,6 +73,8 @@ def assigned_device(request: str | torch.device | None, gpu_ids: Sequence) -> to
     Ray sets CUDA_VISIBLE_DEVICES to the assigned GPUs, so they are cuda:0.. in the worker. `auto` takes the
     assigned GPU when there is one and the CPU otherwise: a task never uses a GPU Ray did not give it (several
     tasks may share one GPU through fractional `num_gpus`)."""
+    import torch
+
     kind, index = _parse(request)
     if kind == "cpu" or (kind == "auto" and not gpu_ids):
         return torch.device("cpu")
@@ -80,6 +88,8 @@ def assigned_device(request: str | torch.device | None, gpu_ids: Sequence) -> to
 
 def describe_device(device: torch.device) -> str:
     """'cpu' or 'cuda:0 (NVIDIA H200)': what a report records."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
@@ -89,6 +99,8 @@ def describe_device(device: torch.device) -> str:
 def fp32_math(enabled: bool = True) -> Iterator[None]:
     """Within: float32 convolutions and matmuls in full fp32 on CUDA (TF32 off); restored after. A no-op for
     `enabled=False` (the caller allows TF32, a precision of its own)."""
+    import torch
+
     if not enabled:
         yield
         return
@@ -99,8 +111,3 @@ def fp32_math(enabled: bool = True) -> Iterator[None]:
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
-def math_mode(device: torch.device, precision: str) -> str:
-    """What arithmetic a float32 network really ran in on `device`: 'fp32', 'tf32', 'fp16', 'bf16', 'int8'."""
-    return precision if device.type == "cuda" or precision != "tf32" else "fp32"

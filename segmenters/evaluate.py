@@ -9,7 +9,10 @@ import matplotlib
 import torch
 from tqdm.auto import tqdm
 
+from segmenters.data.loading import device_batches, loader_workers
+from segmenters.device import describe_device
 from segmenters.metrics import DEFAULT_BANDS, SegmentationMetrics, entropy_map
+from segmenters.spec import ModelSpec
 from segmenters.twin import Twin
 from segmenters.visualize import colorize, heatmap, overlay, save_panel, to_uint8
 
@@ -27,42 +30,60 @@ def evaluate(
     overlays: int = 8,
     limit: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
-    """Run the twin over `dataset`; with `out_dir`, write report.json, overlay panels and a trimap plot."""
+    """Run the twin over `dataset` on the twin's device (batches go there; metrics and overlays read CPU copies of
+    labels and entropy); with `out_dir`, write report.json, overlay panels and a trimap plot. `workers`: DataLoader
+    workers (default: 0 on the CPU, a few on CUDA)."""
     twin.model.eval()
+    device = model_device(twin.model)
     metrics = SegmentationMetrics(twin.spec.num_classes, twin.spec.ignore_index, bands)
     indices = range(len(dataset) if limit is None else min(limit, len(dataset)))
     subset = torch.utils.data.Subset(dataset, list(indices))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False)
+    loader = device_batches(subset, batch_size, device, loader_workers(workers, device))
     out = Path(out_dir) if out_dir else None
     written = 0
     for images, labels in tqdm(loader, desc=f"eval {twin.spec.arch}", disable=not progress):
-        logits = twin.logits(images)
-        metrics.update(logits, labels)
+        logits = twin.logits(images.to(device, non_blocking=True))
+        metrics.update(logits, labels.to(device, non_blocking=True))
         if out is not None and written < overlays:
-            entropy = entropy_map(logits)
-            pred = logits.argmax(1)
-            for k in range(min(len(images), overlays - written)):
-                palette = twin.spec.palette()
-                save_panel(
-                    out / "overlays" / f"{written:03d}.png",
-                    [
-                        to_uint8(images[k].numpy()),
-                        colorize(labels[k].numpy(), palette, twin.spec.ignore_index),
-                        overlay(images[k].numpy(), pred[k].numpy(), palette),
-                        heatmap(entropy[k].numpy()),
-                    ],
-                )
-                written += 1
+            written = _write_overlays(out, twin.spec, images, labels, logits, written, overlays)
     report = metrics.report(twin.spec.class_names)
     report["model"] = {"arch": twin.spec.arch, "dataset": twin.spec.dataset, "digest": twin.spec.checkpoint_digest}
     report["images"] = len(subset)
+    report["device"] = describe_device(device)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         plot_trimap({twin.spec.arch: report}, out / "trimap.png")
         plot_per_class(report, out / "per_class_iou.png")
     return report
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (all of a twin's are in one place)."""
+    return next(model.parameters()).device
+
+
+def _write_overlays(out: Path, spec: ModelSpec, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                    written: int, overlays: int) -> int:
+    """Panels (image, ground truth, prediction, entropy) for the batch's first images until `overlays` are written;
+    returns how many are written now. `images` and `labels` are the loader's CPU batch, `logits` on the device."""
+    entropy = entropy_map(logits).cpu()
+    pred = logits.argmax(1).cpu()
+    palette = spec.palette()
+    for k in range(min(len(images), overlays - written)):
+        save_panel(
+            out / "overlays" / f"{written:03d}.png",
+            [
+                to_uint8(images[k].numpy()),
+                colorize(labels[k].numpy(), palette, spec.ignore_index),
+                overlay(images[k].numpy(), pred[k].numpy(), palette),
+                heatmap(entropy[k].numpy()),
+            ],
+        )
+        written += 1
+    return written
 
 
 def plot_trimap(reports: dict[str, dict], path: str | Path) -> None:
@@ -100,4 +121,4 @@ def _pct(value: float | None) -> float:
     return float("nan") if value is None else 100.0 * value
 
 
-__all__ = ["evaluate", "plot_trimap", "plot_per_class"]
+__all__ = ["evaluate", "model_device", "plot_trimap", "plot_per_class"]

@@ -1,14 +1,21 @@
 """`patchwatch train`: one training loop for every zoo model, dataset and loss (Algorithm 3.1 for SEMEDA).
 
-Resumable: `last.pt` is written atomically after every epoch with the optimiser, schedule position, RNG
-seeds and the pretrained SEMEDA network, so a killed run continues where it stopped with `--resume`.
+Resumable: `last.pt` is written atomically after every epoch with the optimiser, grad scaler, schedule position,
+RNG seeds and the pretrained SEMEDA network, all on the CPU, so a killed run continues where it stopped with
+`--resume`, on this device or another, with this precision or another.
+
+On CUDA the step runs under mixed precision (bf16 autocast where the GPU has it, else fp16 with a grad scaler),
+channels_last and torch.compile, fed by DataLoader workers through pinned memory; on the CPU the default is the
+fp32 step it always was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from segmenters.data import build_dataset, dataset_classes
+from segmenters.data.loading import device_batches, loader_workers
+from segmenters.device import DEVICE_HELP, describe_device, resolve_device
 from segmenters.evaluate import evaluate
 from segmenters.losses import SegmentationLoss
 from segmenters.losses.semeda import SemedaNet, pretrain_semeda_net
@@ -28,6 +37,18 @@ from segmenters.twin import Twin, read_checkpoint, save_twin
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+#: the autocast dtype of each reduced precision
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the progress bar shows the loss every this many steps: reading it waits for the device
+PROGRESS_EVERY_STEPS = 10
+#: what must match for `--resume` to continue a run (device, precision, workers may change)
+RESUME_MUST_MATCH = ("arch", "dataset", "loss", "size")
+
+
+class TrainSetupError(ValueError):
+    """A run that cannot start as configured (a precision the device lacks, a checkpoint of another run)."""
 
 
 class TrainConfig(BaseModel):
@@ -57,6 +78,11 @@ class TrainConfig(BaseModel):
     eval_every: int = 7
     threads: int | None = None
     compile: bool = Field(True, description="torch.compile the training step (~1.8x on CPU); eager if it fails")
+    device: str = Field("auto", description=f"where to train: {DEVICE_HELP}")
+    amp: AmpMode = Field("auto", description="mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 "
+                                             "with a grad scaler; CPU: off), bf16, fp16 or off")
+    workers: int | None = Field(None, ge=0, description="DataLoader worker processes; default: on CUDA a few "
+                                                        "(pinned memory), on the CPU 0")
     out: str = "runs/default"
 
     @field_validator("arch")
@@ -84,154 +110,347 @@ class TrainConfig(BaseModel):
         return cls.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
-def _datasets(config: TrainConfig):
+def resolve_amp(request: str, device: torch.device) -> str:
+    """The precision a run trains in: 'bf16', 'fp16' or 'off'. `auto` is bf16 on a CUDA device that has it, fp16 on
+    one that does not, and off on the CPU (the default CPU run stays the fp32 step it always was)."""
+    if request not in ("auto", "off", *AMP_DTYPES):
+        raise TrainSetupError(f"unknown amp mode {request!r}: expected auto, bf16, fp16 or off")
+    bf16 = device.type == "cuda" and _cuda_has_bf16(device)
+    if request == "auto":
+        return ("bf16" if bf16 else "fp16") if device.type == "cuda" else "off"
+    if request == "bf16" and device.type == "cuda" and not bf16:
+        raise TrainSetupError(f"amp 'bf16' was asked for, but {describe_device(device)} has no bfloat16 arithmetic: "
+                              "use fp16 or off")
+    return request
+
+
+def _cuda_has_bf16(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+class TrainingStep:
+    """One optimiser step of `train()`: the batch to the device (non-blocking), normalised, channels_last; forward
+    (compiled, eager if compiling fails) and loss under the run's autocast; backward through the grad scaler (fp16
+    only; a no-op otherwise); update. The learning rate is the caller's."""
+
+    def __init__(self, model: torch.nn.Module, criterion: SegmentationLoss, optimizer: torch.optim.Optimizer,
+                 normalization: Normalization, device: torch.device, amp: str, compile: bool):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.normalization, self.device, self.amp = normalization, device, amp
+        self.forward = torch.compile(model) if compile else model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    @property
+    def compiled(self) -> bool:
+        return self.forward is not self.model
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        inputs = self.normalization.normalize(images).contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            loss, parts = self.criterion(self._logits(inputs), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, parts
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.forward(inputs)
+        except Exception as exc:  # no C compiler, unsupported op, ...: train eagerly rather than not at all
+            if not self.compiled:
+                raise
+            tqdm.write(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
+            self.forward = self.model
+            return self.forward(inputs)
+
+    def scaler_state(self) -> dict | None:
+        """The grad scaler's state (plain numbers, no tensors), or None when there is no scaler (bf16, fp32)."""
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        """Continue a saved scale; a run saved without one (or resumed without fp16) starts or drops it."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands, besides weights and optimiser: what `last.pt` records to resume from."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_miou: float = -1.0
+
+
+def to_cpu(value):
+    """`value` with every tensor in it (nested dicts, lists, tuples) moved to the CPU: state that loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def _datasets(config: TrainConfig, progress: bool):
     common = {"root": config.data_root, "size": config.size, "seed": config.seed}
-    train = build_dataset(
+    train_set = build_dataset(
         config.dataset, "train", train=True, crop=config.crop, scale_range=config.scale_range,
         length=config.train_length, cache=True, **common,
     )
-    val = build_dataset(config.dataset, "val", length=config.val_length, cache=True, **common)
-    return train, val
+    val_set = build_dataset(config.dataset, "val", length=config.val_length, cache=True, **common)
+    if hasattr(train_set, "warm"):
+        train_set.warm(progress=progress)
+        val_set.warm(progress=progress)
+    return train_set, val_set
 
 
 def _poly(step: int, total: int, power: float) -> float:
     return max(0.0, 1.0 - step / max(total, 1)) ** power
 
 
+def _spec(config: TrainConfig, device: torch.device, amp: str) -> ModelSpec:
+    return ModelSpec(
+        arch=config.arch,
+        classes=dataset_classes(config.dataset),
+        normalization=Normalization(),
+        input_size=config.size,
+        dataset=config.dataset,
+        training={"loss": config.loss, "lambdas": config.lambdas, "seed": config.seed,
+                  "device": describe_device(device), "amp": amp},
+    )
+
+
+def _resume_checkpoint(config: TrainConfig, resume: bool) -> dict | None:
+    """The checkpoint `--resume` continues (None without it), refused when it belongs to another kind of run."""
+    if not resume:
+        return None
+    last = Path(config.out) / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+    checkpoint = read_checkpoint(last)
+    saved = TrainConfig.model_validate(checkpoint["config"])
+    for key in RESUME_MUST_MATCH:
+        if getattr(saved, key) != getattr(config, key):
+            raise TrainSetupError(f"cannot resume {last}: it was trained with {key}={getattr(saved, key)!r}, "
+                                  f"this run asks for {getattr(config, key)!r}")
+    return checkpoint
+
+
+def _restore(checkpoint: dict | None, step: TrainingStep) -> RunProgress:
+    """Weights, optimiser and scaler from a (CPU) checkpoint onto the model's device; where the run stood."""
+    if checkpoint is None:
+        return RunProgress()
+    step.model.load_state_dict(checkpoint["model"])
+    step.optimizer.load_state_dict(checkpoint["optimizer"])  # moves the saved state to the parameters' device
+    step.load_scaler_state(checkpoint.get("grad_scaler"))
+    return RunProgress(checkpoint["epoch"], checkpoint["step"], checkpoint["history"], checkpoint["best_miou"])
+
+
+def _semeda_net(config: TrainConfig, spec: ModelSpec, train_set, saved_state: dict | None, device: torch.device,
+                workers: int, progress: bool) -> tuple[SemedaNet | None, dict | None]:
+    """The SEMEDA loss's frozen g_phi on `device` (None for other losses): restored from the checkpoint, or
+    pretrained on ground-truth masks only (Algorithm 3.1, first half), with its edge-detection figures."""
+    if config.loss != "semeda":
+        return None, None
+    if saved_state is not None:
+        net = SemedaNet(spec.num_classes)
+        net.load_state_dict(saved_state)
+        return net.to(device), None
+    loader = device_batches(train_set, config.batch_size, device, workers, seed=config.seed)
+    masks = (labels for _ in itertools.count() for _, labels in loader)  # epochs, streamed
+    net, figures = pretrain_semeda_net(masks, config.semeda_pretrain_batches, spec.num_classes, spec.ignore_index,
+                                       seed=config.seed, progress=progress, device=device)
+    (Path(config.out) / "semeda_net.json").write_text(json.dumps(figures, indent=2))
+    return net, figures
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device):
+    """On CUDA, let cuDNN time its convolution algorithms for the run's fixed shapes; restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _train_epoch(step: TrainingStep, loader, config: TrainConfig, total_steps: int, run: RunProgress,
+                 bar_title: str, progress: bool) -> dict[str, float]:
+    """Optimiser steps over `loader` (until `total_steps`); the epoch's mean of each loss part."""
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    bar = tqdm(loader, desc=bar_title, disable=not progress)
+    for images, labels in bar:
+        for group in step.optimizer.param_groups:
+            group["lr"] = config.lr * _poly(run.step, total_steps, config.poly_power)
+        loss, parts = step(images, labels)
+        run.step += 1
+        seen += 1
+        for key, value in parts.items():
+            sums[key] = sums[key] + value if key in sums else value
+        if progress and run.step % PROGRESS_EVERY_STEPS == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{step.optimizer.param_groups[0]['lr']:.2e}")
+        if run.step >= total_steps:
+            break
+    return {key: float(value) / max(seen, 1) for key, value in sums.items()}
+
+
+def _save_epoch(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: RunProgress,
+                semeda_state: dict | None) -> None:
+    """best.pt when validation improved, last.pt always (every tensor on the CPU), history.json and its plot."""
+    out, record = Path(config.out), run.history[-1]
+    extra = {
+        "optimizer": to_cpu(step.optimizer.state_dict()), "grad_scaler": step.scaler_state(), "epoch": run.epoch,
+        "step": run.step, "history": run.history, "config": json.loads(config.model_dump_json()),
+        "semeda_net": semeda_state,
+    }
+    if record.get("val_miou") is not None and record["val_miou"] > run.best_miou:
+        run.best_miou = record["val_miou"]
+        save_twin(out / "best.pt", step.model, spec, **extra, best_miou=run.best_miou)
+    save_twin(out / "last.pt", step.model, spec, **extra, best_miou=run.best_miou)
+    (out / "history.json").write_text(json.dumps(run.history, indent=2))
+    plot_history(run.history, out / "history.png")
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train, evaluating on the validation split after epochs; returns the final summary."""
+    """Train, evaluating on the validation split after epochs; returns the final summary.
+
+    Raises `DeviceError` (a device this machine lacks) or `TrainSetupError` before anything is rendered or written."""
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    checkpoint = _resume_checkpoint(config, resume)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    classes = dataset_classes(config.dataset)
-    spec = ModelSpec(
-        arch=config.arch,
-        classes=classes,
-        normalization=Normalization(),
-        input_size=config.size,
-        dataset=config.dataset,
-        training={"loss": config.loss, "lambdas": config.lambdas, "seed": config.seed},
-    )
-    train_set, val_set = _datasets(config)
-    if hasattr(train_set, "warm"):
-        train_set.warm(progress=progress)
-        val_set.warm(progress=progress)
+    spec = _spec(config, device, amp)
+    workers = loader_workers(config.workers, device)
+    train_set, val_set = _datasets(config, progress)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the initial weights: the same on every device
     # channels_last: ~15% faster convolutions on CPU (oneDNN) and on tensor cores.
-    model = build_model(config.arch, len(classes)).to(memory_format=torch.channels_last)
+    model = build_model(config.arch, spec.num_classes).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_set) // config.batch_size)
-    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 1 << 62)
-    start_epoch, step, history, semeda_state, best = 0, 0, [], None, -1.0
-
-    last = out / "last.pt"
-    if resume and last.is_file():
-        checkpoint = read_checkpoint(last)
-        saved = TrainConfig.model_validate(checkpoint["config"])
-        for key in ("arch", "dataset", "loss", "size"):
-            if getattr(saved, key) != getattr(config, key):
-                raise ValueError(f"cannot resume {last}: it was trained with {key}={getattr(saved, key)!r}, "
-                                 f"this run asks for {getattr(config, key)!r}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        history, semeda_state, best = checkpoint["history"], checkpoint.get("semeda_net"), checkpoint["best_miou"]
-    elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
     (out / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-
-    semeda_net, semeda_figures = None, None
-    if config.loss == "semeda":
-        if semeda_state is not None:
-            semeda_net = SemedaNet(len(classes))
-            semeda_net.load_state_dict(semeda_state)
-        else:
-            # Algorithm 3.1, first half: g_phi learns semantic edges from ground-truth masks only.
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_size=config.batch_size, shuffle=True,
-                generator=torch.Generator().manual_seed(config.seed),
-            )
-            masks = (labels for _ in itertools.count() for _, labels in loader)  # epochs, streamed
-            semeda_net, semeda_figures = pretrain_semeda_net(
-                masks, config.semeda_pretrain_batches, len(classes), spec.ignore_index, seed=config.seed,
-                progress=progress,
-            )
-            (out / "semeda_net.json").write_text(json.dumps(semeda_figures, indent=2))
-        semeda_state = semeda_net.state_dict()
-    criterion = SegmentationLoss(config.loss, len(classes), spec.ignore_index, config.lambdas, semeda_net)
+    semeda_net, semeda_figures = _semeda_net(config, spec, train_set, (checkpoint or {}).get("semeda_net"), device,
+                                             workers, progress)
+    semeda_state = None if semeda_net is None else to_cpu(semeda_net.state_dict())
+    criterion = SegmentationLoss(config.loss, spec.num_classes, spec.ignore_index, config.lambdas, semeda_net)
+    step = TrainingStep(model, criterion, optimizer, spec.normalization, device, amp, config.compile)
+    run = _restore(checkpoint, step)
 
     started = time.time()
-    twin = Twin(model, spec)  # evaluation runs the eager module; only the training step is compiled
-    forward = torch.compile(model) if config.compile else model
-    for epoch in range(start_epoch, config.epochs):
-        if step >= total_steps:
-            break
-        model.train()
-        torch.manual_seed(config.seed * 10_000 + epoch)  # augmentation draws: identical on resume
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
-            generator=torch.Generator().manual_seed(config.seed * 10_000 + epoch),
-        )
-        sums: dict[str, float] = {}
-        seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
-        for images, labels in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _poly(step, total_steps, config.poly_power)
-            try:
-                logits = forward(spec.normalization.normalize(images).contiguous(memory_format=torch.channels_last))
-            except Exception as exc:  # no C compiler, unsupported op, ...: train eagerly rather than not at all
-                if forward is model:
-                    raise
-                tqdm.write(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
-                forward = model
-                logits = forward(spec.normalization.normalize(images))
-            loss, parts = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            seen += 1
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if step >= total_steps:
-                break
-        record = {"epoch": epoch + 1, "step": step, **{k: v / max(seen, 1) for k, v in sums.items()}}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or step >= total_steps:
-            report = evaluate(twin, val_set, batch_size=config.batch_size, bands=(), limit=config.val_limit,
-                              progress=False)
-            record["val_miou"] = report["miou"]
-            model.train()
-        history.append(record)
-        extra = {
-            "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "step": step, "history": history,
-            "config": json.loads(config.model_dump_json()), "semeda_net": semeda_state,
-        }
-        if record.get("val_miou") is not None and record["val_miou"] > best:
-            best = record["val_miou"]
-            extra["best_miou"] = best
-            save_twin(out / "best.pt", model, spec, **extra)
-        extra["best_miou"] = best
-        save_twin(last, model, spec, **extra)
-        (out / "history.json").write_text(json.dumps(history, indent=2))
-        plot_history(history, out / "history.png")
-        if progress:
-            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
-
+    with _cudnn_autotune(device):
+        _run_epochs(config, spec, step, run, train_set, val_set, workers, semeda_state, progress)
     summary = {
         "out": str(out),
-        "steps": step,
-        "epochs": len(history),
-        "best_val_miou": best,
-        "final_val_miou": history[-1].get("val_miou") if history else None,
+        "steps": run.step,
+        "epochs": len(run.history),
+        "best_val_miou": run.best_miou,
+        "final_val_miou": run.history[-1].get("val_miou") if run.history else None,
         "train_seconds_this_run": round(time.time() - started, 1),
         "semeda_net": semeda_figures,
+        "device": describe_device(device),
+        "amp": amp,
+        "workers": workers,
+        "compiled": step.compiled,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _run_epochs(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: RunProgress, train_set, val_set,
+                workers: int, semeda_state: dict | None, progress: bool) -> None:
+    """The epochs left: train, validate when due, checkpoint."""
+    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 1 << 62)
+    twin = Twin(step.model, spec)  # evaluation runs the eager module in fp32; only the training step is compiled
+    loader = device_batches(train_set, config.batch_size, step.device, workers, seed=config.seed,
+                            drop_last=len(train_set) > config.batch_size)
+    for epoch in range(run.epoch, config.epochs):
+        if run.step >= total_steps:
+            break
+        step.model.train()
+        # The epoch's order, and augmentation drawn in this process (workers=0): identical on resume. Worker
+        # processes draw theirs from a seed taken when they started.
+        loader.generator.manual_seed(config.seed * 10_000 + epoch)
+        torch.manual_seed(config.seed * 10_000 + epoch)
+        means = _train_epoch(step, loader, config, total_steps, run, f"epoch {epoch + 1}/{config.epochs}", progress)
+        record = {"epoch": epoch + 1, "step": run.step, **means, "device": str(step.device), "amp": step.amp}
+        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or run.step >= total_steps:
+            report = evaluate(twin, val_set, batch_size=config.batch_size, bands=(), limit=config.val_limit,
+                              progress=False, workers=workers)
+            record["val_miou"] = report["miou"]
+            step.model.train()
+        run.epoch = epoch + 1
+        run.history.append(record)
+        _save_epoch(config, spec, step, run, semeda_state)
+        if progress:
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+
+
+def training_throughput(arch: str, size: tuple[int, int], batch_size: int, device: str | torch.device,
+                        amp: str = "auto", steps: int = 20, warmup: int = 3, classes: int = 19, loss: str = "ppce",
+                        compile: bool = True) -> dict:
+    """Training images/s of `train()`'s own step (model, criterion, AdamW, precision, channels_last, compile, the
+    host-to-device copy of a pinned batch) on random data: `warmup` untimed steps (compilation, autotuning), then
+    `steps` timed ones, the device synchronised before and after. Writes nothing. `device`: a `torch.device` or
+    what `--device` takes; `amp` as `TrainConfig.amp`; `loss="semeda"` uses an untrained g_phi (it costs the same)."""
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and batch_size >= 1, got {steps}, {warmup}, {batch_size}")
+    device = resolve_device(device)
+    amp = resolve_amp(amp, device)
+    defaults = TrainConfig()
+    torch.manual_seed(defaults.seed)
+    model = build_model(arch, classes).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
+    semeda_net = SemedaNet(classes).to(device) if loss == "semeda" else None
+    criterion = SegmentationLoss(loss, classes, semeda_net=semeda_net)
+    step = TrainingStep(model.train(), criterion, optimizer, Normalization(), device, amp, compile)
+    images, labels = _random_batch(batch_size, size, classes, device)
+    with _cudnn_autotune(device):
+        for _ in range(warmup):
+            step(images, labels)
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(images, labels)
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+    return {"arch": arch, "size": list(size), "batch_size": batch_size, "device": describe_device(device), "amp": amp,
+            "loss": loss, "classes": classes, "compile": step.compiled, "steps": steps, "seconds": round(seconds, 4),
+            "img_per_s": round(batch_size * steps / seconds, 2)}
+
+
+def _random_batch(batch_size: int, size: tuple[int, int], classes: int, device: torch.device):
+    """A batch as the DataLoader hands it over: [0, 1] images and labels on the host, pinned for CUDA."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 3, *size, generator=generator)
+    labels = torch.randint(0, classes, (batch_size, *size), generator=generator)
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    return images, labels
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
@@ -248,4 +467,3 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-

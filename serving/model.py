@@ -8,6 +8,7 @@ the outputs asked for: logits and/or the label map.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -98,11 +99,18 @@ class EngineModel:
 
         self.config = model
         # the GPU Ray gave this replica (CUDA_VISIBLE_DEVICES names it cuda:0 here), or the CPU when it gave none
-        device = assigned_device(model.device, ray.get_gpu_ids())
+        gpu_ids = ray.get_gpu_ids()
+        device = assigned_device(model.device, gpu_ids)
         options = {}
         if model.path.lower().endswith(".onnx"):
             options.update(threads=model.threads, provider_options=model.provider_options)
+            if model.device == "auto" and device.type == "cuda":
+                device = "auto"  # ONNX Runtime's own auto: its CUDA provider when that loads, else the CPU
         self.engine = load_engine(model.path, device=device, **options)
+        if gpu_ids and self.engine.device == "cpu":
+            logging.getLogger("ray.serve").warning(
+                "%s: Ray gave this replica GPU %s, but the engine runs on the CPU (%s)", model.deployment_name,
+                gpu_ids, self.engine.backend)
         self.metrics = ModelMetrics(model.name, model.version)
         self._batch.set_max_batch_size(model.max_batch_size)
         self._batch.set_batch_wait_timeout_s(model.batch_wait_ms / 1000.0)

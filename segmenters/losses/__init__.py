@@ -21,7 +21,8 @@ def ppce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 25
 class SegmentationLoss(nn.Module):
     """Eq. 3.7: PPCE plus, for "semeda"/"sobel", the embedding-matching term (Eq. 3.5-3.6).
 
-    Returns the total and its parts, so training logs show what each term does.
+    Returns the total and its parts (detached 0-d tensors on the logits' device, so that a training step does not
+    wait for the device; read them with float() when logging), so training logs show what each term does.
     """
 
     def __init__(
@@ -47,16 +48,16 @@ class SegmentationLoss(nn.Module):
         if semeda_net is not None:
             semeda_net.requires_grad_(False).eval()  # g_phi* is frozen while f_theta trains
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ppce = ppce_loss(logits, labels, self.ignore_index)
-        parts = {"ppce": float(ppce.detach())}
+        parts = {"ppce": ppce.detach()}
         if self.kind == "ppce":
             return ppce, parts
         probs = logits.softmax(dim=1)
         embed = self.semeda_net.embeddings if self.kind == "semeda" else sobel_embeddings
         terms = embedding_match(embed, probs, labels, self.lambdas, self.ignore_index)
         for index, term in enumerate(terms):
-            parts[f"{self.kind}_l{index + 1}"] = float(term.detach())
+            parts[f"{self.kind}_l{index + 1}"] = term.detach()
         extra = torch.stack(terms).sum()
-        parts[self.kind] = float(extra.detach())
+        parts[self.kind] = extra.detach()
         return ppce + extra, parts

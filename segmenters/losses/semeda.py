@@ -66,23 +66,25 @@ def pretrain_semeda_net(
     lr: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[SemedaNet, dict[str, float]]:
-    """Train g_phi on ground-truth masks to predict their edge maps (Eq. 3.8).
+    """Train g_phi on ground-truth masks to predict their edge maps (Eq. 3.8), on `device`.
 
-    Takes `steps` batches from `label_batches` (cycled if shorter). Returns the network and its
-    edge-detection figures over the last tenth of the steps (pixel accuracy, edge F1).
+    Takes `steps` batches from `label_batches` (cycled if shorter; moved to `device`). Returns the network (on
+    `device`; its initial weights do not depend on it) and its edge-detection figures over the last tenth of the
+    steps (pixel accuracy, edge F1).
     """
     if steps < 1:
         raise ValueError(f"SEMEDA pretraining needs at least one step, got {steps}")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    net = SemedaNet(num_classes)
+    net = SemedaNet(num_classes).to(device)
     torch.random.set_rng_state(generator_state)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     tp = fp = fn = correct = total = 0
     stream = itertools.cycle(label_batches) if isinstance(label_batches, (list, tuple)) else iter(label_batches)
     for step in tqdm(range(steps), desc="pretrain SEMEDA net", disable=not progress):
-        labels = next(stream)
+        labels = next(stream).to(device, non_blocking=True)
         edges = semantic_edge_map(labels, ignore_index)
         logits = net(one_hot_masks(labels, num_classes, ignore_index))
         loss = F.cross_entropy(logits, edges, ignore_index=ignore_index)
