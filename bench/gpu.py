@@ -704,18 +704,11 @@ def run_vgatt(bench: Bench, deadline: float) -> None:
 
 
 def concurrent_rate(call, frames: np.ndarray, clients: int, per_client: int) -> float:
-    """Frames/s with `clients` threads each sending `per_client` one-frame requests."""
-    def client(offset: int) -> None:
-        for i in range(per_client):
-            call(frames[(offset + i) % len(frames)][None])
+    """Frames/s with `clients` threads each sending `per_client` one-frame requests (bench/serve_load.py's load)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve_load import concurrent
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return clients * per_client / (time.perf_counter() - start)
+    return concurrent(call, frames, clients, per_client)[0]
 
 
 def in_process_segment(bench: Bench, path: Path, frames: np.ndarray) -> tuple[float, np.ndarray, str]:
