@@ -201,3 +201,16 @@ def test_onnx_cuda_segment_and_fp32_gate_with_tf32_off(trained_engines, camvid_u
     images = parity_images("camvid", 4, size=(96, 128), root=str(data_root / "camvid"))
     report = parity_check(engine, reference, images, tolerance=TOLERANCES["fp32"])
     assert report.passed, report.text()
+
+
+def test_a_served_model_names_its_device_and_gets_its_gpu_from_ray():
+    from pydantic import ValidationError
+
+    from serving.config import ModelConfig
+
+    assert ModelConfig(name="m", path="m.onnx").device == "auto"
+    assert ModelConfig(name="m", path="m.onnx", device="CUDA:0", num_gpus=0.5).device == "cuda:0"
+    with pytest.raises(ValidationError, match="needs num_gpus > 0"):
+        ModelConfig(name="m", path="m.onnx", device="cuda")
+    with pytest.raises(ValidationError, match="unknown device 'gpu'"):
+        ModelConfig(name="m", path="m.onnx", device="gpu", num_gpus=1)
