@@ -82,24 +82,35 @@ def main() -> None:
         measure(args)
         return
 
+    out = Path(args.out)
+    rows = run_cells(benchmark_cells(args, out), args)
+    (out / "engines.json").write_text(json.dumps(rows, indent=2))
+    table = "\n\n".join(t for t in (summarise([r for r in rows if r["call"] == "infer"]),
+                                      segment_table(rows)) if t)
+    (out / "engines.md").write_text(table + "\n")
+    print(table)
+    if any(r["call"] == "infer" for r in rows):
+        plot([r for r in rows if r["call"] == "infer"], out / "engines.png")
+
+
+def benchmark_cells(args: argparse.Namespace, out: Path) -> list[tuple]:
+    """Every (arch, size, batch, backend, call, checkpoint, onnx) to time; seeded models written once under `out`
+    (speed does not depend on what the weights learnt)."""
     import torch
-    from tqdm import tqdm
 
     from export import export_onnx
     from segmenters.models import MODELS, build_model
     from segmenters.spec import ClassInfo, ModelSpec
     from segmenters.twin import load_twin, save_twin
 
-    out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     archs = args.archs.split(",") if args.archs else sorted(MODELS)
-    calls = args.calls.split(",")
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")] if args.sizes else SIZES
     batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES
     classes = tuple(ClassInfo(name=f"class{i}", color=(i * 13 % 256, i * 71 % 256, i * 151 % 256))
                     for i in range(args.classes))
     cells = []
-    for arch in archs:  # speed does not depend on what the weights learnt: seeded initial weights
+    for arch in archs:
         checkpoint, onnx_path = out / "models" / f"{arch}.pt", out / "models" / f"{arch}.onnx"
         if not onnx_path.is_file():
             torch.manual_seed(0)
@@ -107,7 +118,14 @@ def main() -> None:
             save_twin(checkpoint, build_model(arch, len(classes)), spec)
             export_onnx(load_twin(checkpoint), onnx_path)
         cells += [(arch, size, batch, backend, call, checkpoint, onnx_path) for size in sizes for batch in batches
-                  for backend in ("torch", "onnxruntime") for call in calls]
+                  for backend in ("torch", "onnxruntime") for call in args.calls.split(",")]
+    return cells
+
+
+def run_cells(cells: list[tuple], args: argparse.Namespace) -> list[dict]:
+    """Each cell in a process of its own (its peak memory is its own); one result row per cell."""
+    from tqdm import tqdm
+
     rows = []
     for arch, size, batch, backend, call, checkpoint, onnx_path in tqdm(cells, desc="engine cells"):
         command = [sys.executable, __file__, "--child", "--backend", backend, "--checkpoint", str(checkpoint),
@@ -119,13 +137,7 @@ def main() -> None:
             raise RuntimeError(f"{arch} {backend} {call} {size} b{batch} failed:\n{done.stderr[-2000:]}")
         rows.append({"arch": arch, "size": f"{size[0]}x{size[1]}", "batch": batch, "backend": backend, "call": call,
                      **json.loads(done.stdout.strip().splitlines()[-1])})
-    (out / "engines.json").write_text(json.dumps(rows, indent=2))
-    table = "\n\n".join(t for t in (summarise([r for r in rows if r["call"] == "infer"]),
-                                      segment_table(rows)) if t)
-    (out / "engines.md").write_text(table + "\n")
-    print(table)
-    if any(r["call"] == "infer" for r in rows):
-        plot([r for r in rows if r["call"] == "infer"], out / "engines.png")
+    return rows
 
 
 def segment_table(rows: list[dict]) -> str:

@@ -140,14 +140,7 @@ def build_plan(
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    tf32_flag = getattr(trt.BuilderFlag, "TF32", None)
-    if tf32_flag is not None and not tf32:
-        config.clear_flag(tf32_flag)
-    optimisation = builder.create_optimization_profile()
-    optimisation.set_shape(INPUT_NAME, profile["min"], profile["opt"], profile["max"])
-    config.add_optimization_profile(optimisation)
+    config = _builder_config(builder, profile, workspace_bytes, tf32)
     serialised = builder.build_serialized_network(network, config)
     if serialised is None:
         raise EngineError(f"TensorRT failed to build a plan from {onnx_path} (see the TensorRT log above)")
@@ -164,6 +157,21 @@ def build_plan(
     atomic_write_bytes(plan_path, bytes(serialised))
     atomic_write_text(sidecar_path(plan_path), info.model_dump_json(indent=2))
     return info
+
+
+def _builder_config(builder, profile: dict[str, Shape], workspace_bytes: int, tf32: bool):
+    """Workspace, the optimisation profile, and TF32 cleared unless asked for (TensorRT's default allows it)."""
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    tf32_flag = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32_flag is not None and not tf32:
+        config.clear_flag(tf32_flag)
+    optimisation = builder.create_optimization_profile()
+    optimisation.set_shape(INPUT_NAME, profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(optimisation)
+    return config
 
 
 class TensorRTEngine(Engine):
