@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from patchwatch.demo import FRAMES
+
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +26,13 @@ def test_quick_demo_runs_the_whole_story(tmp_path):
     assert [s["step"][:2] for s in facts["steps"]] == ["1.", "2.", "3.", "4.", "5.", "6.", "7."]
     assert facts["engine"]["parity"] == "PASS"
     streams = facts["monitor"]["streams"]
-    assert streams["camera-1 (patch appears)"]["processed"] >= 30 and streams["camera-2 (clean)"]["processed"] >= 30
+    # the cameras keep only their newest frame ("latest"): how many the monitor took depends on the machine's
+    # speed, but every frame read was either processed or counted as dropped
+    assert facts["monitor"]["engine_errors"] == 0
+    for name in ("camera-1 (patch appears)", "camera-2 (clean)"):
+        counts = streams[name]
+        assert counts["read"] == FRAMES and counts["processed"] >= 1, counts
+        assert counts["processed"] + counts["dropped"] == counts["read"], counts
     assert streams["camera-3 (broken)"]["bad_frames"] == 1
     events = [json.loads(line) for line in (out / "monitor" / "events.jsonl").read_text().splitlines()]
     assert {"connected", "ended", "bad_frame"} <= {e["kind"] for e in events if e["type"] == "stream"}
