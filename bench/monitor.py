@@ -56,7 +56,7 @@ class Clip:
 
 
 def render_clips(engine, run: Path, args) -> list[Clip]:
-    from serving.streams import CameraPath, SyntheticCamera
+    from monitor.cameras import CameraPath, SyntheticCamera
 
     size = tuple(engine.spec.input_size)
     labeler = engine.segment
@@ -80,7 +80,7 @@ def render_clips(engine, run: Path, args) -> list[Clip]:
 
 
 def run_clip(clip: Clip, names, config):
-    from serving.flips import FlipDetector
+    from monitor.flips import FlipDetector
 
     detector = FlipDetector(names, f"scene {clip.scene}", config)
     alarms = []
@@ -129,8 +129,9 @@ def detection(clips: list[Clip], names: list[str], config, min_flip: int) -> dic
 def throughput(engine, args) -> dict:
     """Engine alone vs the monitor pipeline, on the same frames, in the same run, alternated `--repeats` times
     (this machine is noisy): the median of the per-round ratios is the share of the engine's throughput kept."""
-    from serving.monitor import Monitor
-    from serving.streams import CameraPath, ReplaySource, Stream, SyntheticCamera
+    from monitor.pipeline import Monitor
+    from monitor.cameras import CameraPath, SyntheticCamera
+    from monitor.streams import ReplaySource, Stream
 
     size = tuple(engine.spec.input_size)
     streams, per_stream = args.streams, args.throughput_frames
@@ -232,7 +233,7 @@ def main() -> None:
     engine = OnnxRuntimeEngine(args.engine, threads=args.engine_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from serving.flips import FlipConfig
+    from monitor.flips import FlipConfig
 
     config = FlipConfig(**dict(item.split("=", 1) for item in args.set))
     names = [c.name for c in engine.spec.classes]

@@ -129,9 +129,10 @@ def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
 
     from segmenters.visualize import overlay
     from serving.client import RemoteEngine
-    from serving.monitor import JsonLinesSink, Monitor
-    from serving.monitor_web import MonitorServer, MonitorView
-    from serving.streams import CameraPath, ReplaySource, Stream, SyntheticCamera, trial_camera
+    from monitor.pipeline import JsonLinesSink, Monitor
+    from monitor.web import MonitorServer, MonitorView
+    from monitor.cameras import CameraPath, SyntheticCamera, trial_camera
+    from monitor.streams import ReplaySource, Stream
 
     engine = RemoteEngine(service_url, "shapes", "1")
     events = out / "monitor" / "events.jsonl"

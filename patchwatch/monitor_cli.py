@@ -42,7 +42,7 @@ def build_engine(engine_path: str | None, url: str | None, model: str | None, ve
 def build_confirmer(checkpoint: str, device: str):
     """VGatt confirmation of alarms on the twin, on `device` (resolved here, before any stream opens)."""
     from segmenters.twin import load_twin
-    from serving.confirm import VGattConfirmer
+    from audit.confirm import VGattConfirmer
 
     return VGattConfirmer(load_twin(checkpoint, map_location=resolved_device(device)))
 
@@ -72,8 +72,8 @@ def monitor(sources, engine_path, url, model, version, handle, api_key_env, even
     """Watch SOURCES (video files, rtsp/http URLs, camera indices, synthetic:INDEX, trial:RUN:TRIAL[@ONSET]) for
     patch-induced class flips. Alarms and stream events go to --events (and --webhook); the page shows every
     stream live with its labels and the alarm list."""
-    from serving.monitor import JsonLinesSink, Monitor, WebhookSink
-    from serving.streams import Stream, open_source
+    from monitor.pipeline import JsonLinesSink, Monitor, WebhookSink
+    from monitor.streams import Stream, open_source
 
     confirm = build_confirmer(confirm_twin, device) if confirm_twin else None
     engine = build_engine(engine_path, url, model, version, handle, api_key_env)
@@ -90,7 +90,7 @@ def monitor(sources, engine_path, url, model, version, handle, api_key_env, even
         watcher.add(Stream(source, name=text, policy=policy))
     server = None
     if not no_page:
-        from serving.monitor_web import MonitorServer, MonitorView
+        from monitor.web import MonitorServer, MonitorView
 
         server = MonitorServer(MonitorView(watcher), port=page_port).start()
         click.echo(f"live page: {server.url}", err=True)

@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from serving.flips import FlipConfig, FlipDetector
-from serving.monitor import JsonLinesSink, Monitor, WebhookSink
-from serving.streams import (Backoff, CameraPath, FrameBuffer, OpenCVSource, ReplaySource, Stream, StreamFrame,
-                             SyntheticCamera, check_frame)
+from monitor.flips import FlipConfig, FlipDetector
+from monitor.pipeline import JsonLinesSink, Monitor, WebhookSink
+from monitor.cameras import CameraPath, SyntheticCamera
+from monitor.streams import Backoff, FrameBuffer, OpenCVSource, ReplaySource, Stream, StreamFrame, check_frame
 
 SHAPES_NAMES = ["background", "cube", "sphere", "cylinder"]
 
@@ -353,7 +353,7 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
     from audit.attack import AttackConfig, class_switch_target, patch_attack
     from audit.patches import EOTConfig, paste, patch_position
     from export import OnnxRuntimeEngine
-    from serving.monitor_web import MonitorServer, MonitorView
+    from monitor.web import MonitorServer, MonitorView
 
     browser = chromium()
     twin, image, predicted, obj, source, majority = attack_scene
@@ -365,7 +365,7 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
     to_rgb = lambda chw: (chw.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
     clip = [to_rgb(image)] * 5 + [to_rgb(attacked)] * 5
 
-    from serving.confirm import VGattConfirmer
+    from audit.confirm import VGattConfirmer
 
     confirm = VGattConfirmer(twin)
     monitor = Monitor(OnnxRuntimeEngine(camvid_unet_engines["1"]), sinks=[JsonLinesSink(tmp_path / "events.jsonl")],

@@ -147,8 +147,8 @@ def test_remote_engine_is_an_engine(service, local, val_frames):
 def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, val_frames):
     """The monitor's engine inside the cluster: the deployment handle, no HTTP; same labels as in process."""
     from serving.model import ServeHandleEngine
-    from serving.monitor import Monitor
-    from serving.streams import ReplaySource, Stream
+    from monitor.pipeline import Monitor
+    from monitor.streams import ReplaySource, Stream
 
     handle = ServeHandleEngine("camvid", "1")
     assert handle.spec == local["1"].spec and handle.precision == "fp32" and "camvid_v1" in handle.backend

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from export import Engine
-from serving.flips import FlipAlarm, FlipConfig, FlipDetector
-from serving.streams import Stream, StreamEvent, StreamFrame
+from monitor.flips import FlipAlarm, FlipConfig, FlipDetector
+from monitor.streams import Stream, StreamEvent, StreamFrame
 
 
 class JsonLinesSink:
@@ -114,7 +114,7 @@ class Monitor:
                  on_frame=None, confirm=None, detect_workers: int | None = None):
         self.engine, self.sinks, self.flip_config, self.max_batch = engine, list(sinks), flip_config, max_batch
         self.on_frame = on_frame  # called with (StreamFrame, labels, alarms) after each frame: the web page's feed
-        self.confirm = confirm  # e.g. serving.confirm.VGattConfirmer(twin): (rgb, region, to_class) -> evidence
+        self.confirm = confirm  # e.g. audit.confirm.VGattConfirmer(twin): (rgb, region, to_class) -> evidence
         self.streams: dict[str, Stream] = {}
         self.detectors: dict[str, FlipDetector] = {}
         self.stats: dict[str, StreamStats] = {}
