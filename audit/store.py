@@ -1,6 +1,9 @@
 """A campaign run directory: the validated campaign, a transactional trial table keyed by trial id, and per-trial
 artefacts. One writer (the job's driver) records a trial in one transaction after its files are in place, so
 a row means a complete trial; `INSERT OR IGNORE` on the id makes a repeated trial a no-op, never a duplicate.
+
+Everything outside `audit/` reads a run only through the read-only functions at the end (`trial_scenes`,
+`trial_scene`, `trial_metrics`): they create nothing in the run, not even SQLite's side files.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +154,96 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- read-only access
+DB_NAME = "trials.sqlite"
+SCENE_COLUMNS = "id, image_index, object_id, source_class, to_class"
+
+
+@dataclass(frozen=True)
+class TrialScene:
+    """What a stored trial attacked and the patch it found: enough to re-create the scene with its patch."""
+
+    trial: str  # trial id
+    dataset: str  # the campaign's images.dataset, e.g. "shapes"
+    split: str  # the campaign's images.split
+    image_index: int
+    object_id: int  # 1-based instance the patch is printed on (the trials table's object_id)
+    source_class: int | None
+    to_class: int | None
+    patch: np.ndarray  # (3, s, s) float in [0, 1], as stored in trials/<id>/patch.npy
+
+
+def _read_only(run_dir: str | Path) -> sqlite3.Connection:
+    """The run's trial table, opened so that nothing is written: while a writer holds the table (its WAL file is
+    there) read through SQLite's read-only mode, which then creates nothing; otherwise as an immutable file
+    (plain read-only mode would leave -wal/-shm files behind in the run)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no campaign run at {run}")
+    path = run / DB_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a campaign run (no {DB_NAME})")
+    live = path.with_name(DB_NAME + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if live else "&immutable=1")
+    return sqlite3.connect(uri, uri=True)
+
+
+def _campaign_images(run: Path):
+    from audit.campaign import ImageSet
+
+    path = run / "campaign.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} has no campaign.json (a run from before audits, or not a run)")
+    images = json.loads(path.read_text()).get("images")
+    if images is None:
+        raise ValueError(f"{path} has no 'images' section")
+    return ImageSet.model_validate(images)
+
+
+def _scene(run: Path, images, row: tuple) -> TrialScene:
+    trial, image_index, object_id, source_class, to_class = row
+    patch_path = run / "trials" / trial / "patch.npy"
+    if not patch_path.is_file():
+        raise FileNotFoundError(f"trial {trial} in {run} has no stored patch ({patch_path})")
+    return TrialScene(trial=trial, dataset=images.dataset, split=images.split, image_index=int(image_index),
+                      object_id=int(object_id), source_class=source_class, to_class=to_class,
+                      patch=np.load(patch_path, allow_pickle=False))
+
+
+def trial_scenes(run_dir: str | Path, limit: int | None = None) -> list[TrialScene]:
+    """The stored trials of a run, ordered by trial id (the first `limit` of them)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    run = Path(run_dir)
+    db = _read_only(run)
+    try:
+        rows = db.execute(f"SELECT {SCENE_COLUMNS} FROM trials ORDER BY id LIMIT ?",
+                          (-1 if limit is None else limit,)).fetchall()
+    finally:
+        db.close()
+    images = _campaign_images(run) if rows else None
+    return [_scene(run, images, row) for row in rows]
+
+
+def trial_scene(run_dir: str | Path, trial_id: str) -> TrialScene:
+    """One stored trial; ValueError naming the trial and the run when it is not there."""
+    run = Path(run_dir)
+    db = _read_only(run)
+    try:
+        row = db.execute(f"SELECT {SCENE_COLUMNS} FROM trials WHERE id = ?", (trial_id,)).fetchone()
+    finally:
+        db.close()
+    if row is None:
+        raise ValueError(f"no trial {trial_id!r} in campaign run {run}")
+    return _scene(run, _campaign_images(run), row)
+
+
+def trial_metrics(run_dir: str | Path) -> dict[str, dict]:
+    """trial id -> its stored metrics, for every stored trial of a run (ordered by trial id)."""
+    db = _read_only(run_dir)
+    try:
+        return {trial: json.loads(metrics) for trial, metrics in db.execute("SELECT id, metrics FROM trials ORDER BY id")}
+    finally:
+        db.close()

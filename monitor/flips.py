@@ -1,36 +1,41 @@
 """The flip detector: per stream, catch a region whose class flips and stays flipped while the image there does
-not change the way a new object would (a patch's signature: seed 000's flips reach far beyond the patch's
-own pixels, whose image is untouched).
+not change the way a new object would, because something small just appeared beside it: a patch's signature
+(seed 000's flips reach far beyond the patch's own pixels, whose image is untouched).
 
-What is normal is learned online, per stream:
-- a *reference label map*, carried from frame to frame along the image's own motion (dense optical flow:
-  OpenCV's DIS, a tenth of Farneback's cost at equal detection in the benchmark) and updated wherever the new
-  labels agree with it or the image itself changed there;
-- a *reference image*, carried the same way, so that "the image changed here" means changed since the labels
-  were established, not just since the previous frame;
-- per pixel, how many frames its reference label has held (`stable`), when the image there last changed and
-  when its current run of change began (`appeared`), and per class the share of the frame it covers (a running
-  mean and spread of per-class areas).
+What is normal is learned online, per stream, and carried from frame to frame along the image's own motion
+(dense optical flow: OpenCV's DIS; skipped when the camera is still):
+- a *reference label map*, updated wherever the new labels agree with it or the image itself changed there;
+- a *reference image*, so that "the image changed here" means changed since the labels were established;
+- per pixel, how many frames its reference label has held (`stable`), when its current run of image change
+  began (`appeared_ago`), and what the image looked like just before (`before`): the view without whatever
+  appeared there.
 
-A pixel is *suspect* when its label differs from the (motion-compensated) reference, it had held its label for
-`min_stable` frames, and the image there is within `image_change` of the reference. Suspect pixels are opened
-(thin boundary flicker goes) and grouped into connected regions. A region of `min_pixels` or more whose pixels
-stayed suspect for `persist` frames raises one `FlipAlarm` if new appearance (a blob of image change) began near
-it on the very frame the flip began: the *trigger*, a sticker coming into view. A flip with no such trigger is
-counted as `untriggered` and set aside: the view changed the model's mind, as moving cameras do. An alarm stays
-active (no repeated alarms) while its region lasts; suspect pixels keep their old reference label, so a patch
-that stays keeps the region flagged.
+A pixel is *suspect* when its label differs from the reference, it had held its label for `min_stable` frames,
+and the image there is within `image_change` of the reference. Suspect pixels are opened (thin boundary flicker
+goes) and grouped into regions. A region of `min_pixels` that stayed suspect for `persist` frames is a
+*candidate*. Its *trigger* is the new appearance near it that began on the very frame the flip began (a sticker
+coming into view flips its object at once; what a moving camera reveals comes before or after the model's change
+of mind). A candidate with no trigger is counted as `untriggered` and set aside.
+
+The *occlusion check* then decides (when the detector was given the engine as `relabel`): the frame is segmented
+once more with the trigger's pixels restored to how they looked before it appeared. A patch's flip reverts; a
+flip the view itself caused does not. One extra engine call per candidate, and candidates are rare. Without an
+engine the trigger's size decides. An alarm stays active (no repeated alarms) while its region lasts; suspect
+pixels keep their old reference label, so a patch that stays keeps the region flagged.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+#: "never" for the per-pixel frame counters (int16)
+NEVER = 10_000
 
 
 class FlipConfig(BaseModel):
@@ -42,11 +47,23 @@ class FlipConfig(BaseModel):
     min_stable: int = Field(3, ge=0, description="frames a pixel's label must have held before its flip counts")
     warmup: int = Field(3, ge=1, description="frames that only learn, before any alarm")
     open_px: int = Field(3, ge=1, description="opening kernel (px) that removes thin boundary flicker")
-    min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
-                                    "on the flip's onset frame, needed for an alarm (0: alarm on any persistent "
-                                    "unexplained flip)")
     merge_px: int = Field(9, ge=1, description="suspect pieces closer than this (px) form one region")
-    trigger_open_px: int = Field(5, ge=1, description="opening kernel (px) for blobs of new appearance")
+    appear_change: float = Field(0.06, gt=0, description="mean |RGB| change in [0, 1] that counts as new appearance "
+                                 "(a sticker coming into view)")
+    appear_blur: int = Field(5, ge=1, description="box filter (px) over the image change for new appearance")
+    appear_open_px: int = Field(5, ge=1, description="opening kernel (px) for blobs of new appearance (1: none)")
+    near_px: int = Field(7, ge=1, description="new appearance within this many px of a flipped region is its trigger")
+    min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
+                                    "on the flip's onset frame, needed for a candidate (0: every persistent "
+                                    "unexplained flip is a candidate)")
+    revert_share: float = Field(0.5, ge=0, le=1, description="occlusion check: share of the region that must revert "
+                                "to its reference label when the trigger is restored (needs the engine)")
+    restore_grow_px: int = Field(3, ge=1, description="the trigger is grown by this kernel (px) before it is restored: "
+                                 "a decal's blurred rim")
+    still_motion: float = Field(0.004, ge=0, description="mean |gray| change in [0, 1], at `still_width`, below which "
+                                "the camera is taken as still: no optical flow, no warping (0: always flow)")
+    still_width: int = Field(40, ge=8, description="width the still-camera test looks at (coarse: sensor noise averages "
+                             "out, motion does not)")
     flow: Literal["dis-fast", "dis-medium", "farneback"] = Field(
         "dis-fast", description="dense optical flow: OpenCV's DIS (fast or medium preset) or Farneback")
     flow_width: int = Field(160, ge=16, description="optical flow runs at this width (speed); labels stay full size")
@@ -70,7 +87,7 @@ class FlipAlarm:
     transitions: dict[str, int]  # "from->to" class names -> pixels
     image_change: float  # mean image change inside the region (vs the reference): low for a patch flip
     area_z: dict[str, float]  # per-class area change in spreads of its running statistics
-    evidence: dict = field(default_factory=dict)  # e.g. a VGatt confirmation on the twin
+    evidence: dict = field(default_factory=dict)  # trigger size, occlusion check, e.g. a VGatt confirmation
     # (H, W) bool masks, not serialised: the flipped region, and the new appearance that triggered the alarm
     region: np.ndarray | None = field(default=None, repr=False, compare=False)
     trigger: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -79,36 +96,88 @@ class FlipAlarm:
         return {"type": "flip", **{k: v for k, v in asdict(self).items() if k not in ("region", "trigger")}}
 
 
-def _warp(array: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, nearest: bool) -> np.ndarray:
+@dataclass
+class Candidate:
+    """A persistent unexplained flip, before it is judged."""
+
+    region: np.ndarray  # (H, W) bool
+    onset_age: int  # frames since its flip began (persist or more)
+    trigger: np.ndarray  # (H, W) bool: new appearance near it that began with it
+
+
+@dataclass
+class _Frame:
+    """One frame's inputs and the maps derived from them, shared by the steps of `update`."""
+
+    index: int
+    rgb: np.ndarray
+    image: np.ndarray  # float32 in [0, 1]
+    labels: np.ndarray  # int16
+    reference: np.ndarray  # reference labels, carried to this frame
+    reference_image: np.ndarray
+    change: np.ndarray  # blurred mean |image - reference_image|
+    suspect: np.ndarray
+    suspect_age: np.ndarray
+    appeared_ago: np.ndarray
+    areas: np.ndarray
+
+
+def _warp(array: np.ndarray, maps, nearest: bool) -> np.ndarray:
+    if maps is None:  # a still camera: nothing moved
+        return array
     interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.remap(array, map_x, map_y, interpolation, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.remap(array, maps[0], maps[1], interpolation, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _disk(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def _open(mask: np.ndarray, size: int) -> np.ndarray:
+    if size <= 1:
+        return mask
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, _disk(size)).astype(bool)
 
 
 class FlipDetector:
-    """`update(index, rgb, labels)` per frame of one stream, in order; returns the alarms it raised."""
+    """`update(index, rgb, labels)` per frame of one stream, in order; returns the alarms it raised.
 
-    def __init__(self, class_names: list[str], stream: str = "stream", config: FlipConfig = FlipConfig()):
-        self.names, self.stream, self.config = list(class_names), stream, config
+    `relabel` ((N, H, W, 3) uint8 frames -> (N, H, W) labels: the engine that labelled the stream) enables the
+    occlusion check; without it the trigger's size alone decides."""
+
+    def __init__(self, class_names: list[str], stream: str = "stream", config: FlipConfig = FlipConfig(),
+                 relabel: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.names, self.stream, self.config, self.relabel = list(class_names), stream, config, relabel
+        self.untriggered = 0  # persistent unexplained flips with no new appearance near them (not alarmed)
+        self.checks = 0  # extra engine calls made by the occlusion check
+        self.reverted_not = 0  # candidates whose flip did not revert when their trigger was restored
+        self._dis = None  # the DIS flow object (holds its own buffers; one per stream)
+        self.flows = 0  # frames whose motion was estimated (the others came from a still camera)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what is normal (a scene cut, a camera that was moved): the next frames only learn."""
         self.frames = 0
         self.active: list[np.ndarray] = []  # masks of regions already alarmed, carried along the motion
-        self.ignored: list[np.ndarray] = []  # persistent flips judged untriggered, carried the same way
-        self._gray = self._image = self._labels = self._stable = self._suspect_age = self._changed_ago = None
-        self._appeared_ago = None
-        classes = len(self.names)
-        self._area_mean = np.zeros(classes)
-        self._area_var = np.zeros(classes)
+        self.ignored: list[np.ndarray] = []  # persistent flips judged not to be patches, carried the same way
+        self._gray = self._image = self._before = self._labels = None
+        self._stable = self._suspect_age = self._changed_ago = self._appeared_ago = None
+        self._area_mean = np.zeros(len(self.names))
+        self._area_var = np.zeros(len(self.names))
         self.last_suspect = None  # (H, W) bool of the last frame: for overlays
-        self._dis = None  # the DIS flow object (holds its own buffers; one per stream)
-        self.untriggered = 0  # persistent unexplained flips with no new appearance near them (not alarmed)
+        self.still = False  # whether the last frame was taken as from a still camera
 
     # ---------------------------------------------------------------------------------------------- motion
-    def _flow_maps(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps taking each pixel of this frame to where it was in the previous one."""
+    def _flow_maps(self, gray: np.ndarray):
+        """Maps taking each pixel of this frame to where it was in the previous one; None for a still camera."""
         height, width = gray.shape
         scale = min(1.0, self.config.flow_width / width)
         small = (max(8, round(width * scale)), max(8, round(height * scale)))
         now = cv2.resize(gray, small, interpolation=cv2.INTER_AREA)
         before = cv2.resize(self._gray, small, interpolation=cv2.INTER_AREA)
+        if self._is_still(now, before):
+            return None
+        self.flows += 1
         if self.config.flow == "farneback":
             flow = cv2.calcOpticalFlowFarneback(now, before, None, 0.5, 3, 15, 3, 5, 1.2, 0)
         else:
@@ -121,6 +190,15 @@ class FlipDetector:
         flow[..., 1] *= height / small[1]
         grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
         return grid_x + flow[..., 0], grid_y + flow[..., 1]
+
+    def _is_still(self, now: np.ndarray, before: np.ndarray) -> bool:
+        height, width = now.shape
+        coarse = (self.config.still_width, max(4, round(height * self.config.still_width / width)))
+        if width > coarse[0]:
+            now, before = (cv2.resize(g, coarse, interpolation=cv2.INTER_AREA) for g in (now, before))
+        change = float(cv2.absdiff(now, before).mean()) / 255.0
+        self.still = change < self.config.still_motion
+        return self.still
 
     def _area_z(self, areas: np.ndarray) -> np.ndarray:
         return (areas - self._area_mean) / np.sqrt(self._area_var + 1e-4)
@@ -136,125 +214,167 @@ class FlipDetector:
         labels = np.asarray(labels)
         if rgb.shape[:2] != labels.shape:
             raise ValueError(f"labels {labels.shape} do not match the frame {rgb.shape[:2]}")
-        config = self.config
-        image = rgb.astype(np.float32) / 255.0
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        image = rgb.astype(np.float32) / 255.0
         labels16 = labels.astype(np.int16)
         areas = np.bincount(labels.reshape(-1), minlength=len(self.names))[:len(self.names)] / labels.size
         self.frames += 1
         if self._labels is None or self._labels.shape != labels.shape:
-            self._gray, self._image, self._labels = gray, image, labels16
-            self._stable = np.ones(labels.shape, np.int16)
-            self._suspect_age = np.zeros(labels.shape, np.int16)
-            self._changed_ago = np.full(labels.shape, 10_000, np.int16)
-            self._appeared_ago = np.full(labels.shape, 10_000, np.int16)
-            self.active, self.ignored = [], []
-            self._learn_areas(areas)
+            self._start(gray, image, labels16, areas)
             return []
+        frame = self._compare(index, rgb, image, labels16, areas, self._flow_maps(gray))
+        alarms = self._judge(frame) if self.frames > self.config.warmup else []
+        self._learn(frame, gray)
+        return alarms
 
-        map_x, map_y = self._flow_maps(gray)
-        reference = _warp(self._labels, map_x, map_y, nearest=True)
-        reference_image = _warp(self._image, map_x, map_y, nearest=False)
-        stable = _warp(self._stable, map_x, map_y, nearest=True)
-        suspect_age = _warp(self._suspect_age, map_x, map_y, nearest=True)
-        changed_ago = _warp(self._changed_ago, map_x, map_y, nearest=True)
-        appeared_ago = _warp(self._appeared_ago, map_x, map_y, nearest=True)
-        carry = lambda masks: [_warp(m.astype(np.uint8), map_x, map_y, nearest=True).astype(bool) for m in masks]  # noqa: E731
+    def _start(self, gray, image, labels16, areas) -> None:
+        self._gray, self._image, self._before, self._labels = gray, image, image, labels16
+        self._stable = np.ones(labels16.shape, np.int16)
+        self._suspect_age = np.zeros(labels16.shape, np.int16)
+        self._changed_ago = np.full(labels16.shape, NEVER, np.int16)
+        self._appeared_ago = np.full(labels16.shape, NEVER, np.int16)
+        self.active, self.ignored = [], []
+        self._learn_areas(areas)
+
+    def _compare(self, index, rgb, image, labels16, areas, maps) -> _Frame:
+        """This frame against the reference carried along the motion: suspect pixels and new appearance."""
+        config = self.config
+        reference = _warp(self._labels, maps, nearest=True)
+        reference_image = _warp(self._image, maps, nearest=False)
+        stable = _warp(self._stable, maps, nearest=True)
+        suspect_age = _warp(self._suspect_age, maps, nearest=True)
+        changed_ago = _warp(self._changed_ago, maps, nearest=True)
+        appeared_ago = _warp(self._appeared_ago, maps, nearest=True)
+        self._before = _warp(self._before, maps, nearest=False)
+        carry = lambda masks: [_warp(m.astype(np.uint8), maps, nearest=True).astype(bool) for m in masks]  # noqa: E731
         self.active, self.ignored = carry(self.active), carry(self.ignored)
+        self._stable = stable
 
-        change = np.abs(image - reference_image).mean(axis=2)
-        change = cv2.blur(change, (config.change_blur, config.change_blur))
-        explained = change > config.image_change
-        differs = labels16 != reference
+        difference = np.abs(image - reference_image).mean(axis=2)
+        change = cv2.blur(difference, (config.change_blur, config.change_blur))
         # a label that was not settled (flicker, ambiguity) flipping is not evidence of anything
-        suspect = differs & ~explained & ((stable >= config.min_stable) | (suspect_age > 0))
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (config.open_px, config.open_px))
-        suspect = cv2.morphologyEx(suspect.astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+        suspect = (labels16 != reference) & (change <= config.image_change)
+        suspect &= (stable >= config.min_stable) | (suspect_age > 0)
+        suspect = _open(suspect, config.open_px)
         suspect_age = np.where(suspect, suspect_age + 1, 0).astype(np.int16)
-        # blobs of new appearance (a sticker coming into view), not the slivers of occlusion edges
-        blob_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (config.trigger_open_px,) * 2)
-        blobs = cv2.morphologyEx(explained.astype(np.uint8), cv2.MORPH_OPEN, blob_kernel).astype(bool)
-        # when the current run of change at a pixel began: a sticker's texture may keep registering as change
-        # under imperfect flow, but it appeared once
-        appeared_ago = np.where(blobs & (changed_ago > 0), 0, np.minimum(appeared_ago + 1, 10_000)).astype(np.int16)
-        changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, 10_000)).astype(np.int16)
+        # when the current run of change at a pixel began (a sticker's texture may keep registering as change under
+        # imperfect flow, but it appeared once), and how the pixel looked just before
+        appear = cv2.blur(difference, (config.appear_blur, config.appear_blur)) > config.appear_change
+        blobs = _open(appear, config.appear_open_px)
+        began = blobs & (changed_ago > 0)
+        self._before = np.where(began[..., None], reference_image, self._before).astype(np.float32)
+        appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
+        self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
+        return _Frame(index, rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
+                      appeared_ago, areas)
 
-        alarms = []
-        if self.frames > config.warmup:
-            alarms = self._alarms(index, suspect, suspect_age, changed_ago, appeared_ago, reference, labels16, change,
-                                  areas)
-
-        # what is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label
-        self._labels = np.where(suspect, reference, labels16).astype(np.int16)
-        self._stable = np.where(differs & ~suspect, 1, np.minimum(stable + 1, 10_000)).astype(np.int16)
-        self._image = np.where(suspect[..., None], reference_image, image).astype(np.float32)
-        self._gray, self._suspect_age, self._changed_ago = gray, suspect_age, changed_ago
-        self._appeared_ago = appeared_ago
+    def _learn(self, frame: _Frame, gray: np.ndarray) -> None:
+        """What is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label."""
+        config, suspect = self.config, frame.suspect
+        differs = frame.labels != frame.reference
+        self._labels = np.where(suspect, frame.reference, frame.labels).astype(np.int16)
+        self._stable = np.where(differs & ~suspect, 1, np.minimum(self._stable + 1, NEVER)).astype(np.int16)
+        self._image = np.where(suspect[..., None], frame.reference_image, frame.image).astype(np.float32)
+        self._gray, self._suspect_age, self._appeared_ago = gray, frame.suspect_age, frame.appeared_ago
         keep = lambda masks: [m & suspect for m in masks if (m & suspect).sum() >= config.min_pixels // 2]  # noqa: E731
         self.active, self.ignored = keep(self.active), keep(self.ignored)
         self.last_suspect = suspect
         if not suspect.any():
-            self._learn_areas(areas)
+            self._learn_areas(frame.areas)
+
+    # ------------------------------------------------------------------------------------------------ judge
+    def _judge(self, frame: _Frame) -> list[FlipAlarm]:
+        candidates = self._candidates(frame)
+        if not candidates:
+            return []
+        reverted = self._occlusion_check(frame, candidates)
+        alarms = []
+        for candidate, share in zip(candidates, reverted):
+            if share is not None and share < self.config.revert_share:
+                self.reverted_not += 1
+                self.ignored.append(candidate.region)
+                continue
+            self.active.append(candidate.region)
+            alarms.append(self._alarm(frame, candidate, share))
         return alarms
 
-    def _alarms(self, index, suspect, suspect_age, changed_ago, appeared_ago, reference, labels, change,
-                areas) -> list[FlipAlarm]:
+    def _candidates(self, frame: _Frame) -> list[Candidate]:
+        """Persistent unexplained flips not yet judged, with the new appearance that began with them."""
         config = self.config
-        persistent = suspect & (suspect_age >= config.persist)
+        persistent = frame.suspect & (frame.suspect_age >= config.persist)
         if persistent.sum() < config.min_pixels:
             return []
         # pieces of one flip are one region: suspect pixels within `merge_px` of each other, or bridged by what
         # just appeared (a patch splits the flip it causes into pieces around itself)
-        grouped = cv2.dilate(suspect.astype(np.uint8), np.ones((config.merge_px, config.merge_px), np.uint8))
-        grouped |= (changed_ago <= config.persist).astype(np.uint8)
+        grouped = cv2.dilate(frame.suspect.astype(np.uint8), np.ones((config.merge_px, config.merge_px), np.uint8))
+        grouped |= (frame.appeared_ago <= config.persist).astype(np.uint8)
         count, components = cv2.connectedComponents(grouped, connectivity=8)
-        alarms = []
-        z = self._area_z(areas)
-        ignored = np.zeros(suspect.shape, bool)
+        ignored = np.zeros(frame.suspect.shape, bool)
         for mask in self.ignored:
             ignored |= mask
+        candidates = []
         for component in range(1, count):
-            region = (components == component) & suspect
+            region = (components == component) & frame.suspect
             if any((region & mask).sum() >= config.min_pixels // 2 for mask in self.active):
                 continue  # this flip already raised its alarm
-            # a flip already judged ambiguous is set aside; a new flip beside it (a patch on an object the model
-            # was already unsure of) is judged on its own pixels, with its own onset
+            # a flip already set aside stays aside; a new flip beside it (a patch on an object the model was
+            # already unsure of) is judged on its own pixels, with its own onset
             region &= ~ignored
             if (region & persistent).sum() < config.min_pixels:
                 continue
-            pairs = np.stack([reference[region], labels[region]], axis=1)
-            unique, counts = np.unique(pairs, axis=0, return_counts=True)
-            order = np.argsort(-counts)
-            transitions = {f"{self._name(a)}->{self._name(b)}": int(n) for (a, b), n in zip(unique[order], counts[order])}
-            from_class, to_class = (int(v) for v in unique[order[0]])
-            rows, cols = np.nonzero(region)
-            top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
-            near = cv2.dilate(region.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
-            # the new appearance must have begun on the very frame the flip began: a sticker coming into view
-            # flips its object at once, while what a moving camera reveals comes before or after the model's
-            # change of mind (bench/monitor.py: this cut clean-clip false alarms about tenfold). A region may hold
-            # an older, smaller flip too, so each onset that a sizeable part of it shares is tried.
-            ages, sizes = np.unique(suspect_age[region], return_counts=True)
-            onsets = [int(a) for a, n in zip(ages, sizes) if a >= config.persist and n >= config.min_pixels // 2]
-            age, trigger_mask = max(((a, near & (appeared_ago == a - 1)) for a in onsets or [int(ages.max())]),
-                                    key=lambda item: int(item[1].sum()))
-            trigger = int(trigger_mask.sum())
-            if trigger < config.min_trigger_pixels:
-                # the view changed the model's mind with nothing new in sight: ambiguity, not a patch
-                self.untriggered += 1
+            age, trigger = self._trigger(frame, region)
+            if trigger.sum() < config.min_trigger_pixels or (config.min_trigger_pixels and not trigger.any()):
+                self.untriggered += 1  # the view changed the model's mind with nothing new in sight
                 self.ignored.append(region)
                 continue
-            self.active.append(region)
-            alarms.append(FlipAlarm(
-                stream=self.stream, frame=index, time=time.time(),
-                onset_frame=index - age + 1,
-                bbox=(top, left, bottom, right), pixels=int(region.sum()),
-                from_class=from_class, to_class=to_class, from_name=self._name(from_class),
-                to_name=self._name(to_class), transitions=transitions,
-                image_change=float(change[region].mean()),
-                evidence={"trigger_pixels": trigger}, region=region, trigger=trigger_mask,
-                area_z={self.names[c]: round(float(z[c]), 2) for c in {from_class, to_class} if 0 <= c < len(self.names)}))
-        return alarms
+            candidates.append(Candidate(region, age, trigger))
+        return candidates
+
+    def _trigger(self, frame: _Frame, region: np.ndarray) -> tuple[int, np.ndarray]:
+        """The flip's onset (frames ago) and the new appearance near the region that began on that frame. A
+        region may hold an older, smaller flip too, so each onset a sizeable part of it shares is tried."""
+        config = self.config
+        near = cv2.dilate(region.astype(np.uint8), np.ones((config.near_px, config.near_px), np.uint8)).astype(bool)
+        ages, sizes = np.unique(frame.suspect_age[region], return_counts=True)
+        onsets = [int(a) for a, n in zip(ages, sizes) if a >= config.persist and n >= config.min_pixels // 2]
+        return max(((a, near & (frame.appeared_ago == a - 1)) for a in onsets or [int(ages.max())]),
+                   key=lambda item: int(item[1].sum()))
+
+    def _occlusion_check(self, frame: _Frame, candidates: list[Candidate]) -> list[float | None]:
+        """Per candidate, the share of its region that reads its reference label again once the trigger's pixels
+        show what was there before it appeared; None without an engine. One batched engine call."""
+        checkable = [c for c in candidates if c.trigger.any()]
+        if self.relabel is None or not checkable:
+            return [None] * len(candidates)
+        restored = []
+        for candidate in checkable:
+            mask = cv2.dilate(candidate.trigger.astype(np.uint8), _disk(self.config.restore_grow_px)).astype(bool)
+            image = np.where(mask[..., None], self._before, frame.image)
+            restored.append((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+        labels = iter(np.asarray(self.relabel(np.stack(restored))))
+        self.checks += 1
+        return [float((next(labels)[c.region] == frame.reference[c.region]).mean()) if c.trigger.any() else None
+                for c in candidates]
+
+    def _alarm(self, frame: _Frame, candidate: Candidate, reverted: float | None) -> FlipAlarm:
+        region, index = candidate.region, frame.index
+        pairs = np.stack([frame.reference[region], frame.labels[region]], axis=1)
+        unique, counts = np.unique(pairs, axis=0, return_counts=True)
+        order = np.argsort(-counts)
+        transitions = {f"{self._name(a)}->{self._name(b)}": int(n) for (a, b), n in zip(unique[order], counts[order])}
+        from_class, to_class = (int(v) for v in unique[order[0]])
+        rows, cols = np.nonzero(region)
+        z = self._area_z(frame.areas)
+        evidence = {"trigger_pixels": int(candidate.trigger.sum())}
+        if reverted is not None:
+            evidence["reverted_share"] = round(reverted, 3)
+        return FlipAlarm(
+            stream=self.stream, frame=index, time=time.time(), onset_frame=index - candidate.onset_age + 1,
+            bbox=(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1),
+            pixels=int(region.sum()), from_class=from_class, to_class=to_class, from_name=self._name(from_class),
+            to_name=self._name(to_class), transitions=transitions, image_change=float(frame.change[region].mean()),
+            evidence=evidence, region=region, trigger=candidate.trigger,
+            area_z={self.names[c]: round(float(z[c]), 2) for c in {from_class, to_class} if 0 <= c < len(self.names)})
 
     def _name(self, label: int) -> str:
         return self.names[label] if 0 <= label < len(self.names) else str(label)

@@ -1,31 +1,36 @@
-"""Camera streams for the monitor: where frames come from, and how a stream survives its source.
+"""Camera streams for the monitor and the edge runner: where frames come from, and how a stream survives its
+source.
 
 A `FrameSource` opens, reads one RGB frame at a time and closes. `OpenCVSource` covers video files, RTSP/HTTP
-streams and local cameras; `SyntheticCamera` renders a shapes scene from a camera that moves along a smooth
-path, and can print a campaign's patch on an object from a known frame on (the ground truth the monitor's
-benchmark scores against).
+streams and local cameras; `ImageFolderSource` an image file, a folder or a glob of images; `ReplaySource`
+frames already in memory (the synthetic cameras are in `monitor.cameras`).
 
 A `Stream` runs one source on its own thread: it reconnects with exponential back-off when the source drops,
-turns a malformed frame into an event instead of an exception, and hands frames over through a bounded
-`FrameBuffer` whose overload policy ("latest": keep only the newest frame; "drop_oldest": a short queue) keeps
-latency and memory bounded however slow the consumer is. Nothing here imports Ray: the edge runner uses it too.
+turns a malformed or undecodable frame into an event instead of an exception, and hands frames over through a
+bounded `FrameBuffer`. Its policy says what happens when the consumer is slower than the source: "latest" keeps
+only the newest frame and "drop_oldest" a short queue (latency stays bounded: the right policies for live
+cameras), "block" makes the reader wait (back-pressure: a file or a folder loses no frame). Memory is bounded
+by the capacity either way. Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from segmenters.data.frames import STREAM_SCHEMES, describe_source
+from segmenters.data.frames import (STREAM_SCHEMES, VIDEO_SUFFIXES, ImageDecodeError, decode_image,
+                                    describe_source, image_files)
 
-POLICIES = ("latest", "drop_oldest")
+POLICIES = ("latest", "drop_oldest", "block")
+#: how often a reader blocked on a full buffer ("block") looks whether its stream was stopped
+BLOCK_POLL_S = 0.05
 
 
 class SourceError(OSError):
@@ -34,6 +39,11 @@ class SourceError(OSError):
 
 class SourceExhausted(Exception):
     """A finite source (a video file, a synthetic clip) has no more frames: not an error, not retried."""
+
+
+class BadFrameError(ValueError):
+    """One frame the source could not decode (a corrupt file in a folder): a "bad_frame" event, and the source
+    goes on with the next frame."""
 
 
 @dataclass
@@ -136,6 +146,33 @@ class OpenCVSource(FrameSource):
             self._capture = None
 
 
+class ImageFolderSource(FrameSource):
+    """An image file, a folder of images or a glob, decoded in name order by `segmenters.data.frames`' strict
+    decoder. A file that does not decode raises `BadFrameError` for its frame; the next read goes on."""
+
+    def __init__(self, pattern: str, name: str | None = None):
+        self.files = image_files(pattern)  # FileNotFoundError naming `pattern` when it matches no image
+        self.name = name or describe_source(pattern)
+        self._position = 0
+
+    @property
+    def finite(self) -> bool:
+        return True
+
+    def open(self) -> None:
+        self._position = 0
+
+    def read(self) -> tuple[np.ndarray, dict | None]:
+        if self._position >= len(self.files):
+            raise SourceExhausted(self.name)
+        file = self.files[self._position]
+        self._position += 1
+        try:
+            return decode_image(file.read_bytes()), None
+        except (ImageDecodeError, OSError) as exc:
+            raise BadFrameError(f"{file}: {exc}") from exc
+
+
 class ReplaySource(FrameSource):
     """Frames already in memory, replayed in order (at `fps`, or as fast as they are read): a recorded clip, or
     a benchmark's source that must never be the bottleneck. `loop` replays forever."""
@@ -167,8 +204,9 @@ class FrameBuffer:
     """The hand-over between a stream's reader thread and the consumer, bounded whatever the consumer does.
 
     "latest" keeps only the newest frame (a slow consumer always gets the freshest view: the right policy for
-    monitoring); "drop_oldest" keeps a short queue of `capacity` frames. Either way frames that are replaced
-    before anyone takes them are counted as dropped."""
+    monitoring); "drop_oldest" keeps a queue of `capacity` frames, dropping the oldest when full; both count the
+    frames replaced before anyone took them as `dropped`. "block" keeps `capacity` frames and makes `put` wait
+    while they are all there (back-pressure: nothing is ever dropped, the reader goes at the consumer's pace)."""
 
     def __init__(self, policy: str = "latest", capacity: int = 4):
         if policy not in POLICIES:
@@ -178,36 +216,56 @@ class FrameBuffer:
         self.policy = policy
         self.capacity = 1 if policy == "latest" else capacity
         self._frames: collections.deque[StreamFrame] = collections.deque()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self.dropped = 0
 
-    def put(self, frame: StreamFrame) -> None:
-        with self._lock:
+    def put(self, frame: StreamFrame, cancel: threading.Event | None = None) -> bool:
+        """Hand `frame` over; under "block" wait for room. False (frame not kept) only when `cancel` was set while
+        waiting."""
+        with self._changed:
+            while self.policy == "block" and len(self._frames) >= self.capacity:
+                if cancel is not None and cancel.is_set():
+                    return False
+                self._changed.wait(BLOCK_POLL_S)
             if len(self._frames) >= self.capacity:
                 self._frames.popleft()
                 self.dropped += 1
             self._frames.append(frame)
+            self._changed.notify_all()
+            return True
 
-    def take(self) -> StreamFrame | None:
-        with self._lock:
-            return self._frames.popleft() if self._frames else None
+    def take(self, timeout: float = 0.0) -> StreamFrame | None:
+        """The oldest frame held, waiting up to `timeout` seconds for one; None when there is none."""
+        with self._changed:
+            if not self._frames and timeout > 0:
+                self._changed.wait_for(lambda: bool(self._frames), timeout)
+            if not self._frames:
+                return None
+            frame = self._frames.popleft()
+            self._changed.notify_all()
+            return frame
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._changed:
             return len(self._frames)
 
 
 @dataclass
 class Backoff:
-    """Reconnect delays: `initial` doubling up to `maximum`; `attempts` tries in a row before giving up (None:
-    never give up, as a fleet camera should)."""
+    """Reconnect delays: `initial` doubling up to `maximum`; `attempts` opens in a row before giving up (None:
+    never give up, as a fleet camera should; 1: no retry, as for a file that will not open later either)."""
 
     initial: float = 0.5
     maximum: float = 10.0
     attempts: int | None = None
 
+    def __post_init__(self):
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"back-off attempts must be at least 1 (or None: never give up), got {self.attempts}")
+
     def delays(self):
-        delay, tries = self.initial, 0
+        """The waits between one open and the next: `attempts` - 1 of them (endless when attempts is None)."""
+        delay, tries = self.initial, 1
         while self.attempts is None or tries < self.attempts:
             yield delay
             delay, tries = min(delay * 2.0, self.maximum), tries + 1
@@ -249,16 +307,40 @@ class Stream:
 
     def _connect(self) -> bool:
         """Open the source, retrying with back-off; False when it gave up or the stream was stopped."""
-        for attempt, delay in enumerate(self.backoff.delays()):
+        delays, attempt = self.backoff.delays(), 0
+        while True:
+            attempt += 1
             try:
                 self.source.open()
                 return True
             except (SourceError, OSError) as exc:
-                self._emit("source_down", f"{exc}; retry {attempt + 1} in {delay:.1f}s")
+                delay = next(delays, None)
+                if delay is None:
+                    self._emit("source_down", f"{exc}; no retry left")
+                    self._emit("gave_up", f"{self.name}: no connection after {attempt} attempts ({exc})")
+                    return False
+                self._emit("source_down", f"{exc}; retry {attempt} in {delay:.1f}s")
                 if self._stop.wait(delay):
                     return False
-        self._emit("gave_up", f"{self.name}: no connection after {self.backoff.attempts} attempts")
-        return False
+
+    def _count_read(self) -> float:
+        now = time.monotonic()
+        self.read_count += 1
+        self._read_times.append(now)
+        return now
+
+    def _bad_frame(self, reason: str, index: int) -> None:
+        self.bad_frames += 1
+        self._emit("bad_frame", reason, index)
+
+    def _reconnect(self, reason: str, index: int) -> bool:
+        self._emit("source_down", reason, index)
+        self.source.close()
+        if not self._connect():
+            return False
+        self.reconnects += 1
+        self._emit("reconnected", self.source.name, index)
+        return True
 
     def _run(self) -> None:
         index = 0
@@ -272,25 +354,24 @@ class Stream:
                 except SourceExhausted:
                     self._emit("ended", f"{self.source.name} has no more frames", index)
                     return
-                except (SourceError, OSError) as exc:
-                    self._emit("source_down", str(exc), index)
-                    self.source.close()
-                    if not self._connect():
-                        return
-                    self.reconnects += 1
-                    self._emit("reconnected", self.source.name, index)
+                except BadFrameError as exc:  # read, but not decodable: this frame is lost, not the source
+                    self._count_read()
+                    self._bad_frame(str(exc), index)
+                    index += 1
                     continue
-                now = time.monotonic()
-                self.read_count += 1
-                self._read_times.append(now)
+                except (SourceError, OSError) as exc:
+                    if not self._reconnect(str(exc), index):
+                        return
+                    continue
+                now = self._count_read()
                 try:
                     rgb = check_frame(rgb)
                 except ValueError as exc:
-                    self.bad_frames += 1
-                    self._emit("bad_frame", str(exc), index)
+                    self._bad_frame(str(exc), index)
                     index += 1
                     continue
-                self.buffer.put(StreamFrame(self.name, index, rgb, now, truth))
+                if not self.buffer.put(StreamFrame(self.name, index, rgb, now, truth), cancel=self._stop):
+                    return  # stopped while waiting for room ("block")
                 index += 1
         except Exception as exc:  # a source bug must end this stream with an event, never the monitor
             self._emit("source_down", f"{type(exc).__name__}: {exc}", index)
@@ -300,20 +381,16 @@ class Stream:
 
 
 def open_source(text: str, fps: float | None = None, frames: int | None = None) -> FrameSource:
-    """A source from its command-line form: a video file, an rtsp/http URL, a camera index, `synthetic:INDEX`
-    (a moving camera over shapes val scene INDEX) or `trial:RUN_DIR:TRIAL_ID[@ONSET]` (the same over a
-    campaign trial's scene, its patch appearing at frame ONSET, default 15)."""
-    from monitor.cameras import SyntheticCamera, trial_camera
-
+    """A source from its command-line form: a video file, an rtsp/http URL, a camera index, an image, a folder or
+    glob of images, or `synthetic:INDEX` (a moving camera over shapes val scene INDEX; `fps` paces it, `frames`
+    ends it). Campaign trials (`trial:RUN_DIR:TRIAL_ID`) are the command line's: a run is read through `audit`."""
     if text.startswith("synthetic:"):
+        from monitor.cameras import SyntheticCamera
+
         index = text.split(":", 1)[1]
         if not index.isdigit():
             raise ValueError(f"synthetic source wants a scene number, e.g. synthetic:3; got {text!r}")
         return SyntheticCamera(int(index), frames=frames, fps=fps)
-    if text.startswith("trial:"):
-        body, _, onset = text[len("trial:"):].partition("@")
-        run, _, trial = body.rpartition(":")
-        if not run or not trial or (onset and not onset.isdigit()):
-            raise ValueError(f"trial source is trial:RUN_DIR:TRIAL_ID[@ONSET], got {text!r}")
-        return trial_camera(run, trial, int(onset or 15), frames=frames, fps=fps)
-    return OpenCVSource(text)
+    if text.isdigit() or text.startswith(STREAM_SCHEMES) or Path(text).suffix.lower() in VIDEO_SUFFIXES:
+        return OpenCVSource(text)
+    return ImageFolderSource(text)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -114,11 +113,11 @@ def write_campaign(out: Path, quick: bool) -> Path:
 def strongest_trial(run: Path) -> tuple[str, dict]:
     """The trial whose patch flips the most pixels as a sticker: physical success times the pixels it changed
     in the image (a patch that switches a tiny object is no demonstration)."""
-    with sqlite3.connect(run / "trials.sqlite") as db:
-        rows = db.execute("SELECT id, metrics FROM trials").fetchall()
-    if not rows:
+    from audit.store import trial_metrics
+
+    scored = list(trial_metrics(run).items())
+    if not scored:
         raise RuntimeError(f"the campaign stored no trials in {run}")
-    scored = [(trial, json.loads(metrics)) for trial, metrics in rows]
     key = lambda item: (np.nan_to_num(item[1].get("physical_success_mean", 0.0)) * item[1]["changed"],  # noqa: E731
                         item[1]["success"])
     return max(scored, key=key)
@@ -131,6 +130,7 @@ def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
     from serving.client import RemoteEngine
     from monitor.pipeline import JsonLinesSink, Monitor
     from monitor.web import MonitorServer, MonitorView
+    from audit.store import trial_scene
     from monitor.cameras import CameraPath, SyntheticCamera, trial_camera
     from monitor.streams import ReplaySource, Stream
 
@@ -158,7 +158,7 @@ def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
             pictures.append({"alarm": alarm.as_dict(), "strip": strip})
 
     monitor = Monitor(engine, sinks=[JsonLinesSink(events)], on_frame=keep)
-    patched = trial_camera(run, trial, onset=ONSET, frames=FRAMES, fps=10)
+    patched = trial_camera(trial_scene(run, trial), onset=ONSET, frames=FRAMES, fps=10)
     patched.path = CameraPath(sweep_deg=6.0, tilt_deg=2.0, zoom=0.03)  # a slow drift past the attack view
     monitor.add(Stream(patched, name="camera-1 (patch appears)", policy="latest"))
     clean = SyntheticCamera(CLEAN_SCENE, frames=FRAMES, fps=10, name="camera-2 (clean)")

@@ -101,24 +101,31 @@ def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> Non
 @click.option("--write", "outputs", type=click.Choice(["labels", "overlay"]), multiple=True,
               help="what to write per frame (repeatable; default both)")
 @click.option("--size", help="HEIGHTxWIDTH frames are resized to (default: as they come)")
-@click.option("--limit", type=int, help="stop after this many frames")
+@click.option("--limit", type=click.IntRange(min=1), help="stop after this many frames read")
+@click.option("--reconnect-attempts", type=click.IntRange(min=1),
+              help="a camera or stream: opens in a row before giving up (default: reconnect for ever)")
 @click.option("--quiet", is_flag=True)
-def run(bundle_path, public_key, source, out_dir, runtime, precision, outputs, size, limit, quiet) -> None:
-    """Verify BUNDLE_PATH, then segment frames from SOURCE with it (ONNX Runtime or TensorRT, no Ray)."""
+def run(bundle_path, public_key, source, out_dir, runtime, precision, outputs, size, limit, reconnect_attempts,
+        quiet) -> None:
+    """Verify BUNDLE_PATH, then segment frames from SOURCE with it (ONNX Runtime or TensorRT, no Ray). Files and
+    folders lose no frame; a camera or stream is read live (the newest frame; those the engine had no time for
+    are counted as dropped) and reconnected when it drops."""
     from edge.bundle import BundleError
     from edge.runner import run_bundle
     from edge.signing import KeyFileError
     from export import EngineError
+    from monitor.streams import Backoff
 
     try:
         summary = run_bundle(bundle_path, public_key, source, out_dir, runtime=runtime, precision=precision,
                              outputs=tuple(outputs) or ("labels", "overlay"), size=parse_size(size), limit=limit,
-                             progress=not quiet)
+                             progress=not quiet,
+                             backoff=Backoff(attempts=reconnect_attempts) if reconnect_attempts else None)
     except (BundleError, KeyFileError) as exc:
         click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
         sys.exit(1)
     except (EngineError, OSError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps({k: summary[k] for k in ("frames", "fps", "inference_ms_per_frame", "engine")}
+    click.echo(json.dumps({k: summary[k] for k in ("frames", "dropped", "fps", "inference_ms_per_frame", "engine")}
                           | {"errors": len(summary["errors"]), "summary": str(Path(out_dir) / "summary.json")},
                           indent=2))

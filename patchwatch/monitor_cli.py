@@ -10,6 +10,11 @@ import click
 
 from patchwatch.options import device_option, resolved_device
 
+#: how alarms can be confirmed on the engine's twin (`--confirm`)
+CONFIRMERS = ("vgatt",)
+#: the frame at which a `trial:` source's patch appears when the source does not say (`@ONSET`)
+TRIAL_ONSET = 15
+
 
 def build_engine(engine_path: str | None, url: str | None, model: str | None, version: str | None,
                  handle: str | None, api_key_env: str | None = None):
@@ -39,12 +44,42 @@ def build_engine(engine_path: str | None, url: str | None, model: str | None, ve
     return ServeHandleEngine(name, handle_version or "1")
 
 
-def build_confirmer(checkpoint: str, device: str):
-    """VGatt confirmation of alarms on the twin, on `device` (resolved here, before any stream opens)."""
-    from segmenters.twin import load_twin
+def build_confirmer(method: str | None, twin: str | None, device: str):
+    """The callable that confirms each alarm (`--confirm vgatt`: VGatt on the engine's twin `--twin`, on
+    `device`, resolved here before any stream opens), or None without `--confirm`."""
+    if method is None:
+        if twin:
+            raise click.UsageError("--twin is the checkpoint alarms are confirmed on: give --confirm vgatt with it")
+        return None
+    if not twin:
+        raise click.UsageError(f"--confirm {method} needs --twin CHECKPOINT (the engine's twin)")
     from audit.confirm import VGattConfirmer
+    from segmenters.twin import load_twin
 
-    return VGattConfirmer(load_twin(checkpoint, map_location=resolved_device(device)))
+    return VGattConfirmer(load_twin(twin, map_location=resolved_device(device)))
+
+
+def trial_source(text: str, fps: float | None, frames: int | None):
+    """`trial:RUN_DIR:TRIAL_ID[@ONSET]`: a synthetic camera over a stored shapes campaign trial's scene, its
+    patch appearing at frame ONSET (default `TRIAL_ONSET`). The run is read through `audit.store`."""
+    from audit.store import trial_scene
+    from monitor.cameras import trial_camera
+
+    body, _, onset = text[len("trial:"):].partition("@")
+    run, _, trial = body.rpartition(":")
+    if not run or not trial or (onset and not onset.isdigit()):
+        raise ValueError(f"trial source is trial:RUN_DIR:TRIAL_ID[@ONSET], got {text!r}")
+    return trial_camera(trial_scene(run, trial), int(onset or TRIAL_ONSET), frames=frames, fps=fps)
+
+
+def open_stream_source(text: str, fps: float | None, frames: int | None):
+    """A SOURCES argument as a frame source; click.BadParameter naming what is wrong with it."""
+    from monitor.streams import open_source
+
+    try:
+        return trial_source(text, fps, frames) if text.startswith("trial:") else open_source(text, fps, frames)
+    except (ValueError, OSError) as exc:
+        raise click.BadParameter(str(exc), param_hint="SOURCES") from exc
 
 
 @click.command()
@@ -59,34 +94,32 @@ def build_confirmer(checkpoint: str, device: str):
 @click.option("--webhook", help="POST every event as JSON here")
 @click.option("--page-port", type=int, default=8090, show_default=True, help="live page port on 127.0.0.1 (0: any)")
 @click.option("--no-page", is_flag=True, help="no live page")
-@click.option("--policy", type=click.Choice(["latest", "drop_oldest"]), default="latest", show_default=True,
-              help="overload policy: keep only the newest frame, or a short queue")
+@click.option("--policy", type=click.Choice(["latest", "drop_oldest", "block"]), default="latest", show_default=True,
+              help="overload policy: keep only the newest frame, a short queue, or make the source wait (files)")
 @click.option("--fps", type=float, help="pace synthetic sources at this rate")
 @click.option("--frames", type=int, help="stop synthetic sources after this many frames")
 @click.option("--duration", type=float, help="stop after this many seconds (default: when every source ended)")
-@click.option("--confirm-twin", type=click.Path(exists=True, dir_okay=False),
-              help="the engine's twin checkpoint: each alarm gets VGatt evidence computed on it")
-@device_option("the confirming twin runs")
+@click.option("--confirm", type=click.Choice(CONFIRMERS),
+              help="confirm each alarm on the engine's twin (--twin): vgatt adds VGatt evidence to the alarm")
+@click.option("--twin", type=click.Path(exists=True, dir_okay=False), help="the engine's twin checkpoint, for --confirm")
+@device_option("the twin of --confirm runs")
 def monitor(sources, engine_path, url, model, version, handle, api_key_env, events, webhook, page_port, no_page,
-            policy, fps, frames, duration, confirm_twin, device) -> None:
+            policy, fps, frames, duration, confirm, twin, device) -> None:
     """Watch SOURCES (video files, rtsp/http URLs, camera indices, synthetic:INDEX, trial:RUN:TRIAL[@ONSET]) for
     patch-induced class flips. Alarms and stream events go to --events (and --webhook); the page shows every
     stream live with its labels and the alarm list."""
     from monitor.pipeline import JsonLinesSink, Monitor, WebhookSink
-    from monitor.streams import Stream, open_source
+    from monitor.streams import Stream
 
-    confirm = build_confirmer(confirm_twin, device) if confirm_twin else None
+    confirmer = build_confirmer(confirm, twin, device)
+    opened = [open_stream_source(text, fps, frames) for text in sources]
     engine = build_engine(engine_path, url, model, version, handle, api_key_env)
     sinks = [JsonLinesSink(events)]
     hook = WebhookSink(webhook) if webhook else None
     if hook:
         sinks.append(hook)
-    watcher = Monitor(engine, sinks=sinks, confirm=confirm)
-    for text in sources:
-        try:
-            source = open_source(text, fps=fps, frames=frames)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="SOURCES") from exc
+    watcher = Monitor(engine, sinks=sinks, confirm=confirmer)
+    for text, source in zip(sources, opened):
         watcher.add(Stream(source, name=text, policy=policy))
     server = None
     if not no_page:

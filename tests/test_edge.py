@@ -185,6 +185,17 @@ def test_runner_logs_a_corrupt_frame_and_goes_on(engines, data_root, tmp_path):
     assert error["name"] == "b_truncated.png" and "cannot decode" in error["error"]
 
 
+def test_runner_limit_counts_frames_read_and_a_file_that_will_not_open_is_an_error(engines, data_root, tmp_path):
+    engine = OnnxRuntimeEngine(engines[0] / "unet.onnx")
+    summary = run_engine(engine, str(data_root / "camvid" / "val"), tmp_path / "out", outputs=("labels",), limit=2,
+                         progress=False)
+    first = [p.stem for p in sorted((data_root / "camvid" / "val").glob("*.png"))[:2]]
+    assert summary["frames"] == 2 and summary["dropped"] == 0 and summary["source_events"] == []
+    assert sorted(p.stem for p in (tmp_path / "out" / "labels").glob("*.png")) == first
+    with pytest.raises(OSError, match="cannot open video"):  # one attempt: a file does not open later
+        run_engine(engine, str(tmp_path / "missing.mp4"), tmp_path / "missing", progress=False)
+
+
 def test_runner_reads_a_video_and_writes_an_overlay_video(engines, data_root, tmp_path):
     folder = engines[0]
     video = tmp_path / "drive.mp4"

@@ -1,5 +1,5 @@
-"""Streams, the flip detector and the monitor: real renders, real OpenCV captures of a real local MJPEG-over-HTTP
-server, a real ONNX engine, real files and a real webhook receiver."""
+"""The flip detector and the monitor: real renders, a real ONNX engine, real files and a real webhook receiver
+(the streams and their buffers are tests/test_streams.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import http.server
 import json
 import socketserver
 import threading
-import time
 
 import cv2
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from monitor.flips import FlipConfig, FlipDetector
 from monitor.pipeline import JsonLinesSink, Monitor, WebhookSink
 from monitor.cameras import CameraPath, SyntheticCamera
-from monitor.streams import Backoff, FrameBuffer, OpenCVSource, ReplaySource, Stream, StreamFrame, check_frame
+from monitor.streams import Backoff, OpenCVSource, ReplaySource, Stream
 
 SHAPES_NAMES = ["background", "cube", "sphere", "cylinder"]
 
@@ -62,6 +61,7 @@ def test_moving_camera_alone_raises_nothing(big_object, flow):
     detector, alarms = run_detector(SyntheticCamera(index, frames=40, path=CameraPath(sweep_deg=15, period=40)), 40,
                                     config=FlipConfig(flow=flow))
     assert alarms == [] and detector.untriggered == 0
+    assert detector.flows >= 30  # a moving camera is taken as still only where its swing turns
 
 
 def test_patch_flip_is_caught_the_frame_after_onset(big_object):
@@ -118,144 +118,100 @@ def test_a_new_object_is_explained_by_the_image():
     assert detector.untriggered == 0
 
 
+class StickerFooledSegmenter:
+    """A segmenter as a pure function of the image, with a patch's weakness: the red box reads "cube", unless a
+    sticker (a small checkerboard of saturated colours) is anywhere in view, which turns the box into "sphere".
+    From frame `context_flip_from` on it also reads the box's right part as "cylinder" with nothing new in view
+    (the model changing its mind on its own, as a moving camera's view makes it). It also counts its calls."""
+
+    BOX = (slice(16, 48), slice(20, 60))
+
+    def __init__(self, context_flip_from: int | None = None):
+        self.context_flip_from, self.calls, self.frame = context_flip_from, 0, 0
+
+    def labels(self, rgb: np.ndarray) -> np.ndarray:
+        labels = np.zeros(rgb.shape[:2], np.uint8)
+        box = np.zeros(rgb.shape[:2], bool)
+        box[self.BOX] = True
+        sticker = ((rgb.max(axis=2) > 240) & (rgb.min(axis=2) < 15)).sum() >= 20
+        labels[box] = 2 if sticker else 1
+        if self.context_flip_from is not None and self.frame >= self.context_flip_from:
+            labels[16:48, 32:60] = 3
+        return labels
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return np.stack([self.labels(rgb) for rgb in frames])
+
+
+def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True):
+    """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`."""
+    rng = np.random.default_rng(2)
+    ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
+    ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
+    checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
+    detector = FlipDetector(SHAPES_NAMES, "sticker", relabel=segmenter if check else None)
+    alarms = []
+    for index in range(frames):
+        rgb = ground.copy()
+        rgb += rng.integers(0, 3, rgb.shape, dtype=np.uint8)  # sensor noise
+        if sticker_from is not None and index >= sticker_from:
+            rgb[28:36, 24:32] = np.where(checker[..., None], (255, 255, 0), (0, 0, 255))
+        segmenter.frame = index
+        alarms += detector.update(index, rgb, segmenter.labels(rgb))
+    return detector, alarms
+
+
+def test_occlusion_check_alarms_on_a_flip_the_sticker_causes():
+    segmenter = StickerFooledSegmenter()
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=segmenter)
+    assert len(alarms) == 1, [a.as_dict() for a in alarms]
+    alarm = alarms[0]
+    assert alarm.onset_frame == 10 and alarm.frame == 11
+    assert (alarm.from_name, alarm.to_name) == ("cube", "sphere")
+    # restoring the sticker's pixels to what was there before brought the box back to "cube" everywhere
+    assert alarm.evidence["reverted_share"] == 1.0
+    assert detector.checks == segmenter.calls == 1  # one extra engine call for the one candidate
+
+
+def test_occlusion_check_clears_a_flip_that_something_new_did_not_cause():
+    """Something new appears beside the box on the very frame the model changes its mind about it on its own:
+    the trigger rule alone would alarm, the occlusion check does not (restoring the sticker reverts nothing)."""
+    def fooled_only_by_time(check: bool):
+        segmenter = StickerFooledSegmenter(context_flip_from=10)
+        plain = segmenter.labels
+
+        def labels(rgb):  # the sticker fools nothing here: only the context flip happens
+            labels = plain(rgb)
+            labels[labels == 2] = 1
+            return labels
+
+        segmenter.labels = labels
+        return sticker_scene(20, sticker_from=10, segmenter=segmenter, check=check)
+
+    detector, alarms = fooled_only_by_time(check=True)
+    assert alarms == [] and detector.reverted_not == 1 and detector.checks == 1
+    # without the engine the same flip is an alarm: the trigger began with it
+    _, alarms = fooled_only_by_time(check=False)
+    assert len(alarms) == 1 and alarms[0].to_name == "cylinder"
+
+
+def test_still_camera_runs_no_optical_flow():
+    segmenter = StickerFooledSegmenter()
+    detector, _ = sticker_scene(6, sticker_from=None, segmenter=segmenter)
+    assert detector.still and detector.flows == 0 and detector._dis is None
+
+
+def test_reset_forgets_the_scene():
+    segmenter = StickerFooledSegmenter()
+    detector, _ = sticker_scene(8, sticker_from=None, segmenter=segmenter)
+    detector.reset()
+    assert detector.frames == 0 and detector._labels is None and detector.active == []
+
+
 def test_detector_refuses_mismatched_labels():
     with pytest.raises(ValueError, match="do not match the frame"):
         FlipDetector(SHAPES_NAMES).update(0, np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16), np.uint8))
-
-
-# --------------------------------------------------------------------------------------------------- streams
-class MjpegServer:
-    """A real MJPEG-over-HTTP camera on 127.0.0.1: each connection gets `frames` frames, then the connection
-    drops (as a flaky camera's does); it can be stopped and started again on the same port."""
-
-    def __init__(self, frames: int = 8, interval: float = 0.01):
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.connections += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                try:
-                    for i in range(frames):
-                        image = np.full((48, 64, 3), (server.connections * 40 + i * 5) % 255, np.uint8)
-                        data = cv2.imencode(".jpg", image)[1].tobytes()
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
-                                         + data + b"\r\n")
-                        self.wfile.flush()
-                        time.sleep(interval)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.handler, self.connections, self.port, self._server = Handler, 0, 0, None
-
-    def start(self):
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), self.handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self):
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}/camera.mjpg"
-
-
-def test_stream_that_drops_comes_back():
-    server = MjpegServer(frames=8).start()
-    events = []
-    stream = Stream(OpenCVSource(server.url, name="cam"), policy="drop_oldest", capacity=100,
-                    backoff=Backoff(initial=0.05, maximum=0.2), on_event=events.append).start()
-    try:
-        deadline = time.monotonic() + 20
-        while stream.reconnects < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        server.stop()  # now the camera is gone altogether ...
-        time.sleep(0.5)
-        downs = sum(e.kind == "source_down" for e in events)
-        server.start()  # ... and back on the same port
-        while server.connections < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
-    finally:
-        stream.stop()
-        server.stop()
-    kinds = [e.kind for e in events]
-    assert kinds[0] == "connected" and "reconnected" in kinds and downs >= 2, kinds
-    assert "refused" in " ".join(e.detail for e in events if e.kind == "source_down") or downs >= 2
-    assert stream.read_count >= 16 and stream.reconnects >= 2 and server.connections >= 3
-    # every frame read was handed over in order, none lost by the stream itself (the buffer was big enough)
-    indices = []
-    while (frame := stream.buffer.take()) is not None:
-        indices.append(frame.index)
-    assert indices == sorted(indices) and len(indices) == stream.read_count
-
-
-def test_dead_source_gives_events_not_a_crash(tmp_path):
-    events = []
-    stream = Stream(OpenCVSource(str(tmp_path / "missing.mp4")), backoff=Backoff(initial=0.01, attempts=3),
-                    on_event=events.append).start()
-    assert stream.ended.wait(10)
-    kinds = [e.kind for e in events]
-    assert kinds == ["source_down"] * 3 + ["gave_up"], kinds
-    assert "cannot open video" in events[0].detail
-
-
-def test_malformed_frames_become_events():
-    good = np.zeros((32, 32, 3), np.uint8)
-    nan = np.full((32, 32, 3), np.nan, np.float32)
-    junk = [good, np.zeros((32, 32), np.uint8), "not a frame", nan, np.zeros((4, 4, 3), np.uint8), good]
-    events = []
-    stream = Stream(ReplaySource(junk), policy="drop_oldest", capacity=10, on_event=events.append).start()
-    assert stream.ended.wait(10)
-    bad = [e for e in events if e.kind == "bad_frame"]
-    assert [e.index for e in bad] == [1, 2, 3, 4]
-    assert "(H, W, 3)" in bad[0].detail and "str" in bad[1].detail and "non-finite" in bad[2].detail
-    assert "too small" in bad[3].detail
-    assert [f.index for f in iter(stream.buffer.take, None)] == [0, 5] and events[-1].kind == "ended"
-    assert check_frame(np.full((8, 8, 3), 0.5, np.float32)).dtype == np.uint8
-
-
-def test_buffer_policies():
-    latest, queue = FrameBuffer("latest"), FrameBuffer("drop_oldest", capacity=3)
-    for i in range(10):
-        frame = StreamFrame("s", i, np.zeros((8, 8, 3), np.uint8), 0.0)
-        latest.put(frame)
-        queue.put(frame)
-    assert len(latest) == 1 and latest.take().index == 9 and latest.dropped == 9
-    assert [queue.take().index for _ in range(3)] == [7, 8, 9] and queue.dropped == 7
-    with pytest.raises(ValueError, match="frame policy"):
-        FrameBuffer("newest")
-
-
-def test_overloaded_pipeline_keeps_latency_and_memory_bounded():
-    """A source far faster than its consumer: the buffer stays at one frame and the frame the consumer gets is
-    the newest one read, so latency is one source interval, not a backlog that grows with every frame. Judged
-    by frame counts, not by the clock, so a loaded machine cannot make it flaky."""
-    frame = np.zeros((64, 64, 3), np.uint8)
-    stream = Stream(ReplaySource([frame] * 5000, fps=1000), policy="latest").start()
-    behind = []
-    try:
-        for _ in range(20):
-            time.sleep(0.05)  # the consumer: 20 frames/s against a source of ~1000/s
-            read_before = stream.read_count
-            taken = stream.buffer.take()
-            if taken is not None:
-                behind.append(read_before - 1 - taken.index)  # frames read after the one handed over
-            assert len(stream.buffer) <= 1
-    finally:
-        stream.stop()
-    assert stream.buffer.dropped > 100 and len(behind) >= 15
-    assert max(behind) <= 1, behind  # the newest frame (or the one being read as we took it)
 
 
 # --------------------------------------------------------------------------------------------------- monitor
