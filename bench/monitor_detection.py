@@ -311,6 +311,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes", help="a campaign run on the shapes twin")
+    parser.add_argument("--trials", type=int, help="use only the first N trials of the run (by id)")
     parser.add_argument("--tune-seeds", default="0,1", help="clips thresholds may be chosen on ('' for none)")
     # seeds 0-2 drew the clips of every earlier choice; 10-12 were never looked at before they were scored
     parser.add_argument("--score-seeds", default="10,11,12", help="clips the figures come from")
@@ -358,7 +359,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = FlipConfig(**dict(item.split("=", 1) for item in args.set))
-    scenes = trial_scenes(args.run)
+    scenes = trial_scenes(args.run, args.trials)
     result = {"config": config.model_dump(), "min_flip": args.min_flip, "engine": engine.describe(),
               "tune": detection_run(engine, scenes, seeds(args.tune_seeds), config, args),
               "score": detection_run(engine, scenes, seeds(args.score_seeds), config, args), "video": None}

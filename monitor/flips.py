@@ -56,10 +56,16 @@ class FlipConfig(BaseModel):
     min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
                                     "on the flip's onset frame, needed for a candidate (0: every persistent "
                                     "unexplained flip is a candidate)")
+    min_trigger_saturation: float = Field(120, ge=0, le=255, description="mean HSV saturation (0-255) the trigger's "
+                                          "pixels need: printed patches are vivid (0: no colour cue)")
+    max_trigger_share: float = Field(1.0, gt=0, le=1, description="new appearance over this share of the frame is "
+                                     "something arriving (a vehicle, a person), not a sticker: no candidate")
     revert_share: float = Field(0.5, ge=0, le=1, description="occlusion check: share of the region that must revert "
                                 "to its reference label when the trigger is restored (needs the engine)")
-    restore_grow_px: int = Field(3, ge=1, description="the trigger is grown by this kernel (px) before it is restored: "
-                                 "a decal's blurred rim")
+    restore_change: float = Field(0.02, gt=0, description="occlusion check: mean |RGB| change in [0, 1] (blurred as "
+                                  "new appearance) that marks a pixel as changed since the flip began, so restored")
+    restore_near_px: int = Field(15, ge=1, description="occlusion check: changed pixels within this kernel (px) of the "
+                                 "region are restored (a patch's pixels that barely changed too)")
     still_motion: float = Field(0.004, ge=0, description="mean |gray| change in [0, 1], at `still_width`, below which "
                                 "the camera is taken as still: no optical flow, no warping (0: always flow)")
     still_width: int = Field(40, ge=8, description="width the still-camera test looks at (coarse: sensor noise averages "
@@ -133,6 +139,12 @@ def _disk(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
+def _saturation(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Mean HSV saturation (0-255) of the masked pixels."""
+    pixels = rgb[mask].reshape(-1, 1, 3)
+    return float(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)[..., 1].mean())
+
+
 def _open(mask: np.ndarray, size: int) -> np.ndarray:
     if size <= 1:
         return mask
@@ -161,7 +173,7 @@ class FlipDetector:
         self.active: list[np.ndarray] = []  # masks of regions already alarmed, carried along the motion
         self.ignored: list[np.ndarray] = []  # persistent flips judged not to be patches, carried the same way
         self._gray = self._image = self._before = self._labels = None
-        self._stable = self._suspect_age = self._changed_ago = self._appeared_ago = None
+        self._stable = self._suspect_age = self._changed_ago = self._appeared_ago = self._touched_ago = None
         self._area_mean = np.zeros(len(self.names))
         self._area_var = np.zeros(len(self.names))
         self.last_suspect = None  # (H, W) bool of the last frame: for overlays
@@ -232,6 +244,7 @@ class FlipDetector:
         self._stable = np.ones(labels16.shape, np.int16)
         self._suspect_age = np.zeros(labels16.shape, np.int16)
         self._changed_ago = np.full(labels16.shape, NEVER, np.int16)
+        self._touched_ago = np.full(labels16.shape, NEVER, np.int16)
         self._appeared_ago = np.full(labels16.shape, NEVER, np.int16)
         self.active, self.ignored = [], []
         self._learn_areas(areas)
@@ -245,7 +258,8 @@ class FlipDetector:
         suspect_age = _warp(self._suspect_age, maps, nearest=True)
         changed_ago = _warp(self._changed_ago, maps, nearest=True)
         appeared_ago = _warp(self._appeared_ago, maps, nearest=True)
-        self._before = _warp(self._before, maps, nearest=False)
+        before = _warp(self._before, maps, nearest=False)
+        touched_ago = _warp(self._touched_ago, maps, nearest=True)
         carry = lambda masks: [_warp(m.astype(np.uint8), maps, nearest=True).astype(bool) for m in masks]  # noqa: E731
         self.active, self.ignored = carry(self.active), carry(self.ignored)
         self._stable = stable
@@ -262,11 +276,22 @@ class FlipDetector:
         appear = cv2.blur(difference, (config.appear_blur, config.appear_blur)) > config.appear_change
         blobs = _open(appear, config.appear_open_px)
         began = blobs & (changed_ago > 0)
-        self._before = np.where(began[..., None], reference_image, self._before).astype(np.float32)
+        self._remember_before(difference, image, reference_image, before, touched_ago)
         appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
         self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
         return _Frame(index, rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
                       appeared_ago, areas)
+
+    def _remember_before(self, difference, image, reference_image, before, touched_ago) -> None:
+        """How each pixel looked before its latest change (what the occlusion check restores): set when a change
+        begins, kept while the pixel keeps changing and for `persist` + 1 frames after (a sticker stops registering
+        as change once the reference has taken it in), then following the image again."""
+        config = self.config
+        touched = cv2.blur(difference, (config.appear_blur, config.appear_blur)) > config.restore_change
+        settled = touched_ago > config.persist + 1
+        self._before = np.where((touched & (touched_ago > 0))[..., None], reference_image,
+                                np.where((settled & ~touched)[..., None], image, before)).astype(np.float32)
+        self._touched_ago = np.where(touched, 0, np.minimum(touched_ago + 1, NEVER)).astype(np.int16)
 
     def _learn(self, frame: _Frame, gray: np.ndarray) -> None:
         """What is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label."""
@@ -323,6 +348,12 @@ class FlipDetector:
             if (region & persistent).sum() < config.min_pixels:
                 continue
             age, trigger = self._trigger(frame, region)
+            if trigger.sum() > config.max_trigger_share * trigger.size:
+                self.ignored.append(region)  # something big arrived and changed the view: not a sticker
+                continue
+            if trigger.any() and _saturation(frame.rgb, trigger) < config.min_trigger_saturation:
+                self.ignored.append(region)  # a dull change (shade, a surface turning): not a printed patch
+                continue
             if trigger.sum() < config.min_trigger_pixels or (config.min_trigger_pixels and not trigger.any()):
                 self.untriggered += 1  # the view changed the model's mind with nothing new in sight
                 self.ignored.append(region)
@@ -348,7 +379,8 @@ class FlipDetector:
             return [None] * len(candidates)
         restored = []
         for candidate in checkable:
-            mask = cv2.dilate(candidate.trigger.astype(np.uint8), _disk(self.config.restore_grow_px)).astype(bool)
+            near = cv2.dilate(candidate.trigger.astype(np.uint8), _disk(self.config.restore_near_px)).astype(bool)
+            mask = near & (self._touched_ago <= candidate.onset_age)  # changed since the frame before the flip
             image = np.where(mask[..., None], self._before, frame.image)
             restored.append((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
         labels = iter(np.asarray(self.relabel(np.stack(restored))))

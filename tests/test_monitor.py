@@ -144,19 +144,23 @@ class StickerFooledSegmenter:
         return np.stack([self.labels(rgb) for rgb in frames])
 
 
-def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True):
+VIVID = ((255, 255, 0), (0, 0, 255))
+
+
+def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True,
+                  colours=VIVID, config: FlipConfig = FlipConfig()):
     """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`."""
     rng = np.random.default_rng(2)
     ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
     ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
     checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
-    detector = FlipDetector(SHAPES_NAMES, "sticker", relabel=segmenter if check else None)
+    detector = FlipDetector(SHAPES_NAMES, "sticker", config, relabel=segmenter if check else None)
     alarms = []
     for index in range(frames):
         rgb = ground.copy()
         rgb += rng.integers(0, 3, rgb.shape, dtype=np.uint8)  # sensor noise
         if sticker_from is not None and index >= sticker_from:
-            rgb[28:36, 24:32] = np.where(checker[..., None], (255, 255, 0), (0, 0, 255))
+            rgb[28:36, 24:32] = np.where(checker[..., None], *colours)
         segmenter.frame = index
         alarms += detector.update(index, rgb, segmenter.labels(rgb))
     return detector, alarms
@@ -194,6 +198,30 @@ def test_occlusion_check_clears_a_flip_that_something_new_did_not_cause():
     # without the engine the same flip is an alarm: the trigger began with it
     _, alarms = fooled_only_by_time(check=False)
     assert len(alarms) == 1 and alarms[0].to_name == "cylinder"
+
+
+def test_a_dull_change_is_not_a_printed_patch():
+    """The same flip, set off by a grey pattern (a shadow's edge, a surface turning): the colour cue sets it aside
+    before any engine call; with the cue off it is judged like any other."""
+    grey = ((255, 255, 255), (0, 0, 0))
+
+    class FooledByGrey(StickerFooledSegmenter):
+        def labels(self, rgb):
+            labels = np.zeros(rgb.shape[:2], np.uint8)
+            labels[self.BOX] = 2 if (rgb.min(axis=2) > 250).sum() >= 20 else 1
+            return labels
+
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=grey)
+    assert alarms == [] and detector.checks == 0 and detector.ignored
+    _, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=grey,
+                              config=FlipConfig(min_trigger_saturation=0))
+    assert len(alarms) == 1 and alarms[0].evidence["reverted_share"] == 1.0
+
+
+def test_something_big_arriving_is_not_a_sticker():
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter(),
+                                     config=FlipConfig(max_trigger_share=0.001))
+    assert alarms == [] and detector.checks == 0
 
 
 def test_still_camera_runs_no_optical_flow():

@@ -1,6 +1,5 @@
-"""Frames from wherever they come: image files, a folder or glob of them, a video file, a camera index, or
-an RTSP/HTTP stream (video through OpenCV). Yields RGB uint8 frames; a frame that cannot be decoded is
-reported as a `FrameError` item, not raised, so one bad file never stops a run.
+"""Where frames come from, described and decoded: image files, a folder or glob of them, a video file, a camera
+index, or an RTSP/HTTP stream. Reading them in order, with reconnects and a bounded buffer, is `monitor.streams`'.
 
 `decode_image` is the one strict decoder of encoded images (files here, uploads in the service): truncated
 files are refused rather than returned half grey, as OpenCV would."""
@@ -8,8 +7,6 @@ files are refused rather than returned half grey, as OpenCV would."""
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import io
@@ -57,20 +54,6 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-@dataclass
-class Frame:
-    index: int
-    name: str
-    rgb: np.ndarray  # (H, W, 3) uint8
-
-
-@dataclass
-class FrameError:
-    index: int
-    name: str
-    reason: str
-
-
 def describe_source(source: str | int) -> str:
     if isinstance(source, int) or str(source).isdigit():
         return f"camera {int(source)}"
@@ -85,27 +68,6 @@ def describe_source(source: str | int) -> str:
     return f"images {text}"
 
 
-def iter_frames(source: str | int, limit: int | None = None) -> Iterator[Frame | FrameError]:
-    """Frames in order. `source`: image file, folder, glob, video file, camera index (int or "0"), or URL."""
-    if isinstance(source, int) or str(source).isdigit():
-        yield from _capture(int(source), f"camera{int(source)}", limit)
-        return
-    text = str(source)
-    if text.startswith(STREAM_SCHEMES):
-        yield from _capture(text, "stream", limit)
-        return
-    path = Path(text)
-    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
-        yield from _capture(str(path), path.stem, limit)
-        return
-    files = image_files(text)
-    for index, file in enumerate(files[:limit] if limit else files):
-        try:
-            yield Frame(index, file.stem, decode_image(file.read_bytes()))
-        except (ImageDecodeError, OSError) as exc:
-            yield FrameError(index, file.name, f"{file}: {exc}")
-
-
 def image_files(text: str) -> list[Path]:
     path = Path(text)
     if path.is_dir():
@@ -118,22 +80,6 @@ def image_files(text: str) -> list[Path]:
         raise FileNotFoundError(f"no frames at {text!r}: expected an image, a folder or glob of images, a video "
                                 f"({', '.join(VIDEO_SUFFIXES)}), a camera index or a stream URL")
     return files
-
-
-def _capture(target: str | int, stem: str, limit: int | None) -> Iterator[Frame | FrameError]:
-    capture = cv2.VideoCapture(target)
-    if not capture.isOpened():
-        raise OSError(f"cannot open {describe_source(target)}")
-    try:
-        index = 0
-        while limit is None or index < limit:
-            ok, image = capture.read()
-            if not ok or image is None:
-                break
-            yield Frame(index, f"{stem}_{index:06d}", cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-            index += 1
-    finally:
-        capture.release()
 
 
 def capture_fps(source: str | int, default: float = 25.0) -> float:
