@@ -86,14 +86,16 @@ class OnnxRuntimeEngine(Engine):
     """`device`: cpu, cuda[:N] or auto (CUDA when its provider loads and a GPU is visible). `providers`: explicit
     provider names instead (e.g. ["TensorrtExecutionProvider", "CUDAExecutionProvider"]). `provider_options`: the
     CUDA provider's options (cudnn_conv_algo_search, gpu_mem_limit, ...). `tf32`: allow TF32 math on CUDA
-    (precision "tf32", gated with its own tolerance)."""
+    (precision "tf32", gated with its own tolerance). `spin`: let idle intra-op threads spin-wait (ONNX Runtime's
+    default, lowest latency on a machine of its own); off, they yield their cores to what shares the machine (a
+    monitor's detectors: bench/monitor_throughput.py --spin both)."""
 
     def __init__(self, model: str | Path | onnx.ModelProto, providers: list[str] | None = None,
                  threads: int | None = None, device: str | object = "auto", provider_options: dict | None = None,
-                 tf32: bool = False):
+                 tf32: bool = False, spin: bool = True):
         self.proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.spec, self.precision = model_metadata(self.proto)
-        self.threads = threads
+        self.threads, self.spin = threads, spin
         self._providers = self._choose(providers, device, dict(provider_options or {}), tf32)
         self.session = self._session(self.proto)
         self.providers = self.session.get_providers()
@@ -135,6 +137,8 @@ class OnnxRuntimeEngine(Engine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             options.intra_op_num_threads = self.threads
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(proto.SerializeToString(), options, providers=self._providers)
         except Exception as exc:

@@ -139,6 +139,13 @@ def _disk(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
+def _select(mask: np.ndarray, where_true: np.ndarray, where_false: np.ndarray) -> np.ndarray:
+    """`np.where(mask[..., None], where_true, where_false)` for images, through OpenCV (about 50x faster)."""
+    out = where_false.copy()
+    cv2.copyTo(where_true, mask.astype(np.uint8), out)
+    return out
+
+
 def _saturation(rgb: np.ndarray, mask: np.ndarray) -> float:
     """Mean HSV saturation (0-255) of the masked pixels."""
     pixels = rgb[mask].reshape(-1, 1, 3)
@@ -264,7 +271,8 @@ class FlipDetector:
         self.active, self.ignored = carry(self.active), carry(self.ignored)
         self._stable = stable
 
-        difference = np.abs(image - reference_image).mean(axis=2)
+        channels = cv2.absdiff(image, reference_image)
+        difference = (channels[..., 0] + channels[..., 1] + channels[..., 2]) / np.float32(3)  # 15x numpy's mean
         change = cv2.blur(difference, (config.change_blur, config.change_blur))
         # a label that was not settled (flicker, ambiguity) flipping is not evidence of anything
         suspect = (labels16 != reference) & (change <= config.image_change)
@@ -289,8 +297,7 @@ class FlipDetector:
         config = self.config
         touched = cv2.blur(difference, (config.appear_blur, config.appear_blur)) > config.restore_change
         settled = touched_ago > config.persist + 1
-        self._before = np.where((touched & (touched_ago > 0))[..., None], reference_image,
-                                np.where((settled & ~touched)[..., None], image, before)).astype(np.float32)
+        self._before = _select(touched & (touched_ago > 0), reference_image, _select(settled & ~touched, image, before))
         self._touched_ago = np.where(touched, 0, np.minimum(touched_ago + 1, NEVER)).astype(np.int16)
 
     def _learn(self, frame: _Frame, gray: np.ndarray) -> None:
@@ -299,7 +306,7 @@ class FlipDetector:
         differs = frame.labels != frame.reference
         self._labels = np.where(suspect, frame.reference, frame.labels).astype(np.int16)
         self._stable = np.where(differs & ~suspect, 1, np.minimum(self._stable + 1, NEVER)).astype(np.int16)
-        self._image = np.where(suspect[..., None], frame.reference_image, frame.image).astype(np.float32)
+        self._image = _select(suspect, frame.reference_image, frame.image)
         self._gray, self._suspect_age, self._appeared_ago = gray, frame.suspect_age, frame.appeared_ago
         keep = lambda masks: [m & suspect for m in masks if (m & suspect).sum() >= config.min_pixels // 2]  # noqa: E731
         self.active, self.ignored = keep(self.active), keep(self.ignored)

@@ -89,6 +89,22 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+#: backends that compute somewhere else (another process or machine): they take none of this process's cores
+REMOTE_BACKENDS = ("oip:", "serve:", "process:")
+
+
+def engine_computes_here(engine: Engine) -> bool:
+    """Whether `engine` computes on this process's CPU cores (a local CPU engine), so detectors share them."""
+    return engine.device == "cpu" and not engine.backend.startswith(REMOTE_BACKENDS)
+
+
+def default_detect_workers(engine: Engine, max_batch: int) -> int:
+    """Detector threads: half the cores beside a local CPU engine (its own threads need the rest), every core
+    when the engine computes elsewhere; never more than a batch holds frames."""
+    cores = os.cpu_count() or 2
+    return max(1, min(max_batch, cores // 2 if engine_computes_here(engine) else cores))
+
+
 @dataclass
 class StreamStats:
     processed: int = 0
@@ -123,8 +139,8 @@ class Monitor:
         self.engine_errors = 0
         self._stop = threading.Event()
         # a batch holds one frame per stream, so its detectors can run side by side (OpenCV and NumPy release the
-        # GIL); half the cores, leaving the rest to the engine's own threads when it runs on this machine
-        self.detect_workers = detect_workers or max(1, min(max_batch, (os.cpu_count() or 2) // 2))
+        # GIL); half the cores beside a local CPU engine, all of them when it computes elsewhere
+        self.detect_workers = detect_workers or default_detect_workers(engine, max_batch)
         self._detect_pool = ThreadPoolExecutor(max_workers=self.detect_workers, thread_name_prefix="flip-detect")
         self._pending: list[Future] = []
         self._confirm_lock = threading.Lock()
@@ -135,7 +151,9 @@ class Monitor:
             raise ValueError(f"a stream named {stream.name!r} is already monitored")
         stream.on_event = self._on_stream_event
         self.streams[stream.name] = stream
-        self.detectors[stream.name] = FlipDetector(self._names, stream.name, self.flip_config)
+        # the occlusion check re-segments a candidate's frame with the same engine (rare: one call per candidate)
+        self.detectors[stream.name] = FlipDetector(self._names, stream.name, self.flip_config,
+                                                   relabel=self.engine.segment)
         self.stats[stream.name] = StreamStats()
         return stream
 
@@ -153,8 +171,10 @@ class Monitor:
     def step(self) -> int:
         """Segment the newest frame of every stream that has one; returns how many frames were taken.
 
-        The detectors of one batch run on a helper thread while the engine segments the next (OpenCV and NumPy
-        release the GIL), one batch at a time so that per-stream order and latency stay bounded."""
+        The detectors of one batch run on helper threads while the engine segments the next (the engine call, local
+        or in another process, holds no GIL while it waits; OpenCV and NumPy release it), one batch at a time so
+        that per-stream order and latency stay bounded. The engine waits for the detectors only when they take
+        longer than its next batch (bench/monitor_throughput.py reports the share of time in engine calls)."""
         frames = [frame for stream in self.streams.values() if (frame := stream.buffer.take()) is not None]
         by_shape: dict[tuple, list[StreamFrame]] = collections.defaultdict(list)
         for frame in frames:

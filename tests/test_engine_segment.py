@@ -54,6 +54,16 @@ def test_segment_equals_labels_of_prepare_bit_for_bit_on_the_cpu(kind, trained_e
     np.testing.assert_array_equal(engine.segment(images), engine.labels(engine.prepare(images)))
 
 
+@pytest.mark.data
+def test_threads_that_do_not_spin_give_the_same_labels(trained_engines, data_root):
+    """`spin=False` (idle threads yield their cores to a monitor's detectors) changes scheduling, not results."""
+    engine = trained_engines["onnx-fp32"]
+    quiet = OnnxRuntimeEngine(engine.proto, device="cpu", spin=False)
+    frames = camvid_frames(data_root)
+    assert not quiet.spin and engine.spin
+    np.testing.assert_array_equal(quiet.segment(frames), engine.segment(frames))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_every_zoo_model_segments_as_it_labels(arch):
