@@ -328,6 +328,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes rendering clips")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a FlipConfig field, e.g. --set flow=farneback")
+    parser.add_argument("--occlusion-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="give the detector the engine for its occlusion check (--no-occlusion-check: the trigger "
+                             "alone decides, as before issue 15)")
     parser.add_argument("--cache", default="bench/results/monitor/clips", help="rendered clips, reused across runs")
     parser.add_argument("--out", default="bench/results/monitor")
     return parser.parse_args()
@@ -341,7 +344,8 @@ def detection_run(engine, scenes, seed_list, config, args) -> dict | None:
     if not seed_list:
         return None
     clips = [clip for seed in seed_list for clip in seed_clips(engine, scenes, seed, args)]
-    return evaluate(clips, [c.name for c in engine.spec.classes], config, lambda rgb: engine.segment(rgb), args)
+    relabel = engine.segment if args.occlusion_check else None
+    return evaluate(clips, [c.name for c in engine.spec.classes], config, relabel, args)
 
 
 def main() -> None:
@@ -366,7 +370,7 @@ def main() -> None:
     if args.camvid_engine:
         camvid = OnnxRuntimeEngine(args.camvid_engine)
         result["video"] = evaluate([camvid_clip(camvid, args)], [c.name for c in camvid.spec.classes], config,
-                                   lambda rgb: camvid.segment(rgb), args)
+                                   camvid.segment if args.occlusion_check else None, args)
     (out / "monitor.json").write_text(json.dumps(result, indent=1, default=str))
     print_report(result, args.within)
     if result["score"]:
