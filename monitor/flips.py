@@ -56,7 +56,7 @@ class FlipConfig(BaseModel):
     min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
                                     "on the flip's onset frame, needed for a candidate (0: every persistent "
                                     "unexplained flip is a candidate)")
-    min_trigger_saturation: float = Field(120, ge=0, le=255, description="mean HSV saturation (0-255) the trigger's "
+    min_trigger_saturation: float = Field(0, ge=0, le=255, description="mean HSV saturation (0-255) the trigger's "
                                           "pixels need: printed patches are vivid (0: no colour cue)")
     max_trigger_share: float = Field(1.0, gt=0, le=1, description="new appearance over this share of the frame is "
                                      "something arriving (a vehicle, a person), not a sticker: no candidate")
