@@ -17,6 +17,9 @@ baseline it is read against, measured in the same run:
   vgatt     VGatt (float64) seconds per 360x480 image, against 2 CPU threads
   serve     where Ray is importable: Ray Serve (one replica, num_gpus=1, binary OIP, uint8 frames in, labels
             out) under concurrent clients against `Engine.segment` in process on the same graph
+  monitor   the flip monitor (issue 15) with 4 moving-camera streams at the benchmark's size over the served
+            engine, frames/s against the engine alone (goal >= 0.9), and the detector at its working width
+            against the full frame
 
 Every section runs in its own try/except: a failure is an "error: ..." row, not the end of the run. The wall
 clock is budgeted (`--budget`, 390 s on a GPU, so that the whole script ends within 8 minutes): each section
@@ -69,9 +72,10 @@ if str(REPO) not in sys.path:  # `python bench/gpu.py` from anywhere, without an
 
 CLASSES = 19  # Cityscapes-sized label set, as in seed 001
 SEED = 0
-SECTIONS = ("engines", "parity", "training", "attack", "vgatt", "serve")
+SECTIONS = ("engines", "parity", "training", "attack", "vgatt", "serve", "monitor")
 #: each section's share of the time left when it starts, relative to the sections still to run
-SECTION_WEIGHTS = {"engines": 0.38, "parity": 0.12, "training": 0.28, "attack": 0.07, "vgatt": 0.04, "serve": 0.11}
+SECTION_WEIGHTS = {"engines": 0.36, "parity": 0.11, "training": 0.26, "attack": 0.07, "vgatt": 0.04, "serve": 0.1,
+                   "monitor": 0.06}
 GPU_BUDGET_S = 390.0  # + start-up, imports and the last item's overrun: the run ends within 8 minutes
 CPU_BUDGET_S = 210.0
 SEGMENT_ACCEPTANCE = 0.8  # segment / network at 2 MPix batch 8 (issue 14)
@@ -110,6 +114,9 @@ class Setup:
     serve_precision: str
     serve_clients: int
     serve_requests_per_client: int
+    monitor_streams: int  # the monitor's camera streams over the served engine (issue 15)
+    monitor_frames: int  # frames per stream
+    monitor_repeats: int  # alternated rounds of engine alone / monitor
     #: the least time one item of a section takes (one model, one EOT setting, the service): a section starts
     #: no item with less time left than this, so that the run ends within its budget
     item_seconds: dict[str, float]
@@ -122,7 +129,9 @@ def gpu_setup(models: tuple[str, ...]) -> Setup:
                  attack_steps={1: 60, 8: 30}, baseline_attack_steps={1: 4, 8: 2},
                  vgatt_models=("unet", "deeplabv3_resnet18"), serve_arch="ladder_densenet121",
                  serve_precision="fp16", serve_clients=8, serve_requests_per_client=6,
-                 item_seconds={"engines": 30, "parity": 8, "training": 45, "attack": 5, "vgatt": 3, "serve": 45})
+                 monitor_streams=4, monitor_frames=30, monitor_repeats=3,
+                 item_seconds={"engines": 30, "parity": 8, "training": 45, "attack": 5, "vgatt": 3, "serve": 45,
+                               "monitor": 20})
 
 
 def cpu_setup(models: tuple[str, ...]) -> Setup:
@@ -131,7 +140,9 @@ def cpu_setup(models: tuple[str, ...]) -> Setup:
                  train_steps=3, train_warmup=1, train_compile=False, train_large=((128, 256), 4),
                  attack_steps={1: 4, 8: 2}, baseline_attack_steps={}, vgatt_models=("unet",),
                  serve_arch="unet", serve_precision="fp32", serve_clients=4, serve_requests_per_client=3,
-                 item_seconds={"engines": 10, "parity": 4, "training": 6, "attack": 3, "vgatt": 3, "serve": 25})
+                 monitor_streams=4, monitor_frames=10, monitor_repeats=1,
+                 item_seconds={"engines": 10, "parity": 4, "training": 6, "attack": 3, "vgatt": 3, "serve": 25,
+                               "monitor": 10})
 
 
 CPU_MODELS = ("unet", "lraspp_mobilenetv3")
@@ -763,8 +774,60 @@ def run_serve(bench: Bench, deadline: float) -> None:
         bench.guarded("serve", bench.setup.serve_arch, "served vs in process", lambda: serve_rows(bench, deadline))
 
 
+# ---------------------------------------------------------------------------------------------------- monitor
+
+
+def monitor_clips(setup: Setup) -> list[list[np.ndarray]]:
+    """The monitor's streams: bench/monitor_throughput.py's moving-camera clips, rendered at a quarter of the
+    benchmark's size (rendering is the slow part) and enlarged to it, as a high-resolution camera delivers them."""
+    import cv2
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from monitor_throughput import make_clips
+
+    height, width = setup.size
+    small = make_clips((height // 4, width // 4), setup.monitor_streams, setup.monitor_frames)
+    return [[cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR) for frame in clip] for clip in small]
+
+
+def monitor_rows(bench: Bench) -> None:
+    """The monitor over the served engine on this device: frames/s kept against the engine alone (issue 15's
+    goal: >= 0.9 with 4 streams), and the detector's cost at its working width against the full frame."""
+    from monitor_throughput import detector_alone, throughput_placements
+
+    from export import OnnxRuntimeEngine
+    from monitor.flips import FlipConfig
+
+    setup = bench.setup
+    engine = OnnxRuntimeEngine(bench.onnx_file(setup.serve_arch, setup.serve_precision), device=bench.ort_device)
+    clips = monitor_clips(setup)
+    result = throughput_placements({"in_process": (engine, None)}, setup.monitor_streams, setup.monitor_frames,
+                                   setup.monitor_repeats, clips)
+    kept, config = result["in_process"], FlipConfig()
+    size = f"{setup.size[0]}x{setup.size[1]}"
+    bench.add("monitor", setup.serve_arch, f"{setup.serve_precision} {size}, {setup.monitor_streams} streams",
+              value=kept["pipeline_fps"], unit="frames/s", baseline=kept["engine_fps"],
+              baseline_of=f"engine alone, batch {setup.monitor_streams}", ratio=kept["kept_share"],
+              note=f"{kept['detect_workers']} detector threads, {kept['engine_busy_share']:.0%} of the time in engine "
+                   f"calls; detector {result['detector']['ms_per_frame']:.1f} ms/frame at work_width "
+                   f"{config.work_width}; goal >= 0.9")
+    sample = [clip[:setup.monitor_frames] for clip in clips[:1]]
+    labels = [engine.segment(np.stack(clip)) for clip in sample]
+    names = [c.name for c in engine.spec.classes]
+    working = detector_alone(sample, labels, names, config)
+    full = detector_alone(sample, labels, names, FlipConfig(work_width=setup.size[1]))
+    bench.add("monitor", "detector", f"work_width {config.work_width} vs the full {size} frame",
+              value=1000.0 / working, unit="ms/frame", baseline=1000.0 / full, baseline_of="full frame",
+              ratio=working / full, note="one thread; ratio: times faster")
+
+
+def run_monitor(bench: Bench, deadline: float) -> None:
+    if bench.has_time("monitor", deadline, bench.setup.serve_arch, "monitor vs engine alone"):
+        bench.guarded("monitor", bench.setup.serve_arch, "monitor vs engine alone", lambda: monitor_rows(bench))
+
+
 RUNNERS = {"engines": run_engines, "parity": run_parity, "training": run_training, "attack": run_attack,
-           "vgatt": run_vgatt, "serve": run_serve}
+           "vgatt": run_vgatt, "serve": run_serve, "monitor": run_monitor}
 
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -15,6 +15,10 @@ False alarms are counted on clean clips only: per scene, clips of every kind `mo
 draws (smooth and fast camera motion, abrupt pans, lighting ramps and flicker, objects entering the view),
 and, with `--camvid-engine`, the CamVid val frames in sequence order as a video through a CamVid engine.
 
+`--upscale K` watches every clip as a camera K times larger would deliver it (the detector works at
+`FlipConfig.work_width`; the occlusion check's engine agrees with the clip's labels), and every summary reports
+the detector's milliseconds per frame: what working at a reduced width costs in detection, and saves in time.
+
 Throughput (the share of the engine's frames/s the monitor keeps) is bench/monitor_throughput.py's.
 
     python bench/monitor_detection.py [--engine bench/results/shapes/unet.onnx] [--run bench/results/seed000_shapes]
@@ -27,6 +31,7 @@ import hashlib
 import json
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,16 +186,42 @@ def camvid_clip(engine, args) -> Clip:
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def run_clip(clip: Clip, names, config, relabel=None):
+def at_camera_size(relabel, upscale: int):
+    """`relabel` as an engine at the enlarged camera's size that agrees with the clip's own labels: each frame
+    area-averaged back to the clip's size, segmented there, the labels enlarged (an engine that resized the large
+    frame itself would see a resampled patch, which may no longer fool it: that measures the patch, not the
+    detector)."""
+    import cv2
+
+    def segment(frames: np.ndarray) -> np.ndarray:
+        height, width = frames.shape[1] // upscale, frames.shape[2] // upscale
+        small = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+        return relabel(small).repeat(upscale, axis=1).repeat(upscale, axis=2)
+
+    return segment
+
+
+def run_clip(clip: Clip, names, config, relabel=None, upscale: int = 1):
+    """The detector over a clip's frames, each `upscale` times its size (a higher-resolution camera: image
+    bilinear, labels nearest); also the seconds it spent."""
+    import cv2
+
     from monitor.flips import FlipDetector
 
+    if upscale != 1 and relabel is not None:
+        relabel = at_camera_size(relabel, upscale)
     detector = FlipDetector(names, f"scene {clip.scene}", config, relabel=relabel)
-    alarms = []
+    alarms, seconds = [], 0.0
     for index, (rgb, labels) in enumerate(zip(clip.frames, clip.labels)):
+        if upscale != 1:
+            rgb = cv2.resize(rgb, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
+            labels = cv2.resize(labels, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_NEAREST)
         if index in clip.cuts:
             detector.reset()
+        start = time.perf_counter()
         alarms += detector.update(index, rgb, labels)
-    return alarms, detector
+        seconds += time.perf_counter() - start
+    return alarms, detector, seconds
 
 
 def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -203,11 +234,11 @@ def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half, centre + half)
 
 
-def judge_clip(clip: Clip, names, config, relabel, min_flip: int) -> dict:
-    alarms, detector = run_clip(clip, names, config, relabel)
+def judge_clip(clip: Clip, names, config, relabel, min_flip: int, upscale: int = 1) -> dict:
+    alarms, detector, seconds = run_clip(clip, names, config, relabel, upscale)
     record = {"seed": clip.seed, "kind": clip.kind, "scene": clip.scene, "frames": len(clip.frames),
               "alarms": len(alarms), "checks": detector.checks, "untriggered": detector.untriggered,
-              "reverted_not": detector.reverted_not}
+              "reverted_not": detector.reverted_not, "detector_s": seconds}
     if clip.kind != "patched":
         record["false"] = [a.frame for a in alarms]
         return record
@@ -242,11 +273,13 @@ def summarise(records: list[dict], within: int) -> dict:
             "false_before_onset": sum(r["false_before_onset"] for r in patched),
             "clean_frames": clean_frames, "false_alarms": false,
             "false_per_1000_clean": 1000.0 * false / max(clean_frames, 1), "false_by_kind": by_kind,
-            "engine_checks": sum(r["checks"] for r in records)}
+            "engine_checks": sum(r["checks"] for r in records),
+            "detector_ms_per_frame": 1000.0 * sum(r["detector_s"] for r in records)
+            / max(sum(r["frames"] for r in records), 1)}
 
 
 def evaluate(clips: list[Clip], names, config, relabel, args) -> dict:
-    records = [judge_clip(clip, names, config, relabel, args.min_flip)
+    records = [judge_clip(clip, names, config, relabel, args.min_flip, args.upscale)
                for clip in tqdm(clips, desc="detector over clips", leave=False)]
     seeds = sorted({r["seed"] for r in records})
     return {"per_seed": {seed: summarise([r for r in records if r["seed"] == seed], args.within) for seed in seeds},
@@ -290,7 +323,8 @@ def headline(name: str, summary: dict, within: int) -> str:
     return (f"{name}: detected within {within} frames {summary[f'detected_within_{within}']:.1%} of "
             f"{summary['effective_patches']} effective patches (95% CI {low:.1%}-{high:.1%}), median delay "
             f"{summary['delay_median']}; false alarms {summary['false_alarms']} in {summary['clean_frames']} clean "
-            f"frames = {summary['false_per_1000_clean']:.2f} per 1000")
+            f"frames = {summary['false_per_1000_clean']:.2f} per 1000; detector {summary['detector_ms_per_frame']:.2f} "
+            f"ms/frame")
 
 
 def print_report(result: dict, within: int) -> None:
@@ -300,6 +334,9 @@ def print_report(result: dict, within: int) -> None:
         for seed, summary in result[group]["per_seed"].items():
             print(headline(f"{group} seed {seed}", summary, within))
         print(headline(f"{group} pooled", result[group]["pooled"], within))
+    if result.get("upscale", 1) != 1:
+        print(f"(every clip watched at {result['upscale']}x its size, the detector at work_width "
+              f"{result['config']['work_width']})")
     if result.get("video"):
         video = result["video"]["pooled"]
         print(f"CamVid val video: {video['false_alarms']} false alarms in {video['clean_frames']} frames = "
@@ -322,6 +359,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--within", type=int, default=3, help="frames from onset an alarm counts as a detection")
     parser.add_argument("--clean-scenes", type=int, default=10, help="scenes per seed with clean clips of each kind")
     parser.add_argument("--clean-frames", type=int, default=50)
+    parser.add_argument("--upscale", type=int, default=1, help="watch every clip at this many times its size (a "
+                        "higher-resolution camera; the detector works at FlipConfig.work_width)")
     parser.add_argument("--camvid-engine", help="a CamVid engine: false alarms on the CamVid val video")
     parser.add_argument("--camvid-root", help="CamVid folder (default: the project's data root)")
     parser.add_argument("--threads", type=int, default=2)
@@ -364,7 +403,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = FlipConfig(**dict(item.split("=", 1) for item in args.set))
     scenes = trial_scenes(args.run, args.trials)
-    result = {"config": config.model_dump(), "min_flip": args.min_flip, "engine": engine.describe(),
+    result = {"config": config.model_dump(), "min_flip": args.min_flip, "upscale": args.upscale,
+              "engine": engine.describe(),
               "tune": detection_run(engine, scenes, seeds(args.tune_seeds), config, args),
               "score": detection_run(engine, scenes, seeds(args.score_seeds), config, args), "video": None}
     if args.camvid_engine:

@@ -72,7 +72,13 @@ class FlipConfig(BaseModel):
                              "out, motion does not)")
     flow: Literal["dis-fast", "dis-medium", "farneback"] = Field(
         "dis-fast", description="dense optical flow: OpenCV's DIS (fast or medium preset) or Farneback")
-    flow_width: int = Field(160, ge=16, description="optical flow runs at this width (speed); labels stay full size")
+    flow_width: int = Field(160, ge=16, description="optical flow runs at this width (speed); labels stay at the "
+                            "working size")
+    work_width: int = Field(128, ge=16, description="frames wider than this are watched at this width (image area-"
+                            "averaged, labels nearest), so the work per frame does not grow with the camera's "
+                            "resolution. The sizes in px here are at the working size, and their defaults were chosen "
+                            "at 128 px wide: raise it with them, for patches smaller than ~1/30 of the view's width. "
+                            "Alarms come back at the frame's own size")
     area_momentum: float = Field(0.05, gt=0, le=1, description="rate of the running per-class area statistics")
 
 
@@ -116,7 +122,8 @@ class _Frame:
     """One frame's inputs and the maps derived from them, shared by the steps of `update`."""
 
     index: int
-    rgb: np.ndarray
+    rgb: np.ndarray  # at the working size
+    full_rgb: np.ndarray  # as the stream delivered it (the engine's input for the occlusion check)
     image: np.ndarray  # float32 in [0, 1]
     labels: np.ndarray  # int16
     reference: np.ndarray  # reference labels, carried to this frame
@@ -144,6 +151,13 @@ def _select(mask: np.ndarray, where_true: np.ndarray, where_false: np.ndarray) -
     out = where_false.copy()
     cv2.copyTo(where_true, mask.astype(np.uint8), out)
     return out
+
+
+def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Label map to (width, height), nearest: OpenCV resizes up to 32-bit integers, labels fit in 16."""
+    if labels.dtype not in (np.uint8, np.int16, np.uint16):
+        labels = labels.astype(np.int16)
+    return cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
 
 
 def _saturation(rgb: np.ndarray, mask: np.ndarray) -> float:
@@ -233,6 +247,8 @@ class FlipDetector:
         labels = np.asarray(labels)
         if rgb.shape[:2] != labels.shape:
             raise ValueError(f"labels {labels.shape} do not match the frame {rgb.shape[:2]}")
+        full_rgb = rgb
+        rgb, labels = self._working_size(rgb, labels)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         image = rgb.astype(np.float32) / 255.0
         labels16 = labels.astype(np.int16)
@@ -242,9 +258,33 @@ class FlipDetector:
             self._start(gray, image, labels16, areas)
             return []
         frame = self._compare(index, rgb, image, labels16, areas, self._flow_maps(gray))
+        frame.full_rgb = full_rgb
         alarms = self._judge(frame) if self.frames > self.config.warmup else []
         self._learn(frame, gray)
-        return alarms
+        return [self._full_size(alarm, full_rgb.shape[:2]) for alarm in alarms]
+
+    def _working_size(self, rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        height, width = labels.shape
+        if width <= self.config.work_width:
+            return rgb, labels
+        size = (self.config.work_width, max(1, round(height * self.config.work_width / width)))
+        return (cv2.resize(rgb, size, interpolation=cv2.INTER_AREA),
+                _resize_labels(labels, size))
+
+    @staticmethod
+    def _full_size(alarm: FlipAlarm, shape: tuple[int, int]) -> FlipAlarm:
+        """An alarm found at the working size, its masks, box and pixel count at the frame's own size."""
+        if alarm.region is None or alarm.region.shape == shape:
+            return alarm
+        def up(mask: np.ndarray) -> np.ndarray:
+            return cv2.resize(mask.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+
+        alarm.region, alarm.trigger = up(alarm.region), up(alarm.trigger)
+        rows, cols = np.nonzero(alarm.region)
+        if len(rows):
+            alarm.bbox = (int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1)
+        alarm.pixels = int(alarm.region.sum())
+        return alarm
 
     def _start(self, gray, image, labels16, areas) -> None:
         self._gray, self._image, self._before, self._labels = gray, image, image, labels16
@@ -287,7 +327,7 @@ class FlipDetector:
         self._remember_before(difference, image, reference_image, before, touched_ago)
         appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
         self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
-        return _Frame(index, rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
+        return _Frame(index, rgb, rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
                       appeared_ago, areas)
 
     def _remember_before(self, difference, image, reference_image, before, touched_ago) -> None:
@@ -385,15 +425,25 @@ class FlipDetector:
         if self.relabel is None or not checkable:
             return [None] * len(candidates)
         restored = []
+        before = (np.clip(self._before, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        full_shape = frame.full_rgb.shape[:2]
+        if full_shape != frame.labels.shape:
+            before = cv2.resize(before, full_shape[::-1], interpolation=cv2.INTER_LINEAR)
         for candidate in checkable:
             near = cv2.dilate(candidate.trigger.astype(np.uint8), _disk(self.config.restore_near_px)).astype(bool)
             mask = near & (self._touched_ago <= candidate.onset_age)  # changed since the frame before the flip
-            image = np.where(mask[..., None], self._before, frame.image)
-            restored.append((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+            if full_shape != mask.shape:
+                mask = cv2.resize(mask.astype(np.uint8), full_shape[::-1], interpolation=cv2.INTER_NEAREST)
+            restored.append(_select(mask, before, frame.full_rgb))
         labels = iter(np.asarray(self.relabel(np.stack(restored))))
         self.checks += 1
-        return [float((next(labels)[c.region] == frame.reference[c.region]).mean()) if c.trigger.any() else None
-                for c in candidates]
+        return [self._reverted_share(next(labels), frame, c) if c.trigger.any() else None for c in candidates]
+
+    @staticmethod
+    def _reverted_share(labels: np.ndarray, frame: _Frame, candidate: Candidate) -> float:
+        if labels.shape != frame.labels.shape:
+            labels = _resize_labels(labels, frame.labels.shape[::-1])
+        return float((labels[candidate.region] == frame.reference[candidate.region]).mean())
 
     def _alarm(self, frame: _Frame, candidate: Candidate, reverted: float | None) -> FlipAlarm:
         region, index = candidate.region, frame.index

@@ -148,13 +148,21 @@ VIVID = ((255, 255, 0), (0, 0, 255))
 
 
 def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True,
-                  colours=VIVID, config: FlipConfig = FlipConfig()):
-    """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`."""
+                  colours=VIVID, config: FlipConfig = FlipConfig(), scale: int = 1):
+    """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`. With
+    `scale` the camera delivers every frame (and the segmenter every label map) `scale` times larger."""
     rng = np.random.default_rng(2)
     ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
     ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
     checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
-    detector = FlipDetector(SHAPES_NAMES, "sticker", config, relabel=segmenter if check else None)
+
+    def up(array: np.ndarray, rows: int = 0) -> np.ndarray:  # `scale` times larger, from axis `rows` on
+        return array.repeat(scale, axis=rows).repeat(scale, axis=rows + 1)
+
+    def relabel(large: np.ndarray) -> np.ndarray:  # the segmenter at the camera's resolution
+        return up(segmenter(large[:, ::scale, ::scale]), rows=1)
+
+    detector = FlipDetector(SHAPES_NAMES, "sticker", config, relabel=relabel if check else None)
     alarms = []
     for index in range(frames):
         rgb = ground.copy()
@@ -162,7 +170,7 @@ def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFoole
         if sticker_from is not None and index >= sticker_from:
             rgb[28:36, 24:32] = np.where(checker[..., None], *colours)
         segmenter.frame = index
-        alarms += detector.update(index, rgb, segmenter.labels(rgb))
+        alarms += detector.update(index, up(rgb), up(segmenter.labels(rgb)))
     return detector, alarms
 
 
@@ -176,6 +184,21 @@ def test_occlusion_check_alarms_on_a_flip_the_sticker_causes():
     # restoring the sticker's pixels to what was there before brought the box back to "cube" everywhere
     assert alarm.evidence["reverted_share"] == 1.0
     assert detector.checks == segmenter.calls == 1  # one extra engine call for the one candidate
+
+
+def test_a_large_camera_is_watched_at_the_working_width_and_alarms_at_its_own_size():
+    """The same scene from a camera 4x larger, watched at 80 px wide: the same alarm, its region and box at the
+    camera's size, and the occlusion check's engine call made on a full-size frame."""
+    _, small = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter())
+    segmenter = StickerFooledSegmenter()
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=segmenter, scale=4,
+                                     config=FlipConfig(work_width=80))
+    assert len(alarms) == 1 and (alarms[0].onset_frame, alarms[0].frame) == (10, 11)
+    alarm = alarms[0]
+    assert alarm.region.shape == alarm.trigger.shape == (256, 320) and alarm.pixels == 16 * small[0].pixels
+    assert alarm.bbox == tuple(4 * v for v in small[0].bbox)
+    assert alarm.evidence["reverted_share"] == 1.0 and segmenter.calls == 1
+    assert detector.last_suspect.shape == (64, 80)  # the work itself stayed at the working size
 
 
 def test_occlusion_check_clears_a_flip_that_something_new_did_not_cause():
