@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -77,13 +78,28 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
         # ray.init installs a SIGTERM handler that aborts the process; keep the caller's (a clean stop)
         signal.signal(signal.SIGTERM, sigterm)
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        _start_serve({"host": config.host, "port": config.port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         _wait_ready(config, timeout_s)
     except BaseException:
         stop_local()
         raise
     return LocalService(config, metrics_port)
+
+
+def _start_serve(http_options: dict) -> None:
+    """`serve.start`, and once more when its proxy was replaced while starting: on a loaded machine Serve's controller
+    restarts a proxy that is slow to come up, and the first call's wait for it fails with the old one. The second
+    call joins the running controller; `_wait_ready` then waits for the new proxy within the caller's timeout."""
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+
+    try:
+        serve.start(http_options=http_options)
+    except (ActorDiedError, TimeoutError) as exc:
+        print(f"patchwatch: Serve's proxy was not up in time ({type(exc).__name__}); waiting for its replacement",
+              file=sys.stderr)
+        serve.start(http_options=http_options)
 
 
 def _wait_ready(config: ServeConfig, timeout_s: float) -> None:
