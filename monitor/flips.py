@@ -2,6 +2,9 @@
 not change the way a new object would, because something small just appeared beside it: a patch's signature
 (seed 000's flips reach far beyond the patch's own pixels, whose image is untouched).
 
+A camera wider than `work_width` is watched at that width (its alarms come back at its own size): the work per
+frame stays the same at any resolution, and so does what the thresholds in px mean.
+
 What is normal is learned online, per stream, and carried from frame to frame along the image's own motion
 (dense optical flow: OpenCV's DIS; skipped when the camera is still):
 - a *reference label map*, updated wherever the new labels agree with it or the image itself changed there;
@@ -257,8 +260,7 @@ class FlipDetector:
         if self._labels is None or self._labels.shape != labels.shape:
             self._start(gray, image, labels16, areas)
             return []
-        frame = self._compare(index, rgb, image, labels16, areas, self._flow_maps(gray))
-        frame.full_rgb = full_rgb
+        frame = self._compare(index, rgb, full_rgb, image, labels16, areas, self._flow_maps(gray))
         alarms = self._judge(frame) if self.frames > self.config.warmup else []
         self._learn(frame, gray)
         return [self._full_size(alarm, full_rgb.shape[:2]) for alarm in alarms]
@@ -276,6 +278,7 @@ class FlipDetector:
         """An alarm found at the working size, its masks, box and pixel count at the frame's own size."""
         if alarm.region is None or alarm.region.shape == shape:
             return alarm
+
         def up(mask: np.ndarray) -> np.ndarray:
             return cv2.resize(mask.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
 
@@ -296,7 +299,7 @@ class FlipDetector:
         self.active, self.ignored = [], []
         self._learn_areas(areas)
 
-    def _compare(self, index, rgb, image, labels16, areas, maps) -> _Frame:
+    def _compare(self, index, rgb, full_rgb, image, labels16, areas, maps) -> _Frame:
         """This frame against the reference carried along the motion: suspect pixels and new appearance."""
         config = self.config
         reference = _warp(self._labels, maps, nearest=True)
@@ -327,7 +330,7 @@ class FlipDetector:
         self._remember_before(difference, image, reference_image, before, touched_ago)
         appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
         self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
-        return _Frame(index, rgb, rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
+        return _Frame(index, rgb, full_rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
                       appeared_ago, areas)
 
     def _remember_before(self, difference, image, reference_image, before, touched_ago) -> None:
