@@ -237,8 +237,8 @@ def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
 def judge_clip(clip: Clip, names, config, relabel, min_flip: int, upscale: int = 1) -> dict:
     alarms, detector, seconds = run_clip(clip, names, config, relabel, upscale)
     record = {"seed": clip.seed, "kind": clip.kind, "scene": clip.scene, "frames": len(clip.frames),
-              "alarms": len(alarms), "checks": detector.checks, "untriggered": detector.untriggered,
-              "reverted_not": detector.reverted_not, "detector_s": seconds}
+              "alarms": len(alarms), "checks": detector.checks, "scored": detector.scored,
+              "below_threshold": detector.below_threshold, "detector_s": seconds}
     if clip.kind != "patched":
         record["false"] = [a.frame for a in alarms]
         return record
@@ -349,7 +349,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes", help="a campaign run on the shapes twin")
     parser.add_argument("--trials", type=int, help="use only the first N trials of the run (by id)")
-    parser.add_argument("--tune-seeds", default="0,1", help="clips thresholds may be chosen on ('' for none)")
+    parser.add_argument("--tune-seeds", default="0,1,2", help="clips thresholds and the scorer may be chosen on ('' for none)")
     # seeds 0-2 drew the clips of every earlier choice; 10-12 were never looked at before they were scored
     parser.add_argument("--score-seeds", default="10,11,12", help="clips the figures come from")
     parser.add_argument("--effective", type=int, default=100, help="effective patches per seed")
@@ -367,9 +367,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="processes rendering clips")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a FlipConfig field, e.g. --set flow=farneback")
-    parser.add_argument("--occlusion-check", action=argparse.BooleanOptionalAction, default=True,
-                        help="give the detector the engine for its occlusion check (--no-occlusion-check: the trigger "
-                             "alone decides, as before issue 15)")
+    parser.add_argument("--counterfactual", action=argparse.BooleanOptionalAction, default=True,
+                        help="give the detector the engine for its counterfactual and scorer (--no-counterfactual: the "
+                             "trigger rule decides)")
     parser.add_argument("--cache", default="bench/results/monitor/clips", help="rendered clips, reused across runs")
     parser.add_argument("--out", default="bench/results/monitor")
     return parser.parse_args()
@@ -383,7 +383,7 @@ def detection_run(engine, scenes, seed_list, config, args) -> dict | None:
     if not seed_list:
         return None
     clips = [clip for seed in seed_list for clip in seed_clips(engine, scenes, seed, args)]
-    relabel = engine.segment if args.occlusion_check else None
+    relabel = engine.segment if args.counterfactual else None
     return evaluate(clips, [c.name for c in engine.spec.classes], config, relabel, args)
 
 
@@ -410,7 +410,7 @@ def main() -> None:
     if args.camvid_engine:
         camvid = OnnxRuntimeEngine(args.camvid_engine)
         result["video"] = evaluate([camvid_clip(camvid, args)], [c.name for c in camvid.spec.classes], config,
-                                   camvid.segment if args.occlusion_check else None, args)
+                                   camvid.segment if args.counterfactual else None, args)
     (out / "monitor.json").write_text(json.dumps(result, indent=1, default=str))
     print_report(result, args.within)
     if result["score"]:

@@ -14,17 +14,19 @@ What is normal is learned online, per stream, and carried from frame to frame al
   appeared there.
 
 A pixel is *suspect* when its label differs from the reference, it had held its label for `min_stable` frames,
-and the image there is within `image_change` of the reference. Suspect pixels are opened (thin boundary flicker
-goes) and grouped into regions. A region of `min_pixels` that stayed suspect for `persist` frames is a
-*candidate*. Its *trigger* is the new appearance near it that began on the very frame the flip began (a sticker
-coming into view flips its object at once; what a moving camera reveals comes before or after the model's change
-of mind). A candidate with no trigger is counted as `untriggered` and set aside.
+and the image there is within `image_change` of the reference. Suspect pixels keep their old reference label, so
+a patch that stays keeps its region flagged, and an alarm stays active (no repeated alarms) while its region lasts.
 
-The *occlusion check* then decides (when the detector was given the engine as `relabel`): the frame is segmented
-once more with the trigger's pixels restored to how they looked before it appeared. A patch's flip reverts; a
-flip the view itself caused does not. One extra engine call per candidate, and candidates are rare. Without an
-engine the trigger's size decides. An alarm stays active (no repeated alarms) while its region lasts; suspect
-pixels keep their old reference label, so a patch that stays keeps the region flagged.
+How a patch is told from the view changing the model's mind depends on whether the detector holds the engine
+(`relabel`, as the monitor always gives it):
+- **with the engine: the counterfactual** (`monitor.counterfactual`). Every blob of new appearance is put back to
+  how it looked before, the frame is segmented again (one batched engine call per frame that has new blobs), and
+  what reverted outside the blob is what the blob made the model say. A learned scorer weighs that effect with
+  cues of the blob and the view, and alarms on the very frame the patch appeared.
+- **without it: the trigger rule.** Suspect pixels are opened and grouped into regions; a region of `min_pixels`
+  that stayed suspect for `persist` frames is a *candidate*, and an alarm when new appearance near it began on the
+  very frame its flip began (a sticker coming into view flips its object at once; what a moving camera reveals
+  comes before or after the model's change of mind). A candidate without one is counted as `untriggered`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Callable, Literal
 import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.counterfactual import Blob, PatchScorer, View, cues, judge_effect, new_blobs
 
 #: "never" for the per-pixel frame counters (int16)
 NEVER = 10_000
@@ -63,12 +67,18 @@ class FlipConfig(BaseModel):
                                           "pixels need: printed patches are vivid (0: no colour cue)")
     max_trigger_share: float = Field(1.0, gt=0, le=1, description="new appearance over this share of the frame is "
                                      "something arriving (a vehicle, a person), not a sticker: no candidate")
-    revert_share: float = Field(0.5, ge=0, le=1, description="occlusion check: share of the region that must revert "
-                                "to its reference label when the trigger is restored (needs the engine)")
-    restore_change: float = Field(0.02, gt=0, description="occlusion check: mean |RGB| change in [0, 1] (blurred as "
-                                  "new appearance) that marks a pixel as changed since the flip began, so restored")
-    restore_near_px: int = Field(15, ge=1, description="occlusion check: changed pixels within this kernel (px) of the "
-                                 "region are restored (a patch's pixels that barely changed too)")
+    restore_change: float = Field(0.02, gt=0, description="mean |RGB| change in [0, 1] (blurred as new appearance) "
+                                  "that marks a pixel as changed on this frame: what the counterfactual restores")
+    min_blob_pixels: int = Field(12, ge=1, description="counterfactual: smallest blob of new appearance checked")
+    max_blob_share: float = Field(0.03, gt=0, le=1, description="counterfactual: new appearance over this share of "
+                                  "the frame is something arriving, not a sticker: not checked")
+    max_checked_blobs: int = Field(6, ge=1, description="counterfactual: at most this many blobs per frame (the "
+                                   "largest) go into its one batched engine call")
+    restore_px: int = Field(7, ge=1, description="counterfactual: changed pixels within this kernel (px) of a blob are "
+                            "restored with it (a sticker's pixels that barely changed too)")
+    min_reverted_pixels: int = Field(10, ge=1, description="counterfactual: pixels outside a restored blob that must "
+                                     "read their reference label again before the scorer weighs it")
+    scorer: PatchScorer = Field(default_factory=PatchScorer, description="the learned patch score and its threshold")
     still_motion: float = Field(0.004, ge=0, description="mean |gray| change in [0, 1], at `still_width`, below which "
                                 "the camera is taken as still: no optical flow, no warping (0: always flow)")
     still_width: int = Field(40, ge=8, description="width the still-camera test looks at (coarse: sensor noise averages "
@@ -102,7 +112,7 @@ class FlipAlarm:
     transitions: dict[str, int]  # "from->to" class names -> pixels
     image_change: float  # mean image change inside the region (vs the reference): low for a patch flip
     area_z: dict[str, float]  # per-class area change in spreads of its running statistics
-    evidence: dict = field(default_factory=dict)  # trigger size, occlusion check, e.g. a VGatt confirmation
+    evidence: dict = field(default_factory=dict)  # the score and its cues (or the trigger size), e.g. VGatt
     # (H, W) bool masks, not serialised: the flipped region, and the new appearance that triggered the alarm
     region: np.ndarray | None = field(default=None, repr=False, compare=False)
     trigger: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -126,7 +136,7 @@ class _Frame:
 
     index: int
     rgb: np.ndarray  # at the working size
-    full_rgb: np.ndarray  # as the stream delivered it (the engine's input for the occlusion check)
+    full_rgb: np.ndarray  # as the stream delivered it (the engine's input for the counterfactual)
     image: np.ndarray  # float32 in [0, 1]
     labels: np.ndarray  # int16
     reference: np.ndarray  # reference labels, carried to this frame
@@ -135,6 +145,7 @@ class _Frame:
     suspect: np.ndarray
     suspect_age: np.ndarray
     appeared_ago: np.ndarray
+    quiet: np.ndarray  # frames since each pixel last changed, as of the frame before
     areas: np.ndarray
 
 
@@ -179,14 +190,17 @@ class FlipDetector:
     """`update(index, rgb, labels)` per frame of one stream, in order; returns the alarms it raised.
 
     `relabel` ((N, H, W, 3) uint8 frames -> (N, H, W) labels: the engine that labelled the stream) enables the
-    occlusion check; without it the trigger's size alone decides."""
+    counterfactual check and its scorer; without it the trigger rule decides."""
 
     def __init__(self, class_names: list[str], stream: str = "stream", config: FlipConfig = FlipConfig(),
                  relabel: Callable[[np.ndarray], np.ndarray] | None = None):
         self.names, self.stream, self.config, self.relabel = list(class_names), stream, config, relabel
         self.untriggered = 0  # persistent unexplained flips with no new appearance near them (not alarmed)
-        self.checks = 0  # extra engine calls made by the occlusion check
-        self.reverted_not = 0  # candidates whose flip did not revert when their trigger was restored
+        self.checks = 0  # extra engine calls made by the counterfactual (one per frame with new blobs)
+        self.scored = 0  # blobs whose counterfactual reverted enough to be scored
+        self.below_threshold = 0  # scored blobs the scorer did not find patch-like enough
+        self.last_blobs: list[Blob] = []  # the last frame's checked blobs, with their cues (for fitting the scorer)
+        self.motion_px = 0.0  # the last frame's median optical flow (px/frame at the working size)
         self._dis = None  # the DIS flow object (holds its own buffers; one per stream)
         self.flows = 0  # frames whose motion was estimated (the others came from a still camera)
         self.reset()
@@ -211,6 +225,7 @@ class FlipDetector:
         small = (max(8, round(width * scale)), max(8, round(height * scale)))
         now = cv2.resize(gray, small, interpolation=cv2.INTER_AREA)
         before = cv2.resize(self._gray, small, interpolation=cv2.INTER_AREA)
+        self.motion_px = 0.0
         if self._is_still(now, before):
             return None
         self.flows += 1
@@ -224,6 +239,7 @@ class FlipDetector:
         flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR)
         flow[..., 0] *= width / small[0]
         flow[..., 1] *= height / small[1]
+        self.motion_px = float(np.median(cv2.magnitude(flow[..., 0], flow[..., 1])))
         grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
         return grid_x + flow[..., 0], grid_y + flow[..., 1]
 
@@ -250,7 +266,7 @@ class FlipDetector:
         labels = np.asarray(labels)
         if rgb.shape[:2] != labels.shape:
             raise ValueError(f"labels {labels.shape} do not match the frame {rgb.shape[:2]}")
-        full_rgb = rgb
+        full_rgb, self.last_blobs = rgb, []
         rgb, labels = self._working_size(rgb, labels)
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         image = rgb.astype(np.float32) / 255.0
@@ -331,10 +347,10 @@ class FlipDetector:
         appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
         self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
         return _Frame(index, rgb, full_rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
-                      appeared_ago, areas)
+                      appeared_ago, changed_ago, areas)
 
     def _remember_before(self, difference, image, reference_image, before, touched_ago) -> None:
-        """How each pixel looked before its latest change (what the occlusion check restores): set when a change
+        """How each pixel looked before its latest change (what the counterfactual restores): set when a change
         begins, kept while the pixel keeps changing and for `persist` + 1 frames after (a sticker stops registering
         as change once the reference has taken it in), then following the image again."""
         config = self.config
@@ -359,19 +375,67 @@ class FlipDetector:
 
     # ------------------------------------------------------------------------------------------------ judge
     def _judge(self, frame: _Frame) -> list[FlipAlarm]:
-        candidates = self._candidates(frame)
-        if not candidates:
-            return []
-        reverted = self._occlusion_check(frame, candidates)
+        """With the engine: the counterfactual of every new blob, scored. Without: the trigger rule."""
+        if self.relabel is not None:
+            return self._judge_counterfactual(frame)
         alarms = []
-        for candidate, share in zip(candidates, reverted):
-            if share is not None and share < self.config.revert_share:
-                self.reverted_not += 1
-                self.ignored.append(candidate.region)
-                continue
+        for candidate in self._candidates(frame):
             self.active.append(candidate.region)
-            alarms.append(self._alarm(frame, candidate, share))
+            alarms.append(self._alarm(frame, candidate))
         return alarms
+
+    def _judge_counterfactual(self, frame: _Frame) -> list[FlipAlarm]:
+        config = self.config
+        blobs = new_blobs(frame.appeared_ago == 0, self._touched_ago == 0, config.min_blob_pixels,
+                          config.max_blob_share, config.restore_px)
+        blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
+        self.last_blobs = blobs
+        if not blobs:
+            return []
+        for blob, relabelled in zip(blobs, self._relabel_restored(frame, blobs)):
+            judge_effect(blob, relabelled, frame.labels, frame.reference)
+        view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.quiet, config.min_stable,
+                    self.motion_px, len(blobs), config.merge_px)
+        alarms = []
+        for blob in blobs:
+            if blob.reverted.sum() < config.min_reverted_pixels or self._already_alarmed(blob.reverted):
+                continue
+            self.scored += 1
+            blob.cues = cues(blob, view)
+            blob.probability = config.scorer.probability(blob.cues)
+            if blob.probability < config.scorer.threshold:
+                self.below_threshold += 1
+                continue
+            self.active.append(blob.reverted)
+            evidence = {"score": round(blob.probability, 3), "reverted_pixels": int(blob.reverted.sum()),
+                        "blob_pixels": int(blob.pixels.sum()), "cues": {k: round(v, 3) for k, v in blob.cues.items()}}
+            alarms.append(self._alarm(frame, Candidate(blob.reverted, 1, blob.pixels), evidence))
+        return alarms
+
+    def _already_alarmed(self, region: np.ndarray) -> bool:
+        return any((region & mask).sum() >= self.config.min_pixels // 2 for mask in self.active)
+
+    def _before_uint8(self) -> np.ndarray:
+        return (np.clip(self._before, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    def _relabel_restored(self, frame: _Frame, blobs: list[Blob]) -> np.ndarray:
+        """The engine's labels (at the working size) of the frame with each blob put back as it looked before: one
+        batched call on full-size frames."""
+        before = self._before_uint8()
+        full_shape = frame.full_rgb.shape[:2]
+        if full_shape != frame.labels.shape:
+            before = cv2.resize(before, full_shape[::-1], interpolation=cv2.INTER_LINEAR)
+        restored = []
+        for blob in blobs:
+            mask = blob.restored
+            if full_shape != mask.shape:
+                mask = cv2.resize(mask.astype(np.uint8), full_shape[::-1], interpolation=cv2.INTER_NEAREST)
+            restored.append(_select(mask, before, frame.full_rgb))
+        self.checks += 1
+        labels = np.asarray(self.relabel(np.stack(restored)))
+        if labels.shape[1:] != frame.labels.shape:
+            labels = np.stack([_resize_labels(label, frame.labels.shape[::-1]) for label in labels])
+        return labels
 
     def _candidates(self, frame: _Frame) -> list[Candidate]:
         """Persistent unexplained flips not yet judged, with the new appearance that began with them."""
@@ -421,34 +485,7 @@ class FlipDetector:
         return max(((a, near & (frame.appeared_ago == a - 1)) for a in onsets or [int(ages.max())]),
                    key=lambda item: int(item[1].sum()))
 
-    def _occlusion_check(self, frame: _Frame, candidates: list[Candidate]) -> list[float | None]:
-        """Per candidate, the share of its region that reads its reference label again once the trigger's pixels
-        show what was there before it appeared; None without an engine. One batched engine call."""
-        checkable = [c for c in candidates if c.trigger.any()]
-        if self.relabel is None or not checkable:
-            return [None] * len(candidates)
-        restored = []
-        before = (np.clip(self._before, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        full_shape = frame.full_rgb.shape[:2]
-        if full_shape != frame.labels.shape:
-            before = cv2.resize(before, full_shape[::-1], interpolation=cv2.INTER_LINEAR)
-        for candidate in checkable:
-            near = cv2.dilate(candidate.trigger.astype(np.uint8), _disk(self.config.restore_near_px)).astype(bool)
-            mask = near & (self._touched_ago <= candidate.onset_age)  # changed since the frame before the flip
-            if full_shape != mask.shape:
-                mask = cv2.resize(mask.astype(np.uint8), full_shape[::-1], interpolation=cv2.INTER_NEAREST)
-            restored.append(_select(mask, before, frame.full_rgb))
-        labels = iter(np.asarray(self.relabel(np.stack(restored))))
-        self.checks += 1
-        return [self._reverted_share(next(labels), frame, c) if c.trigger.any() else None for c in candidates]
-
-    @staticmethod
-    def _reverted_share(labels: np.ndarray, frame: _Frame, candidate: Candidate) -> float:
-        if labels.shape != frame.labels.shape:
-            labels = _resize_labels(labels, frame.labels.shape[::-1])
-        return float((labels[candidate.region] == frame.reference[candidate.region]).mean())
-
-    def _alarm(self, frame: _Frame, candidate: Candidate, reverted: float | None) -> FlipAlarm:
+    def _alarm(self, frame: _Frame, candidate: Candidate, evidence: dict | None = None) -> FlipAlarm:
         region, index = candidate.region, frame.index
         pairs = np.stack([frame.reference[region], frame.labels[region]], axis=1)
         unique, counts = np.unique(pairs, axis=0, return_counts=True)
@@ -457,9 +494,7 @@ class FlipDetector:
         from_class, to_class = (int(v) for v in unique[order[0]])
         rows, cols = np.nonzero(region)
         z = self._area_z(frame.areas)
-        evidence = {"trigger_pixels": int(candidate.trigger.sum())}
-        if reverted is not None:
-            evidence["reverted_share"] = round(reverted, 3)
+        evidence = evidence or {"trigger_pixels": int(candidate.trigger.sum())}
         return FlipAlarm(
             stream=self.stream, frame=index, time=time.time(), onset_frame=index - candidate.onset_age + 1,
             bbox=(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1),

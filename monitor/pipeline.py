@@ -151,7 +151,7 @@ class Monitor:
             raise ValueError(f"a stream named {stream.name!r} is already monitored")
         stream.on_event = self._on_stream_event
         self.streams[stream.name] = stream
-        # the occlusion check re-segments a candidate's frame with the same engine (rare: one call per candidate)
+        # the counterfactual re-segments a frame with new blobs with the same engine (one batched call)
         self.detectors[stream.name] = FlipDetector(self._names, stream.name, self.flip_config,
                                                    relabel=self.engine.segment)
         self.stats[stream.name] = StreamStats()

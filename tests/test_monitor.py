@@ -174,36 +174,41 @@ def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFoole
     return detector, alarms
 
 
-def test_occlusion_check_alarms_on_a_flip_the_sticker_causes():
+def test_counterfactual_alarms_on_the_frame_the_sticker_appears():
     segmenter = StickerFooledSegmenter()
     detector, alarms = sticker_scene(20, sticker_from=10, segmenter=segmenter)
     assert len(alarms) == 1, [a.as_dict() for a in alarms]
     alarm = alarms[0]
-    assert alarm.onset_frame == 10 and alarm.frame == 11
+    assert alarm.onset_frame == alarm.frame == 10
     assert (alarm.from_name, alarm.to_name) == ("cube", "sphere")
-    # restoring the sticker's pixels to what was there before brought the box back to "cube" everywhere
-    assert alarm.evidence["reverted_share"] == 1.0
-    assert detector.checks == segmenter.calls == 1  # one extra engine call for the one candidate
+    # putting the sticker's pixels back as they were brought the box back to "cube" everywhere outside them
+    box = np.zeros((64, 80), bool)
+    box[StickerFooledSegmenter.BOX] = True
+    assert alarm.region.sum() == alarm.evidence["reverted_pixels"] and not (alarm.region & ~box).any()
+    assert alarm.evidence["reverted_pixels"] >= box.sum() - 2 * alarm.evidence["blob_pixels"]
+    assert alarm.evidence["score"] >= FlipConfig().scorer.threshold
+    assert detector.checks == segmenter.calls == 1  # one batched engine call, on the frame something appeared
+    assert detector.scored == 1 and detector.below_threshold == 0
 
 
 def test_a_large_camera_is_watched_at_the_working_width_and_alarms_at_its_own_size():
     """The same scene from a camera 4x larger, watched at 80 px wide: the same alarm, its region and box at the
-    camera's size, and the occlusion check's engine call made on a full-size frame."""
+    camera's size, and the counterfactual's engine call made on a full-size frame."""
     _, small = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter())
     segmenter = StickerFooledSegmenter()
     detector, alarms = sticker_scene(20, sticker_from=10, segmenter=segmenter, scale=4,
                                      config=FlipConfig(work_width=80))
-    assert len(alarms) == 1 and (alarms[0].onset_frame, alarms[0].frame) == (10, 11)
+    assert len(alarms) == 1 and (alarms[0].onset_frame, alarms[0].frame) == (10, 10)
     alarm = alarms[0]
     assert alarm.region.shape == alarm.trigger.shape == (256, 320) and alarm.pixels == 16 * small[0].pixels
     assert alarm.bbox == tuple(4 * v for v in small[0].bbox)
-    assert alarm.evidence["reverted_share"] == 1.0 and segmenter.calls == 1
+    assert alarm.evidence == small[0].evidence and segmenter.calls == 1
     assert detector.last_suspect.shape == (64, 80)  # the work itself stayed at the working size
 
 
-def test_occlusion_check_clears_a_flip_that_something_new_did_not_cause():
+def test_counterfactual_clears_a_flip_that_something_new_did_not_cause():
     """Something new appears beside the box on the very frame the model changes its mind about it on its own:
-    the trigger rule alone would alarm, the occlusion check does not (restoring the sticker reverts nothing)."""
+    the trigger rule alone would alarm, the counterfactual does not (restoring the sticker reverts nothing)."""
     def fooled_only_by_time(check: bool):
         segmenter = StickerFooledSegmenter(context_flip_from=10)
         plain = segmenter.labels
@@ -217,35 +222,60 @@ def test_occlusion_check_clears_a_flip_that_something_new_did_not_cause():
         return sticker_scene(20, sticker_from=10, segmenter=segmenter, check=check)
 
     detector, alarms = fooled_only_by_time(check=True)
-    assert alarms == [] and detector.reverted_not == 1 and detector.checks == 1
+    assert alarms == [] and detector.checks == 1 and detector.scored == 0
     # without the engine the same flip is an alarm: the trigger began with it
     _, alarms = fooled_only_by_time(check=False)
     assert len(alarms) == 1 and alarms[0].to_name == "cylinder"
 
 
-def test_a_dull_change_is_not_a_printed_patch():
-    """The same flip, set off by a grey pattern (a shadow's edge, a surface turning): the colour cue, when asked for,
-    sets it aside before any engine call; with the cue off (the default: a real patch need not be vivid, see the
-    CamVid page test) it is judged like any other."""
-    grey = ((255, 255, 255), (0, 0, 0))
+class FooledByGrey(StickerFooledSegmenter):
+    def labels(self, rgb):
+        labels = np.zeros(rgb.shape[:2], np.uint8)
+        labels[self.BOX] = 2 if (rgb.min(axis=2) > 250).sum() >= 20 else 1
+        return labels
 
-    class FooledByGrey(StickerFooledSegmenter):
-        def labels(self, rgb):
-            labels = np.zeros(rgb.shape[:2], np.uint8)
-            labels[self.BOX] = 2 if (rgb.min(axis=2) > 250).sum() >= 20 else 1
-            return labels
 
-    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=grey,
+GREY = ((255, 255, 255), (0, 0, 0))
+
+
+def test_colour_weighs_in_the_score_but_a_grey_patch_that_flips_the_whole_box_still_alarms():
+    """Printed patches are vivid, and the scorer weighs saturation; but a dull sticker (a real patch need not be
+    vivid, see the CamVid page test) whose counterfactual reverts the whole object is still caught."""
+    _, vivid = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter())
+    _, grey = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=GREY)
+    assert len(grey) == 1 and grey[0].evidence["reverted_pixels"] == vivid[0].evidence["reverted_pixels"]
+    grey_cues, vivid_cues = grey[0].evidence["cues"], vivid[0].evidence["cues"]
+    assert grey_cues["saturation"] < vivid_cues["saturation"] - 0.3 and grey_cues["saturation_gain"] < 0
+    scorer = FlipConfig().scorer
+    assert scorer.weights["saturation"] > 0 and scorer.probability(grey_cues) >= scorer.threshold
+
+
+def test_without_the_engine_the_colour_cue_sets_a_dull_trigger_aside():
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=GREY, check=False,
                                      config=FlipConfig(min_trigger_saturation=120))
     assert alarms == [] and detector.checks == 0 and detector.ignored
-    _, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=grey)
-    assert len(alarms) == 1 and alarms[0].evidence["reverted_share"] == 1.0
+    _, alarms = sticker_scene(20, sticker_from=10, segmenter=FooledByGrey(), colours=GREY, check=False)
+    assert len(alarms) == 1
 
 
 def test_something_big_arriving_is_not_a_sticker():
     detector, alarms = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter(),
+                                     config=FlipConfig(max_blob_share=0.001))
+    assert alarms == [] and detector.checks == 0
+    detector, alarms = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter(), check=False,
                                      config=FlipConfig(max_trigger_share=0.001))
     assert alarms == [] and detector.checks == 0
+
+
+def test_scorer_names_every_cue():
+    from monitor.counterfactual import CUES, PatchScorer
+
+    with pytest.raises(ValueError, match="missing \\['motion_px'\\]"):
+        PatchScorer(weights={c: 1.0 for c in CUES if c != "motion_px"})
+    scorer = PatchScorer()
+    assert set(scorer.weights) == set(CUES) and 0 < scorer.threshold <= 1
+    quiet = {c: 0.0 for c in CUES}
+    assert scorer.probability(quiet | {"log_reverted_pixels": 8.0}) > scorer.probability(quiet)
 
 
 def test_still_camera_runs_no_optical_flow():
@@ -384,7 +414,7 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
     server = MonitorServer(view).start()
     try:
         monitor.run(duration=60)
-        assert [(a.stream, a.frame, a.onset_frame) for a in monitor.alarms] == [("front", 6, 5)], \
+        assert [(a.stream, a.frame, a.onset_frame) for a in monitor.alarms] == [("front", 5, 5)], \
             [(a.bbox, a.pixels, a.transitions, a.evidence) for a in monitor.alarms]
         alarm = monitor.alarms[0]
         assert alarm.from_class == source and alarm.to_class == majority and alarm.pixels >= 50
@@ -399,7 +429,7 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
         dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
                               "--virtual-time-budget=4000", "--dump-dom", server.url],
                              capture_output=True, text=True, timeout=90).stdout
-        assert '<tr class="alarm-row"><td>front</td><td>6</td><td>5</td>' in dom, dom[-2000:]
+        assert '<tr class="alarm-row"><td>front</td><td>5</td><td>5</td>' in dom, dom[-2000:]
         assert f"<td>{alarm.from_name}</td><td>{alarm.to_name}</td><td>{alarm.pixels}</td>" in dom
         assert 'id="fig-front" class="alarm"' in dom and 'id="fig-rear" class="alarm"' not in dom, dom[-3000:]
         subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1000,800",

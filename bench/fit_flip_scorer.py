@@ -1,0 +1,189 @@
+"""Fit the flip detector's patch scorer (`monitor.counterfactual.PatchScorer`) on tuning clips, and say how well it
+does on seeds it was not fitted on (leave one seed out).
+
+The detector runs over every clip of the tuning seeds with the scorer silenced, and every blob whose counterfactual
+reverted enough is kept with its cues. Positives: per effective patched clip, the blob that reverted most within
+`--within` frames of the patch's onset. Negatives: every blob of a clean clip, and of a patched clip before its
+onset. A logistic regression (L2, classes balanced; torch's L-BFGS) is fitted on standardised cues; the
+standardisation is folded into the weights, so the scorer weighs cues in their own units.
+
+The threshold is the one that, left-one-seed-out, catches the most effective patches with at most `--max-false`
+false alarms per 1000 clean frames. The scoring seeds of bench/monitor_detection.py are never read here.
+
+    python bench/fit_flip_scorer.py --tune-seeds 0,1,2      # -> bench/results/monitor/scorer.json, and the weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: probabilities the threshold is chosen from
+THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+@dataclass
+class Scored:
+    """One blob's cues, where it came from, and whether it is the patch."""
+
+    seed: int
+    clip: int
+    frame: int
+    cues: list[float]
+    clean: bool  # from a clean clip (a patched clip's blobs before onset are not counted as clean false alarms)
+    patch: bool | None  # None: a patched clip's blob in the window that is not its strongest (left out)
+
+
+def collect(clips, names, relabel, within: int, min_flip: int) -> tuple[list[Scored], dict]:
+    """Every scored blob of every clip, labelled; and per seed the effective patches and clean frames."""
+    from monitor.counterfactual import CUES, PatchScorer
+    from monitor.flips import FlipConfig, FlipDetector
+
+    silent = FlipConfig(scorer=PatchScorer(bias=-60.0, weights={c: 0.0 for c in CUES}, threshold=1.0))
+    rows, totals = [], {}
+    for number, clip in enumerate(tqdm(clips, desc="cues of every blob")):
+        seed_totals = totals.setdefault(clip.seed, {"effective": 0, "clean_frames": 0})
+        if clip.kind == "patched" and clip.flipped_at_onset < min_flip:
+            continue
+        if clip.kind == "patched":
+            seed_totals["effective"] += 1
+        else:
+            seed_totals["clean_frames"] += len(clip.frames)
+        detector = FlipDetector(names, "fit", silent, relabel=relabel)
+        blobs = []
+        for index, (rgb, labels) in enumerate(zip(clip.frames, clip.labels)):
+            if index in clip.cuts:
+                detector.reset()
+            detector.update(index, rgb, labels)
+            blobs += [(index, b) for b in detector.last_blobs if b.cues is not None]
+        rows += label(clip, number, blobs, within)
+    return rows, totals
+
+
+def label(clip, number: int, blobs, within: int) -> list[Scored]:
+    from monitor.counterfactual import CUES
+
+    def row(index, blob, patch):
+        return Scored(clip.seed, number, index, [blob.cues[c] for c in CUES], clip.kind != "patched", patch)
+
+    if clip.kind != "patched":
+        return [row(i, b, False) for i, b in blobs]
+    window = [(i, b) for i, b in blobs if clip.onset <= i <= clip.onset + within]
+    strongest = max(window, key=lambda item: int(item[1].reverted.sum()), default=(None, None))[1]
+    return ([row(i, b, False) for i, b in blobs if i < clip.onset]
+            + [row(i, b, b is strongest or None) for i, b in window])
+
+
+def fit(rows: list[Scored], c: float) -> tuple[np.ndarray, float]:
+    """Weights (in the cues' own units) and bias of an L2 logistic regression, classes balanced."""
+    import torch
+
+    x = np.array([r.cues for r in rows if r.patch is not None], np.float64)
+    y = np.array([r.patch for r in rows if r.patch is not None], np.float64)
+    mean, scale = x.mean(0), x.std(0) + 1e-9
+    xs, yt = torch.tensor((x - mean) / scale), torch.tensor(y)
+    weight = torch.where(yt > 0, len(y) / (2 * y.sum()), len(y) / (2 * (len(y) - y.sum())))
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, yt, reduction="none")).sum()
+        loss = loss + 0.5 / c * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    weights = w.detach().numpy() / scale
+    return weights, float(b.detach()) - float((weights * mean).sum())
+
+
+def probabilities(rows: list[Scored], weights: np.ndarray, bias: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(np.array([r.cues for r in rows]) @ weights + bias)))
+
+
+def outcome(rows: list[Scored], p: np.ndarray, threshold: float, totals: dict) -> tuple[int, int, int, int]:
+    """(patches caught, effective patches, false alarms on clean clips, clean frames) at a threshold."""
+    caught = {(r.seed, r.clip) for r, q in zip(rows, p) if r.patch is not False and q >= threshold}
+    false = sum(1 for r, q in zip(rows, p) if r.clean and q >= threshold)
+    seeds = {r.seed for r in rows}
+    return (len(caught), sum(totals[s]["effective"] for s in seeds), false,
+            sum(totals[s]["clean_frames"] for s in seeds))
+
+
+def leave_one_seed_out(rows: list[Scored], totals: dict, c: float) -> dict[float, tuple[int, int, int, int]]:
+    seeds = sorted({r.seed for r in rows})
+    table = {t: np.zeros(4, int) for t in THRESHOLDS}
+    for held in seeds:
+        weights, bias = fit([r for r in rows if r.seed != held], c)
+        test = [r for r in rows if r.seed == held]
+        p = probabilities(test, weights, bias)
+        for t in THRESHOLDS:
+            table[t] += outcome(test, p, t, totals)
+    return {t: tuple(int(v) for v in row) for t, row in table.items()}
+
+
+def choose(table, max_false: float) -> float:
+    """The threshold catching most with at most `max_false` false alarms per 1000 clean frames (ties: higher)."""
+    allowed = [t for t, (_, _, false, frames) in table.items() if 1000 * false / frames <= max_false]
+    return max(allowed or [max(THRESHOLDS)], key=lambda t: (table[t][0], t))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
+    parser.add_argument("--run", default="bench/results/seed000_shapes")
+    parser.add_argument("--tune-seeds", default="0,1,2")
+    parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
+    parser.add_argument("--max-false", type=float, default=0.5, help="false alarms per 1000 clean frames allowed")
+    parser.add_argument("--within", type=int, default=3)
+    parser.add_argument("--min-flip", type=int, default=40)
+    for name, default in (("effective", 100), ("max-clips", 400), ("frames", 30), ("clean-scenes", 10),
+                          ("clean-frames", 50), ("workers", 2)):
+        parser.add_argument(f"--{name}", type=int, default=default, help="as bench/monitor_detection.py")
+    parser.add_argument("--cache", default="bench/results/monitor/clips")
+    parser.add_argument("--out", default="bench/results/monitor/scorer.json")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import cv2
+
+    from audit.store import trial_scenes
+    from export import OnnxRuntimeEngine
+    from monitor.counterfactual import CUES, PatchScorer
+    from monitor_detection import seed_clips, seeds
+
+    cv2.setNumThreads(1)
+    engine = OnnxRuntimeEngine(args.engine)
+    scenes = trial_scenes(args.run)
+    clips = [clip for seed in seeds(args.tune_seeds) for clip in seed_clips(engine, scenes, seed, args)]
+    rows, totals = collect(clips, [c.name for c in engine.spec.classes], engine.segment, args.within, args.min_flip)
+    table = leave_one_seed_out(rows, totals, args.c)
+    for t, (caught, effective, false, frames) in table.items():
+        print(f"threshold {t:.2f}: left-one-seed-out {caught}/{effective} = {caught / effective:.1%} caught, "
+              f"{false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")
+    threshold = choose(table, args.max_false)
+    weights, bias = fit(rows, args.c)
+    scorer = PatchScorer(weights={c: round(float(w), 4) for c, w in zip(CUES, weights)}, bias=round(bias, 4),
+                         threshold=threshold)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"scorer": scorer.model_dump(), "tune_seeds": args.tune_seeds,
+                                          "left_one_seed_out": {str(t): v for t, v in table.items()}}, indent=1))
+    print(f"threshold {threshold} (at most {args.max_false} false alarms per 1000 left-one-seed-out)")
+    print(json.dumps(scorer.model_dump(), indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The counterfactual check and the patch scorer: what the flip detector does when it holds the engine.
+
+Every blob of new appearance (something came into view on this very frame, at most `max_blob_share` of it) is
+put back to how it looked just before, and the frame is segmented again, all blobs in one batched engine call.
+Pixels outside the blob that read their reference label again are what the blob *made* the model say: seed 000's
+patches flip regions far beyond their own pixels, which is exactly what this counterfactual measures, while what
+a moving camera reveals or an object entering the view brings changes the labels mostly under itself.
+
+A blob that reverted at least `min_reverted_pixels` is scored: a logistic regression over cues of the blob (size,
+colour, texture gained, how long the place had been quiet), of its effect (pixels reverted, their share of all
+that changed, whether they had held their label, how close to the blob) and of the view (camera motion, how many
+blobs appeared at once). The weights are fitted on clips of tuning seeds only (`bench/monitor_detection.py
+--fit-scorer`, which prints a `PatchScorer` to use) and live here as named numbers, like any threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: the cues the scorer weighs, in a fixed order (the fit and the score agree on it)
+CUES = ("log_blob_pixels", "log_blob_pixels_sq", "blob_aspect", "saturation", "saturation_gain", "texture_gain",
+        "image_change", "log_quiet_frames", "log_reverted_pixels", "reverted_share", "reverted_stable",
+        "reverted_near", "motion_px", "log_blobs")
+
+#: how many frames of quiet a cue counts at most (older than this is simply "quiet")
+QUIET_CAP = 60
+
+
+class PatchScorer(BaseModel):
+    """P(patch) = sigmoid(bias + sum(weights[cue] * cue)); an alarm needs P >= threshold. Fitted on tuning seeds
+    (see the module docstring); refit for another engine or camera with the same command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_WEIGHTS))
+    bias: float = Field(default=-16.7944, description="the fit's intercept (cues in their own units)")
+    threshold: float = Field(0.85, gt=0, le=1, description="probability that raises an alarm")
+
+    @model_validator(mode="after")
+    def _names_every_cue(self) -> PatchScorer:
+        if set(self.weights) != set(CUES):
+            missing, unknown = sorted(set(CUES) - set(self.weights)), sorted(set(self.weights) - set(CUES))
+            raise ValueError(f"scorer weights must name each cue once: missing {missing}, unknown {unknown}")
+        return self
+
+    def probability(self, cues: dict[str, float]) -> float:
+        logit = self.bias + sum(self.weights[name] * cues[name] for name in CUES)
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+
+#: the weights `bench/monitor_detection.py --fit-scorer` found on tuning seeds 0-2 (see the README)
+FITTED_WEIGHTS = {
+    "log_blob_pixels": 0.8342,
+    "log_blob_pixels_sq": 0.0726,
+    "blob_aspect": 3.2882,
+    "saturation": 5.4284,
+    "saturation_gain": -1.2811,
+    "texture_gain": 3.6369,
+    "image_change": 12.4217,
+    "log_quiet_frames": 0.2057,
+    "log_reverted_pixels": 0.8071,
+    "reverted_share": 1.9468,
+    "reverted_stable": 1.3793,
+    "reverted_near": 1.3141,
+    "motion_px": -1.4053,
+    "log_blobs": -0.8823,
+}
+
+
+@dataclass
+class Blob:
+    """One blob of new appearance and what its counterfactual showed."""
+
+    pixels: np.ndarray  # (H, W) bool, at the working size
+    restored: np.ndarray  # (H, W) bool: the pixels put back (the blob's neighbourhood that changed on this frame)
+    reverted: np.ndarray | None = None  # (H, W) bool: outside `restored`, back to the reference label
+    changed: int = 0  # pixels outside `restored` whose label changed at all
+    cues: dict[str, float] | None = None
+    probability: float | None = None
+
+
+def _disk(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def new_blobs(appeared_now: np.ndarray, touched_now: np.ndarray, min_pixels: int, max_share: float,
+              restore_px: int) -> list[Blob]:
+    """The blobs of new appearance worth a counterfactual: `min_pixels` up to `max_share` of the frame."""
+    count, components, stats, _ = cv2.connectedComponentsWithStats(appeared_now.astype(np.uint8), connectivity=8)
+    blobs = []
+    for index in range(1, count):
+        if not min_pixels <= stats[index, cv2.CC_STAT_AREA] <= max_share * appeared_now.size:
+            continue
+        pixels = components == index
+        near = cv2.dilate(pixels.astype(np.uint8), _disk(restore_px)).astype(bool)
+        blobs.append(Blob(pixels, near & touched_now))
+    return blobs
+
+
+def judge_effect(blob: Blob, relabelled: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> None:
+    """What restoring the blob did to the labels outside what was restored."""
+    outside = ~blob.restored
+    changed = outside & (relabelled != labels)
+    blob.changed = int(changed.sum())
+    blob.reverted = changed & (relabelled == reference)
+
+
+@dataclass
+class View:
+    """What the cues need of the frame: images at the working size, the detector's per-pixel state."""
+
+    rgb: np.ndarray  # uint8, now
+    before: np.ndarray  # uint8, each pixel as it looked before its latest change
+    change: np.ndarray  # blurred mean |image - reference image|
+    stable: np.ndarray  # frames each pixel's reference label has held
+    quiet: np.ndarray  # frames since each pixel last changed, before this frame
+    min_stable: int
+    motion_px: float
+    blobs: int
+    near_px: int
+
+
+def cues(blob: Blob, view: View) -> dict[str, float]:
+    """The scorer's cues of one blob whose counterfactual has been judged."""
+    pixels, reverted = blob.pixels, blob.reverted
+    rows, cols = np.nonzero(pixels)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    saturation_now = _mean_saturation(view.rgb, pixels)
+    near = cv2.dilate(blob.restored.astype(np.uint8), _disk(view.near_px)).astype(bool)
+    flipped = int(reverted.sum())
+    log_pixels = math.log1p(int(pixels.sum()))
+    return {
+        "log_blob_pixels": log_pixels,
+        "log_blob_pixels_sq": log_pixels ** 2,
+        "blob_aspect": float(min(height, width) / max(height, width)),
+        "saturation": saturation_now,
+        "saturation_gain": saturation_now - _mean_saturation(view.before, pixels),
+        "texture_gain": _texture(view.rgb, pixels) - _texture(view.before, pixels),
+        "image_change": float(view.change[pixels].mean()),
+        "log_quiet_frames": math.log1p(float(np.median(np.minimum(view.quiet[pixels], QUIET_CAP)))),
+        "log_reverted_pixels": math.log1p(flipped),
+        "reverted_share": flipped / max(blob.changed, 1),
+        "reverted_stable": float((view.stable[reverted] >= view.min_stable).mean()) if flipped else 0.0,
+        "reverted_near": float((reverted & near).sum()) / max(flipped, 1),
+        "motion_px": view.motion_px,
+        "log_blobs": math.log1p(view.blobs),
+    }
+
+
+def _mean_saturation(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Mean HSV saturation in [0, 1] of the masked pixels."""
+    pixels = rgb[mask].reshape(-1, 1, 3)
+    return float(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)[..., 1].mean()) / 255.0
+
+
+def _texture(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |Laplacian| of the grey image in [0, 1] units over the masked pixels: printed texture is sharp."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return float(np.abs(cv2.Laplacian(gray, cv2.CV_32F))[mask].mean()) / 255.0
