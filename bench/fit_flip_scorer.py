@@ -47,7 +47,8 @@ def collect(clips, names, relabel, within: int, min_flip: int) -> tuple[list[Sco
     from monitor.counterfactual import CUES, PatchScorer
     from monitor.flips import FlipConfig, FlipDetector
 
-    silent = FlipConfig(scorer=PatchScorer(bias=-60.0, weights={c: 0.0 for c in CUES}, threshold=1.0))
+    silent = FlipConfig(scorer=PatchScorer(bias=-60.0, weights={c: 0.0 for c in CUES}, threshold=1.0),
+                        skip_hopeless=False)
     rows, totals = [], {}
     for number, clip in enumerate(tqdm(clips, desc="cues of every blob")):
         seed_totals = totals.setdefault(clip.seed, {"effective": 0, "clean_frames": 0})

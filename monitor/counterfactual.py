@@ -23,9 +23,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: the cues the scorer weighs, in a fixed order (the fit and the score agree on it)
-CUES = ("log_blob_pixels", "log_blob_pixels_sq", "blob_aspect", "saturation", "saturation_gain", "texture_gain",
-        "image_change", "log_quiet_frames", "log_reverted_pixels", "reverted_share", "reverted_stable",
-        "reverted_near", "motion_px", "log_blobs")
+BLOB_CUES = ("log_blob_pixels", "log_blob_pixels_sq", "blob_aspect", "saturation", "saturation_gain", "texture_gain",
+             "image_change", "log_quiet_frames", "motion_px", "log_blobs")  # known before the engine call
+EFFECT_CUES = ("log_reverted_pixels", "reverted_share", "reverted_stable", "reverted_near")  # in [0, 1] but the first
+CUES = BLOB_CUES + EFFECT_CUES
 
 #: how many frames of quiet a cue counts at most (older than this is simply "quiet")
 QUIET_CAP = 60
@@ -48,7 +49,20 @@ class PatchScorer(BaseModel):
         return self
 
     def probability(self, cues: dict[str, float]) -> float:
-        logit = self.bias + sum(self.weights[name] * cues[name] for name in CUES)
+        return self._sigmoid(self.bias + sum(self.weights[name] * cues[name] for name in CUES))
+
+    def best_case(self, blob_cues: dict[str, float], max_reverted: int) -> float:
+        """The highest probability a blob can reach whatever its counterfactual shows, when at most `max_reverted`
+        pixels can revert (those whose label differs from the reference): below the threshold, the engine call
+        would be wasted. Exact: each effect cue at whichever end of its range its weight favours."""
+        effect = {"log_reverted_pixels": (0.0, math.log1p(max_reverted)), "reverted_share": (0.0, 1.0),
+                  "reverted_stable": (0.0, 1.0), "reverted_near": (0.0, 1.0)}
+        logit = self.bias + sum(self.weights[name] * blob_cues[name] for name in BLOB_CUES)
+        logit += sum(max(self.weights[name] * low, self.weights[name] * high) for name, (low, high) in effect.items())
+        return self._sigmoid(logit)
+
+    @staticmethod
+    def _sigmoid(logit: float) -> float:
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
 
@@ -79,7 +93,7 @@ class Blob:
     restored: np.ndarray  # (H, W) bool: the pixels put back (the blob's neighbourhood that changed on this frame)
     reverted: np.ndarray | None = None  # (H, W) bool: outside `restored`, back to the reference label
     changed: int = 0  # pixels outside `restored` whose label changed at all
-    cues: dict[str, float] | None = None
+    cues: dict[str, float] | None = None  # the blob's cues, then the effect's too once it has been judged
     probability: float | None = None
 
 
@@ -124,14 +138,12 @@ class View:
     near_px: int
 
 
-def cues(blob: Blob, view: View) -> dict[str, float]:
-    """The scorer's cues of one blob whose counterfactual has been judged."""
-    pixels, reverted = blob.pixels, blob.reverted
+def blob_cues(blob: Blob, view: View) -> dict[str, float]:
+    """The cues known before the engine call: the blob itself and the view."""
+    pixels = blob.pixels
     rows, cols = np.nonzero(pixels)
     height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
     saturation_now = _mean_saturation(view.rgb, pixels)
-    near = cv2.dilate(blob.restored.astype(np.uint8), _disk(view.near_px)).astype(bool)
-    flipped = int(reverted.sum())
     log_pixels = math.log1p(int(pixels.sum()))
     return {
         "log_blob_pixels": log_pixels,
@@ -142,12 +154,21 @@ def cues(blob: Blob, view: View) -> dict[str, float]:
         "texture_gain": _texture(view.rgb, pixels) - _texture(view.before, pixels),
         "image_change": float(view.change[pixels].mean()),
         "log_quiet_frames": math.log1p(float(np.median(np.minimum(view.quiet[pixels], QUIET_CAP)))),
+        "motion_px": view.motion_px,
+        "log_blobs": math.log1p(view.blobs),
+    }
+
+
+def effect_cues(blob: Blob, view: View) -> dict[str, float]:
+    """The cues of what the counterfactual showed (after `judge_effect`)."""
+    reverted = blob.reverted
+    near = cv2.dilate(blob.restored.astype(np.uint8), _disk(view.near_px)).astype(bool)
+    flipped = int(reverted.sum())
+    return {
         "log_reverted_pixels": math.log1p(flipped),
         "reverted_share": flipped / max(blob.changed, 1),
         "reverted_stable": float((view.stable[reverted] >= view.min_stable).mean()) if flipped else 0.0,
         "reverted_near": float((reverted & near).sum()) / max(flipped, 1),
-        "motion_px": view.motion_px,
-        "log_blobs": math.log1p(view.blobs),
     }
 
 

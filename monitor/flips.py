@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.counterfactual import Blob, PatchScorer, View, cues, judge_effect, new_blobs
+from monitor.counterfactual import Blob, PatchScorer, View, blob_cues, effect_cues, judge_effect, new_blobs
 
 #: "never" for the per-pixel frame counters (int16)
 NEVER = 10_000
@@ -78,6 +78,8 @@ class FlipConfig(BaseModel):
                             "restored with it (a sticker's pixels that barely changed too)")
     min_reverted_pixels: int = Field(10, ge=1, description="counterfactual: pixels outside a restored blob that must "
                                      "read their reference label again before the scorer weighs it")
+    skip_hopeless: bool = Field(True, description="counterfactual: no engine call for a blob whose best case cannot "
+                                "reach the scorer's threshold (changes no alarm; off to collect cues for a new fit)")
     scorer: PatchScorer = Field(default_factory=PatchScorer, description="the learned patch score and its threshold")
     still_motion: float = Field(0.004, ge=0, description="mean |gray| change in [0, 1], at `still_width`, below which "
                                 "the camera is taken as still: no optical flow, no warping (0: always flow)")
@@ -199,6 +201,7 @@ class FlipDetector:
         self.checks = 0  # extra engine calls made by the counterfactual (one per frame with new blobs)
         self.scored = 0  # blobs whose counterfactual reverted enough to be scored
         self.below_threshold = 0  # scored blobs the scorer did not find patch-like enough
+        self.skipped = 0  # new blobs that could not reach the threshold whatever the engine said: not checked
         self.last_blobs: list[Blob] = []  # the last frame's checked blobs, with their cues (for fitting the scorer)
         self.motion_px = 0.0  # the last frame's median optical flow (px/frame at the working size)
         self._dis = None  # the DIS flow object (holds its own buffers; one per stream)
@@ -385,25 +388,21 @@ class FlipDetector:
         return alarms
 
     def _judge_counterfactual(self, frame: _Frame) -> list[FlipAlarm]:
-        config = self.config
-        blobs = new_blobs(frame.appeared_ago == 0, self._touched_ago == 0, config.min_blob_pixels,
-                          config.max_blob_share, config.restore_px)
-        blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
+        blobs, view = self._promising_blobs(frame)
         self.last_blobs = blobs
         if not blobs:
             return []
         for blob, relabelled in zip(blobs, self._relabel_restored(frame, blobs)):
             judge_effect(blob, relabelled, frame.labels, frame.reference)
-        view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.quiet, config.min_stable,
-                    self.motion_px, len(blobs), config.merge_px)
         alarms = []
         for blob in blobs:
-            if blob.reverted.sum() < config.min_reverted_pixels or self._already_alarmed(blob.reverted):
+            if blob.reverted.sum() < self.config.min_reverted_pixels or self._already_alarmed(blob.reverted):
+                blob.cues = None  # not scored
                 continue
             self.scored += 1
-            blob.cues = cues(blob, view)
-            blob.probability = config.scorer.probability(blob.cues)
-            if blob.probability < config.scorer.threshold:
+            blob.cues |= effect_cues(blob, view)
+            blob.probability = self.config.scorer.probability(blob.cues)
+            if blob.probability < self.config.scorer.threshold:
                 self.below_threshold += 1
                 continue
             self.active.append(blob.reverted)
@@ -411,6 +410,28 @@ class FlipDetector:
                         "blob_pixels": int(blob.pixels.sum()), "cues": {k: round(v, 3) for k, v in blob.cues.items()}}
             alarms.append(self._alarm(frame, Candidate(blob.reverted, 1, blob.pixels), evidence))
         return alarms
+
+    def _promising_blobs(self, frame: _Frame) -> tuple[list[Blob], View]:
+        """The new blobs worth an engine call: the largest `max_checked_blobs`, each with enough differing labels
+        outside it to revert and a best case that reaches the scorer's threshold (skipping the others changes no
+        alarm: it only saves the engine's time)."""
+        config = self.config
+        blobs = new_blobs(frame.appeared_ago == 0, self._touched_ago == 0, config.min_blob_pixels,
+                          config.max_blob_share, config.restore_px)
+        blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
+        view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.quiet, config.min_stable,
+                    self.motion_px, len(blobs), config.merge_px)
+        differs = frame.labels != frame.reference
+        promising = []
+        for blob in blobs:
+            most = int((differs & ~blob.restored).sum())
+            if most < config.min_reverted_pixels:
+                continue
+            blob.cues = blob_cues(blob, view)
+            if not config.skip_hopeless or config.scorer.best_case(blob.cues, most) >= config.scorer.threshold:
+                promising.append(blob)
+        self.skipped += len(blobs) - len(promising)
+        return promising, view
 
     def _already_alarmed(self, region: np.ndarray) -> bool:
         return any((region & mask).sum() >= self.config.min_pixels // 2 for mask in self.active)

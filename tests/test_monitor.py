@@ -267,6 +267,36 @@ def test_something_big_arriving_is_not_a_sticker():
     assert alarms == [] and detector.checks == 0
 
 
+def test_the_best_case_bounds_every_score_it_stands_for():
+    """Skipping a blob whose best case is below the threshold changes no alarm: the bound holds for any effect."""
+    from monitor.counterfactual import BLOB_CUES, PatchScorer
+
+    scorer, rng = PatchScorer(), np.random.default_rng(0)
+    for _ in range(200):
+        blob = {c: float(v) for c, v in zip(BLOB_CUES, rng.normal(size=len(BLOB_CUES)))}
+        most = int(rng.integers(0, 5000))
+        effect = {"log_reverted_pixels": float(np.log1p(rng.integers(0, most + 1))),
+                  "reverted_share": rng.random(), "reverted_stable": rng.random(), "reverted_near": rng.random()}
+        assert scorer.probability(blob | effect) <= scorer.best_case(blob, most) + 1e-12
+
+
+def test_hopeless_blobs_cost_no_engine_call_and_change_no_alarm():
+    """A moving camera over a clean scene through the stream's own engine: what the skipping saves, with the same
+    alarms as checking every blob."""
+    index, _ = scene_with_big_object()
+    clip = SyntheticCamera(index, frames=30, path=CameraPath(sweep_deg=15, period=30))
+    clip.open()
+    frames = np.stack([clip.read()[0] for _ in range(30)])
+    segmenter = StickerFooledSegmenter()
+    results = {}
+    for skip in (True, False):
+        detector = FlipDetector(SHAPES_NAMES, "clean", FlipConfig(skip_hopeless=skip), relabel=segmenter)
+        alarms = [a.frame for i, rgb in enumerate(frames) for a in detector.update(i, rgb, segmenter.labels(rgb))]
+        results[skip] = (alarms, detector.checks, detector.skipped)
+    assert results[True][0] == results[False][0]
+    assert results[True][1] < results[False][1] and results[True][2] > results[False][2]
+
+
 def test_scorer_names_every_cue():
     from monitor.counterfactual import CUES, PatchScorer
 
