@@ -10,7 +10,7 @@ standardisation is folded into the weights, so the scorer weighs cues in their o
 The threshold is the one that, left-one-seed-out, catches the most effective patches with at most `--max-false`
 false alarms per 1000 clean frames. The scoring seeds of bench/monitor_detection.py are never read here.
 
-    python bench/fit_flip_scorer.py --tune-seeds 0,1,2      # -> bench/results/monitor/scorer.json, and the weights
+    python bench/fit_flip_scorer.py --tune-seeds 0,1,2      # -> bench/results/monitor/scorer.json (+ .png), the weights
 """
 
 from __future__ import annotations
@@ -139,6 +139,29 @@ def choose(table, max_false: float) -> float:
     return max(allowed or [max(THRESHOLDS)], key=lambda t: (table[t][0], t))
 
 
+def plot(table, scorer, out: Path) -> None:
+    """Left-one-seed-out detection against false alarms per threshold (the chosen one marked), and the weights."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    rates = {t: (1000 * v[2] / v[3], v[0] / v[1]) for t, v in table.items()}
+    axes[0].plot(*zip(*rates.values()), "o-", color="tab:red")
+    for t, (false, caught) in rates.items():
+        axes[0].annotate(f"{t:.2f}", (false, caught), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axes[0].plot(*rates[scorer.threshold], "ks", ms=10, mfc="none", label=f"chosen: {scorer.threshold}")
+    axes[0].axvline(0.5, color="k", ls="--", lw=1)
+    axes[0].axhline(0.95, color="k", ls=":", lw=1)
+    axes[0].set(xlabel="false alarms / 1000 clean frames", ylabel="effective patches caught within 3 frames",
+                title="left one tuning seed out, per threshold")
+    axes[0].legend(loc="lower right")
+    names = list(scorer.weights)
+    axes[1].barh(names, [scorer.weights[n] for n in names], color="tab:blue")
+    axes[1].set(xlabel="weight (cue in its own units)", title="the scorer's weights")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
@@ -183,7 +206,8 @@ def main() -> None:
                                           "left_one_seed_out": {str(t): v for t, v in table.items()}}, indent=1))
     print(f"threshold {threshold} (at most {args.max_false} false alarms per 1000 left-one-seed-out)")
     print(json.dumps(scorer.model_dump(), indent=1))
-    print(f"wrote {args.out}")
+    plot(table, scorer, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 
 if __name__ == "__main__":
