@@ -16,7 +16,7 @@ blobs appeared at once). The weights are fitted on clips of tuning seeds only (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -136,6 +136,11 @@ class View:
     motion_px: float
     blobs: int
     near_px: int
+    texture: np.ndarray = field(init=False)  # |Laplacian| of the grey image now, in [0, 1] units
+    texture_before: np.ndarray = field(init=False)  # the same of `before`
+
+    def __post_init__(self):  # once per frame with blobs, not once per blob
+        self.texture, self.texture_before = texture(self.rgb), texture(self.before)
 
 
 def blob_cues(blob: Blob, view: View) -> dict[str, float]:
@@ -151,7 +156,7 @@ def blob_cues(blob: Blob, view: View) -> dict[str, float]:
         "blob_aspect": float(min(height, width) / max(height, width)),
         "saturation": saturation_now,
         "saturation_gain": saturation_now - _mean_saturation(view.before, pixels),
-        "texture_gain": _texture(view.rgb, pixels) - _texture(view.before, pixels),
+        "texture_gain": float(view.texture[pixels].mean() - view.texture_before[pixels].mean()),
         "image_change": float(view.change[pixels].mean()),
         "log_quiet_frames": math.log1p(float(np.median(np.minimum(view.quiet[pixels], QUIET_CAP)))),
         "motion_px": view.motion_px,
@@ -178,7 +183,7 @@ def _mean_saturation(rgb: np.ndarray, mask: np.ndarray) -> float:
     return float(cv2.cvtColor(pixels, cv2.COLOR_RGB2HSV)[..., 1].mean()) / 255.0
 
 
-def _texture(rgb: np.ndarray, mask: np.ndarray) -> float:
-    """Mean |Laplacian| of the grey image in [0, 1] units over the masked pixels: printed texture is sharp."""
+def texture(rgb: np.ndarray) -> np.ndarray:
+    """|Laplacian| of the grey image in [0, 1] units: printed texture is sharp."""
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    return float(np.abs(cv2.Laplacian(gray, cv2.CV_32F))[mask].mean()) / 255.0
+    return np.abs(cv2.Laplacian(gray, cv2.CV_32F)) / np.float32(255.0)

@@ -392,7 +392,7 @@ class FlipDetector:
         self.last_blobs = blobs
         if not blobs:
             return []
-        for blob, relabelled in zip(blobs, self._relabel_restored(frame, blobs)):
+        for blob, relabelled in zip(blobs, self._relabel_restored(frame, blobs, view.before)):
             judge_effect(blob, relabelled, frame.labels, frame.reference)
         alarms = []
         for blob in blobs:
@@ -411,7 +411,7 @@ class FlipDetector:
             alarms.append(self._alarm(frame, Candidate(blob.reverted, 1, blob.pixels), evidence))
         return alarms
 
-    def _promising_blobs(self, frame: _Frame) -> tuple[list[Blob], View]:
+    def _promising_blobs(self, frame: _Frame) -> tuple[list[Blob], View | None]:
         """The new blobs worth an engine call: the largest `max_checked_blobs`, each with enough differing labels
         outside it to revert and a best case that reaches the scorer's threshold (skipping the others changes no
         alarm: it only saves the engine's time)."""
@@ -419,6 +419,8 @@ class FlipDetector:
         blobs = new_blobs(frame.appeared_ago == 0, self._touched_ago == 0, config.min_blob_pixels,
                           config.max_blob_share, config.restore_px)
         blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
+        if not blobs:  # most frames: nothing new in view
+            return [], None
         view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.quiet, config.min_stable,
                     self.motion_px, len(blobs), config.merge_px)
         differs = frame.labels != frame.reference
@@ -439,10 +441,9 @@ class FlipDetector:
     def _before_uint8(self) -> np.ndarray:
         return (np.clip(self._before, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
-    def _relabel_restored(self, frame: _Frame, blobs: list[Blob]) -> np.ndarray:
-        """The engine's labels (at the working size) of the frame with each blob put back as it looked before: one
-        batched call on full-size frames."""
-        before = self._before_uint8()
+    def _relabel_restored(self, frame: _Frame, blobs: list[Blob], before: np.ndarray) -> np.ndarray:
+        """The engine's labels (at the working size) of the frame with each blob put back as it looked `before`
+        (uint8, working size): one batched call on full-size frames."""
         full_shape = frame.full_rgb.shape[:2]
         if full_shape != frame.labels.shape:
             before = cv2.resize(before, full_shape[::-1], interpolation=cv2.INTER_LINEAR)
