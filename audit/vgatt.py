@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,8 @@ _OPS = {
     torch.sigmoid: "constant", torch.Tensor.sigmoid: "constant", F.sigmoid: "constant",
     torch.tanh: "constant", torch.Tensor.tanh: "constant", F.tanh: "constant",
     torch.mul: "mul", torch.Tensor.mul: "mul", torch.Tensor.__mul__: "mul", torch.Tensor.__rmul__: "mul",
+    # constant bounds: two affine pieces and a flat one (onnx2torch writes ONNX HardSigmoid and Clip this way)
+    torch.clamp: "clamp", torch.clip: "clamp", torch.Tensor.clamp: "clamp", torch.Tensor.clip: "clamp",
 }
 #: what breaks piecewise affinity, as named in reports
 _NON_AFFINE = {"gate": "x*g(x) activation", "constant": "sigmoid/tanh", "mul": "product of two activations"}
@@ -58,7 +61,19 @@ def _is_activation(value) -> bool:
     return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.dim() == 4
 
 
+def _clamp_bounds(args, kwargs) -> tuple | None:
+    """torch.clamp's (min, max) when both are numbers or None (then piecewise affine), else None."""
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    if not all(bound is None or isinstance(bound, (int, float)) for bound in (low, high)):
+        return None
+    return (-math.inf if low is None else float(low)), (math.inf if high is None else float(high))
+
+
 def _activation_kwargs(kind: str, args, kwargs) -> dict:
+    if kind == "clamp":
+        low, high = _clamp_bounds(args, kwargs)
+        return {"low": low, "high": high}
     if kind == "hardtanh":
         if len(args) > 1 or "min_val" in kwargs:
             low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
@@ -82,6 +97,8 @@ class _GateTape(TorchFunctionMode):
         kind = _OPS.get(func)
         if kind is None or (kind == "mul" and not (len(args) == 2 and all(_is_activation(a) for a in args))):
             return func(*args, **kwargs)
+        if kind == "clamp" and (not _is_activation(args[0]) or _clamp_bounds(args, kwargs) is None):
+            return func(*args, **kwargs)  # bounds that are tensors: left to the completeness error
         if kind == "max_pool2d" and (kwargs.get("return_indices") or (len(args) > 6 and args[6])):
             raise NotImplementedError("max_pool2d with return_indices inside the model is not supported")
         if not self.replay:
@@ -111,10 +128,11 @@ class _GateTape(TorchFunctionMode):
         y = result.detach()
         if kind == "relu":
             return result, _Entry(kind, where, slope=(x > 0).to(x.dtype))
-        if kind == "hardtanh":
+        if kind in ("hardtanh", "clamp"):
             p = _activation_kwargs(kind, args, kwargs)
             slope = ((x > p["low"]) & (x < p["high"])).to(x.dtype)
-            intercept = p["low"] * (x <= p["low"]).to(x.dtype) + p["high"] * (x >= p["high"]).to(x.dtype)
+            zero = torch.zeros((), dtype=x.dtype, device=x.device)
+            intercept = torch.where(x <= p["low"], p["low"], zero) + torch.where(x >= p["high"], p["high"], zero)
             return result, _Entry(kind, where, slope=slope, intercept=intercept)
         if kind == "leaky_relu":
             p = _activation_kwargs(kind, args, kwargs)

@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from segmenters.files import atomic_write_bytes
+from segmenters.importing.spec import is_imported
 from segmenters.spec import ModelSpec
 from segmenters.twin import Twin
 
@@ -44,30 +45,37 @@ def export_onnx(
     if next(model.parameters()).device.type != "cpu":  # trace a CPU copy; the caller's twin stays on its device
         model = copy.deepcopy(model).cpu()
     example = torch.zeros(1, 3, height, width)
-    dims = {0: "batch", 2: "height", 3: "width"}
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                (example,),
-                None,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=(dims,),
-                opset_version=opset,
-                verbose=False,
-            )
+        proto = _trace(model, example, opset, imported=is_imported(twin.spec))
     except Exception as exc:  # the exporter's own messages are long; keep the cause, name the model
         raise OnnxExportError(f"ONNX export of {twin.spec.arch} failed: {exc}") from exc
-    proto = program.model_proto
     proto.producer_name, proto.producer_version = "patchwatch", _version()
     set_metadata(proto, spec=twin.spec, precision="fp32")
     check_model(proto)
     if path is not None:
         save_model(proto, path)
     return proto
+
+
+def _trace(model: torch.nn.Module, example: torch.Tensor, opset: int, imported: bool) -> onnx.ModelProto:
+    """torch.export-based export; an imported network converted by onnx2torch computes shapes as tensors
+    (data-dependent for torch.export), so it goes through torch's TorchScript exporter, which onnx2torch's modules
+    are written for. That tracer bakes the sizes those shape computations yield: an imported twin's graph keeps a
+    dynamic batch but takes the height and width it was traced at (the spec's input size, unless `sample_size`)."""
+    dims = {0: "batch", 2: "height", 3: "width"}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if imported:
+            import segmenters.importing.onnx_ops  # noqa: F401  (onnx2torch's exporter hooks on this torch)
+
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset)
+            return onnx.load_from_string(buffer.getvalue())
+        return torch.onnx.export(model, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                 dynamic_shapes=(dims,), opset_version=opset, verbose=False).model_proto
 
 
 def set_metadata(proto: onnx.ModelProto, *, spec: ModelSpec, precision: str) -> None:

@@ -55,7 +55,8 @@ class ParitySettings:
         self.calibration_count = calibration_count
 
     def images(self, twin: Twin, split: str = "val", count: int | None = None) -> tuple[str, list]:
-        source = self.source or twin.spec.dataset
+        # an imported twin is gated again on the images its import was gated on
+        source = self.source or twin.spec.training.get("gate_images") or twin.spec.dataset
         size = self.size or twin.spec.input_size
         return source, parity_images(source, count or self.count, size=size, root=self.root, split=split)
 

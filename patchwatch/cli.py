@@ -11,6 +11,7 @@ import click
 from audit.cli import audit
 from patchwatch.edge_cli import edge
 from patchwatch.export_cli import export
+from patchwatch.import_cli import import_model
 from patchwatch.monitor_cli import monitor
 from patchwatch.options import device_option, parse_size, resolved_device
 from patchwatch.serve_cli import serve
@@ -127,6 +128,7 @@ def demo(out, quick, device) -> None:
 
 main.add_command(audit)
 main.add_command(export)
+main.add_command(import_model)
 main.add_command(edge)
 main.add_command(serve)
 main.add_command(monitor)

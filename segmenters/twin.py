@@ -58,12 +58,17 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_twin(path: str | Path, map_location: str | torch.device = "cpu") -> Twin:
-    """Rebuild the model named by the embedded spec, load its weights, check their digest, eval mode."""
+    """Rebuild the model named by the embedded spec (or embedded by an import), load its weights, check their digest, eval mode."""
     checkpoint = read_checkpoint(path)
     spec = ModelSpec.from_json(checkpoint["spec"])
     digest = state_dict_digest(checkpoint["model"])
     if spec.checkpoint_digest and spec.checkpoint_digest != digest:
         raise ValueError(f"checkpoint {path}: weights do not match the digest recorded in its spec")
-    model = build_model(spec.arch, spec.num_classes)
+    if "imported" in checkpoint:  # a network from a user's file: rebuilt from what the checkpoint embeds
+        from segmenters.importing.sources import rebuild_network
+
+        model, _ = rebuild_network(checkpoint["imported"])
+    else:
+        model = build_model(spec.arch, spec.num_classes)
     model.load_state_dict(checkpoint["model"])
     return Twin(model=model.to(map_location).eval(), spec=spec)
