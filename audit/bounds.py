@@ -230,16 +230,29 @@ def bounds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _first_image(spec) -> torch.Tensor:
+    """The first validation image of the twin's dataset; for an imported twin (trained on data not here), the
+    first of the images its import was gated on."""
+    from segmenters.data import DATASETS, build_dataset
+    from segmenters.data.folder import ImageFolder
+
+    gate_images = spec.training.get("gate_images")
+    if spec.dataset not in DATASETS and gate_images:
+        if gate_images in DATASETS:
+            return build_dataset(gate_images, "val", size=spec.input_size)[0][0]
+        return ImageFolder(gate_images, size=spec.input_size)[0][0]
+    return build_dataset(spec.dataset, "val", size=spec.input_size)[0][0]
+
+
 def empirical_regions(twin_path: str, patch_sizes: list[int], lines: int = 4, samples: int = 4096,
                       radius: float = 1.0, progress: bool = True, device: torch.device | str = "cpu") -> list[dict]:
     """For a trained twin: linear regions met along random lines through the patch subspace, patch at the
     centre of the first validation image of its dataset (in the network's normalised input space), with the
     twin on `device` (the lines are drawn on the CPU, so they do not depend on it)."""
-    from segmenters.data import build_dataset
     from segmenters.twin import load_twin
 
     twin = load_twin(twin_path, map_location=device)
-    image, _ = build_dataset(twin.spec.dataset, "val", size=twin.spec.input_size)[0]
+    image = _first_image(twin.spec)
     x = twin.spec.normalization.normalize(image[None].to(device))[0]
     height, width = x.shape[-2:]
     from tqdm import tqdm

@@ -25,8 +25,11 @@ class CampaignError(ValueError):
 
 
 class ImageSet(BaseModel):
+    """Which images: a dataset's split, or (`dataset: folder`, `root` a folder or glob) the user's own photos,
+    which have no ground truth."""
+
     model_config = ConfigDict(extra="forbid")
-    dataset: Literal["shapes", "camvid", "cityscapes", "voc"]
+    dataset: Literal["shapes", "camvid", "cityscapes", "voc", "folder"]
     split: str = "val"
     #: image indices; default: the first `count`, or `count` drawn at random with `sample_seed`
     indices: list[int] | None = None
@@ -45,7 +48,18 @@ class ImageSet(BaseModel):
     def _one_selection(self) -> ImageSet:
         if self.indices is not None and self.sample_seed is not None:
             raise ValueError("give either 'indices' or 'sample_seed' (count images drawn at random), not both")
+        if self.dataset == "folder" and not self.root:
+            raise ValueError("a 'folder' image set needs 'root': a folder or glob of image files")
         return self
+
+    def build(self):
+        """The images as a dataset of (image, labels); a folder's labels are all "no label"."""
+        size = tuple(self.size) if self.size else None
+        if self.dataset == "folder":
+            from segmenters.data.folder import ImageFolder
+
+            return ImageFolder(self.root, size=size)
+        return build_dataset(self.dataset, self.split, root=self.root, size=size)
 
     def candidates(self, available: int) -> tuple[list[int], int | None]:
         """The images to look at, in order, out of the split's `available`, and how many of them must have
@@ -122,18 +136,34 @@ class CampaignConfig(BaseModel):
 
     @model_validator(mode="after")
     def _class_names(self) -> CampaignConfig:
-        names = {c.name.lower() for c in dataset_classes(self.images.dataset)}
+        """Objects are chosen by the ground truth's classes; what they become (`to_class`, `remove_class`) may
+        also be classes of the models (an imported twin has its own table), resolved per model on expansion."""
+        if self.images.dataset == "folder" and any(t.kind == "switch" for t in self.targets):
+            raise ValueError("'switch' targets pick objects from ground truth, which a folder of photos has not: "
+                             "use 'disappear' or 'mask' targets")
+        truth = set() if self.images.dataset == "folder" else {
+            c.name.lower() for c in dataset_classes(self.images.dataset)}
+        known = truth | _classes_of_models_on_disk(self.models)
         for target in self.targets:
-            for name in [*(target.from_classes or []), target.to_class, target.remove_class]:
-                if name is not None and name.lower() not in names:
-                    raise ValueError(f"class {name!r} is not a {self.images.dataset} class "
-                                     f"({', '.join(sorted(names))})")
+            for name in target.from_classes or []:
+                if name.lower() not in truth:
+                    raise ValueError(f"class {name!r} is not a {self.images.dataset} class ({', '.join(sorted(truth))})")
+            for name in (target.to_class, target.remove_class):
+                if name is not None and name.lower() not in known:
+                    raise ValueError(f"class {name!r} is not a {self.images.dataset} class nor a class of the models "
+                                     f"({', '.join(sorted(known))})")
         if self.physical_views and self.images.dataset != "shapes":
             raise ValueError("physical_views needs the shapes renderer: images.dataset must be 'shapes'")
         unknown = sorted(set(self.engines) - set(self.models))
         if unknown:
             raise ValueError(f"engines are given for {unknown}, which are not in 'models'")
         return self
+
+
+def _classes_of_models_on_disk(models: list[str]) -> set[str]:
+    """Class names every model checkpoint already on disk knows (empty when none is)."""
+    tables = [set(model_classes(m, {})) for m in models if Path(m).is_file()]
+    return set.intersection(*tables) if tables else set()
 
 
 def load_campaign(path: str | Path) -> CampaignConfig:
@@ -228,8 +258,7 @@ def trial_id(campaign: CampaignConfig, **fields) -> str:
 
 def expand(campaign: CampaignConfig) -> list[Trial]:
     """models x images x targets (x objects) x patch sizes x seeds -> trials, in a stable order."""
-    data = build_dataset(campaign.images.dataset, campaign.images.split, root=campaign.images.root,
-                         size=tuple(campaign.images.size) if campaign.images.size else None)
+    data = campaign.images.build()
     candidates, wanted_images = campaign.images.candidates(len(data))
     trials, attacked = [], 0
     for index in candidates:
@@ -249,41 +278,77 @@ def expand(campaign: CampaignConfig) -> list[Trial]:
     return trials
 
 
+def model_classes(path: str, ground_truth: dict[str, int]) -> dict[str, int]:
+    """A twin checkpoint's class names (lower case) -> indices, from its embedded spec. A checkpoint not on disk
+    yet (a campaign expanded before its twin is trained) is taken to share the ground truth's table."""
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import read_checkpoint
+
+    if not Path(path).is_file() and ground_truth:
+        return ground_truth
+    try:
+        spec = ModelSpec.from_json(read_checkpoint(path)["spec"])
+    except (FileNotFoundError, ValueError) as exc:
+        raise CampaignError(f"model {path}: {exc}") from exc
+    return {name.lower(): i for i, name in enumerate(spec.class_names)}
+
+
+def _model_class(model: str, classes: dict[str, int], name: str) -> int:
+    if name.lower() not in classes:
+        raise CampaignError(f"class {name!r} is not a class of model {Path(model).name} ({', '.join(classes)})")
+    return classes[name.lower()]
+
+
 def _image_trials(campaign: CampaignConfig, index: int, labels: np.ndarray) -> list[Trial]:
-    """One image's trials: targets (x objects) x patch sizes x seeds x models."""
-    classes = dataset_classes(campaign.images.dataset)
-    by_name = {c.name.lower(): i for i, c in enumerate(classes)}
+    """One image's trials: targets (x objects) x patch sizes x seeds x models. Objects come from the ground
+    truth's classes; `to_class` and `remove_class` are resolved in each model's own class table."""
+    ground_truth = dataset_classes(campaign.images.dataset) if campaign.images.dataset != "folder" else []
+    by_name = {c.name.lower(): i for i, c in enumerate(ground_truth)}
     background = {0} if campaign.images.dataset in ("shapes", "voc") else set()
+    tables = {model: model_classes(model, by_name) for model in campaign.models}
     trials = []
     for target in campaign.targets:
-        if target.kind == "switch":
-            wanted = ({by_name[n.lower()] for n in target.from_classes} if target.from_classes
-                      else set(range(len(classes))) - background)
-            objects = object_masks(campaign.images, index, labels, wanted)
-            if campaign.images.object_order == "random":
-                order = np.random.default_rng([campaign.images.sample_seed or 0, index]).permutation(len(objects))
-                objects = [objects[i] for i in order]
-            units = [(oid, cls) for oid, cls, _ in objects[: campaign.images.objects_per_image]]
-        elif target.kind == "mask":
-            if index not in target.masks:
-                continue
-            units = [(-1, None)]
-        else:
-            units = [(-1, by_name[target.remove_class.lower()])]
-        for object_id, source in units:
+        for object_id, source in _units(campaign, target, index, labels, by_name, background):
             for size in campaign.patch_sizes:
                 for seed in campaign.seeds:
-                    to_class = None
-                    if target.kind == "switch":
-                        if target.to_class:
-                            to_class = by_name[target.to_class.lower()]
-                        else:
-                            others = sorted(set(range(len(classes))) - background - {source})
-                            to_class = others[np.random.default_rng([seed, index, object_id]).integers(len(others))]
-                        if to_class == source:
-                            continue
                     for model in campaign.models:
-                        tid = trial_id(campaign, model=Path(model).name, image=index, target=target.key(),
-                                       object=object_id, to_class=to_class, size=size, seed=seed)
-                        trials.append(Trial(tid, model, index, target, object_id, source, to_class, size, seed))
+                        trial = _trial(campaign, target, model, tables[model], index, object_id, source, size, seed,
+                                       len(ground_truth), background)
+                        if trial is not None:
+                            trials.append(trial)
     return trials
+
+
+def _units(campaign: CampaignConfig, target: TargetSpec, index: int, labels: np.ndarray, by_name: dict[str, int],
+           background: set[int]) -> list[tuple[int, int | None]]:
+    """(object id, ground-truth class) of what a target attacks in this image."""
+    if target.kind == "switch":
+        wanted = ({by_name[n.lower()] for n in target.from_classes} if target.from_classes
+                  else set(range(len(by_name))) - background)
+        objects = object_masks(campaign.images, index, labels, wanted)
+        if campaign.images.object_order == "random":
+            order = np.random.default_rng([campaign.images.sample_seed or 0, index]).permutation(len(objects))
+            objects = [objects[i] for i in order]
+        return [(oid, cls) for oid, cls, _ in objects[: campaign.images.objects_per_image]]
+    if target.kind == "mask":
+        return [(-1, None)] if index in target.masks else []
+    return [(-1, None)]
+
+
+def _trial(campaign: CampaignConfig, target: TargetSpec, model: str, classes: dict[str, int], index: int,
+           object_id: int, source: int | None, size: int, seed: int, ground_truth_classes: int,
+           background: set[int]) -> Trial | None:
+    to_class = None
+    if target.kind == "disappear":
+        source = _model_class(model, classes, target.remove_class)
+    elif target.kind == "switch":
+        if target.to_class:
+            to_class = _model_class(model, classes, target.to_class)
+        else:  # another foreground class of the ground truth's table, drawn per seed
+            others = sorted(set(range(ground_truth_classes)) - background - {source})
+            to_class = others[np.random.default_rng([seed, index, object_id]).integers(len(others))]
+        if to_class == source:
+            return None
+    tid = trial_id(campaign, model=Path(model).name, image=index, target=target.key(), object=object_id,
+                   to_class=to_class, size=size, seed=seed)
+    return Trial(tid, model, index, target, object_id, source, to_class, size, seed)

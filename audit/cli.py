@@ -126,6 +126,7 @@ def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> 
     table = bounds_markdown(rows)
     result = {"bounds": rows}
     if twin:
+        table += _architecture_note(twin)
         result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines, samples=samples,
                                                 device=device)
         table += "\nLinear regions met along random lines through the patch subspace (" + twin + "):\n\n"
@@ -137,6 +138,20 @@ def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "bounds.json").write_text(json.dumps(result, indent=2))
         (folder / "bounds.md").write_text(table)
+
+
+def _architecture_note(twin_path: str) -> str:
+    """Seed 000's bound needs the architecture's layers; an imported twin's is not in the zoo: say so."""
+    from segmenters.importing.spec import is_imported
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import read_checkpoint
+
+    spec = ModelSpec.from_json(read_checkpoint(twin_path)["spec"])
+    if not is_imported(spec):
+        return ""
+    return (f"\n{spec.arch} is an imported network, not a zoo architecture: the bound above is not computed for it "
+            f"(seed 000's count needs the architecture's gate layers). The linear regions below are measured on "
+            f"the network itself.\n")
 
 
 def main() -> None:

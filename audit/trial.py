@@ -31,11 +31,7 @@ def _twin(path: str, device: torch.device):
 
 @lru_cache(maxsize=4)
 def _dataset(images_json: str):
-    from segmenters.data import build_dataset
-
-    images = ImageSet.model_validate_json(images_json)
-    return build_dataset(images.dataset, images.split, root=images.root,
-                         size=tuple(images.size) if images.size else None)
+    return ImageSet.model_validate_json(images_json).build()
 
 
 #: a flip reproduces on an engine that shows at least this share of the twin's intended flips as the twin does

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.engine import TorchEngine
+from export.engine import EngineInputError, TorchEngine
 from export.parity import DATASET_SOURCES, TOLERANCES, ParityReport, parity_check, parity_images
 from segmenters.files import atomic_write_text
 from segmenters.importing.adapter import ImportedNetwork
@@ -85,9 +85,13 @@ def import_twin_gated(
         twin = load_twin(staged)  # the gate judges the file as it will be read
         original = TorchEngine(reference, device="cpu")
         original.backend = f"original {source.format}" + (" on onnxruntime:CPUExecutionProvider" if source.format == "onnx" else "")
-        report = parity_check(TorchEngine(twin, device="cpu"), original, gate_images,
-                              source=gate_source, tolerance=TOLERANCES["fp32"],
-                              panel_path=Path(scratch) / "parity.png", progress=progress)
+        try:
+            report = parity_check(TorchEngine(twin, device="cpu"), original, gate_images,
+                                  source=gate_source, tolerance=TOLERANCES["fp32"],
+                                  panel_path=Path(scratch) / "parity.png", progress=progress)
+        except EngineInputError as exc:  # the normalised images themselves overflowed
+            raise ModelImportError(f"{model_path}: import refused, nothing written: under {spec_path}'s input "
+                                   f"convention (input.value_range, input.mean, input.std) {exc}") from exc
         if not report.passed:
             raise ModelImportError(_refusal(model_path, spec_path, report))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +134,6 @@ def _gate_images(spec: ImportSpec, images: str | None, count: int, spec_path) ->
 def _refusal(model_path, spec_path, report: ParityReport) -> str:
     cause = "; ".join(report.failures)
     hint = ("the logits are not finite under the sidecar's input convention (input.value_range, input.mean, "
-            "input.std)" if not np.isfinite(report.max_abs) or not np.isfinite(report.logit_range)
+            "input.std)" if any("not finite" in f for f in report.failures)
             else "the converted network does not compute what the original does")
     return f"{model_path}: import refused, nothing written: {hint} ({spec_path}). Parity: {cause}\n{report.text()}"

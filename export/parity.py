@@ -160,12 +160,14 @@ def parity_check(
     tolerance = tolerance or TOLERANCES[engine.precision]
     num_classes = reference.spec.num_classes
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    diffs, lo, hi, max_abs, agree, pixels = [], math.inf, -math.inf, 0.0, 0, 0
+    diffs, lo, hi, max_abs, agree, pixels, finite = [], math.inf, -math.inf, 0.0, 0, 0, True
     worst = ("", 2.0, None)
     for batch in tqdm(list(_batches(images, batch_size)), desc=f"parity {engine.backend}", disable=not progress):
         x = reference.prepare(np.stack([image for _, image in batch]))
         ref, out = reference.infer(x), engine.infer(x)
-        diff = np.abs(out - ref)
+        finite = finite and bool(np.isfinite(ref).all() and np.isfinite(out).all())
+        with np.errstate(invalid="ignore"):  # inf - inf: reported as non-finite logits below
+            diff = np.abs(out - ref)
         diffs.append(diff.ravel()[:: max(1, diff.size // 4_000_000)])  # enough for the median, bounded memory
         max_abs = max(max_abs, float(diff.max()))
         lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
@@ -199,7 +201,7 @@ def parity_check(
         tolerance=tolerance,
         failures=[],
     )
-    report.failures = _failures(report)
+    report.failures = _failures(report) + ([] if finite else ["the logits are not finite (inf or NaN)"])
     if panel_path is not None and worst[2] is not None:
         image, ref_labels, out_labels, dmax = worst[2]
         palette = reference.spec.palette()

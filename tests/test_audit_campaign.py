@@ -77,7 +77,7 @@ def test_random_images_and_objects(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"images": {"dataset": "shapes", "indices": [1], "sample_seed": 0}}, "either 'indices' or 'sample_seed'"),
     ({"patch_sizes": [0, 4]}, "patch_sizes: Value error, patch sizes must be >= 1"),
-    ({"targets": [{"kind": "switch", "to_class": "pyramid"}]}, "class 'pyramid' is not a shapes class"),
+    ({"targets": [{"kind": "switch", "to_class": "pyramid"}]}, "class 'pyramid' is not a shapes class nor a class of the models"),
     ({"targets": [{"kind": "mask"}]}, "needs 'masks'"),
     ({"targets": [{"kind": "disappear"}]}, "needs 'remove_class'"),
     ({"images": {"dataset": "kitti"}}, "images.dataset"),
@@ -139,3 +139,54 @@ def test_rayjob_manifest_runs_a_valid_campaign(tmp_path):
     assert config.patch_sizes == [2, 5, 10, 20, 40]
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def _own_classes_twin(path):
+    """A twin with its own two-class table (as an imported selfie segmenter has), not the dataset's."""
+    import torch
+
+    from segmenters.models import build_model
+    from segmenters.spec import ClassInfo, ModelSpec
+    from segmenters.twin import save_twin
+
+    torch.manual_seed(0)
+    model = build_model("unet", 2)
+    with torch.no_grad():  # the last layer's bias makes "person" the prediction everywhere: something to remove
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.bias.copy_(torch.tensor([-5.0, 5.0]))
+    spec = ModelSpec(arch="unet", classes=[ClassInfo(name="background", color=(0, 0, 0)),
+                                           ClassInfo(name="person", color=(192, 128, 128))],
+                     input_size=(48, 64), dataset="selfies")
+    save_twin(path, model, spec)
+    return path
+
+
+def test_a_folder_of_photos_and_a_model_with_its_own_classes(tmp_path):
+    """Photos without ground truth: `disappear` resolves its class in the model's table, a trial runs on them; a
+    `switch` (which needs ground truth) and a class the model lacks are refused by name."""
+    from PIL import Image
+
+    from audit.trial import execute_trial
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    twin = _own_classes_twin(tmp_path / "selfie.pt")
+    campaign = {"name": "photos", "models": [str(twin)],
+                "images": {"dataset": "folder", "root": str(folder), "count": 2, "size": [48, 64]},
+                "targets": [{"kind": "disappear", "remove_class": "person"}], "patch_sizes": [8],
+                "attack": {"steps": 2, "eot_samples": 1}, "eot_eval_draws": 2, "device": "cpu"}
+    config = load_campaign(write(tmp_path, campaign))
+    trials = expand(config)
+    assert [(t.image_index, t.source_class) for t in trials] == [(0, 1), (1, 1)]  # "person" is the model's 1
+    result = execute_trial(config.model_dump_json(), trials[0])
+    assert result["metrics"]["target_pixels"] == 48 * 64 and "patch.png" in result["artefacts"]
+    with pytest.raises(CampaignError, match="ground truth"):
+        load_campaign(write(tmp_path, {**campaign, "targets": [{"kind": "switch"}]}, "switch.yaml"))
+    with pytest.raises(CampaignError, match="'car' is not a folder class nor a class of the models"):
+        load_campaign(write(tmp_path, {**campaign, "targets": [{"kind": "disappear", "remove_class": "car"}]},
+                            "car.yaml"))
+    with pytest.raises(CampaignError, match="needs 'root'"):
+        load_campaign(write(tmp_path, {**campaign, "images": {"dataset": "folder"}}, "noroot.yaml"))

@@ -5,6 +5,7 @@ segmenter comes in through tflite2onnx -> onnx2torch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,15 @@ def write_spec(path: Path, spec: ModelSpec, **changes) -> Path:
     return path
 
 
+def import_zoo(arch: str, folder: Path, count: int = 2):
+    """A zoo twin exported by the project and imported back: (the zoo twin, the import's result)."""
+    twin = zoo_twin(arch)
+    export_onnx(twin, folder / f"{arch}.onnx", sample_size=SIZE)
+    result = import_twin_gated(folder / f"{arch}.onnx", write_spec(folder / f"{arch}.yaml", twin.spec),
+                               folder / f"{arch}.pt", count=count, progress=False)
+    return twin, result
+
+
 def small_attack(twin: Twin, image: np.ndarray):
     box = np.zeros(SIZE, bool)
     box[8:40, 8:56] = True
@@ -63,13 +73,10 @@ def small_attack(twin: Twin, image: np.ndarray):
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_zoo_round_trip_keeps_the_gate_and_the_attack(arch, tmp_path):
     """Each zoo model exported by the project, imported back: fp32 gate against ONNX Runtime, same patch."""
-    twin = zoo_twin(arch)
-    export_onnx(twin, tmp_path / "model.onnx", sample_size=SIZE)
-    result = import_twin_gated(tmp_path / "model.onnx", write_spec(tmp_path / "spec.yaml", twin.spec),
-                               tmp_path / "twin.pt", count=4, progress=False)
+    twin, result = import_zoo(arch, tmp_path, count=4)
     assert result.report.passed and result.report.max_abs_rel <= 1e-4 and result.report.label_agreement >= 0.9999
-    assert (tmp_path / "twin.pt.parity.json").is_file() and (tmp_path / "twin.pt.parity.png").is_file()
-    imported = load_twin(tmp_path / "twin.pt")
+    assert Path(f"{result.checkpoint}.parity.json").is_file() and Path(f"{result.checkpoint}.parity.png").is_file()
+    imported = load_twin(result.checkpoint)
     assert imported.spec.arch == f"imported/{arch}" and imported.spec.classes == twin.spec.classes
     assert imported.spec.training["format"] == "onnx"
     image = parity_images("shapes", 1, size=SIZE)[0][1]
@@ -121,11 +128,8 @@ def test_pytorch_files_with_another_convention_land_on_the_same_twin(fmt, tmp_pa
 def test_an_imported_twin_exports_through_the_gate(tmp_path):
     from export.pipeline import ParitySettings, export_onnx_gated
 
-    twin = zoo_twin("deeplabv3_resnet18")
-    export_onnx(twin, tmp_path / "model.onnx", sample_size=SIZE)
-    import_twin_gated(tmp_path / "model.onnx", write_spec(tmp_path / "spec.yaml", twin.spec), tmp_path / "twin.pt",
-                      count=2, progress=False)
-    reports = export_onnx_gated(tmp_path / "twin.pt", tmp_path / "engine.onnx", progress=False,
+    _, result = import_zoo("deeplabv3_resnet18", tmp_path)
+    reports = export_onnx_gated(result.checkpoint, tmp_path / "engine.onnx", progress=False,
                                 settings=ParitySettings(count=3))  # the images the import was gated on
     assert reports["fp32"].passed and reports["fp32"].source == "shapes" and (tmp_path / "engine.onnx").is_file()
 
@@ -133,11 +137,7 @@ def test_an_imported_twin_exports_through_the_gate(tmp_path):
 @pytest.mark.slow
 def test_vgatt_is_exact_on_a_converted_relu_graph_and_names_the_rest(tmp_path):
     for arch, exact in (("unet", True), ("lraspp_mobilenetv3", False)):
-        twin = zoo_twin(arch)
-        export_onnx(twin, tmp_path / f"{arch}.onnx", sample_size=SIZE)
-        import_twin_gated(tmp_path / f"{arch}.onnx", write_spec(tmp_path / f"{arch}.yaml", twin.spec),
-                          tmp_path / f"{arch}.pt", count=2, progress=False)
-        imported = load_twin(tmp_path / f"{arch}.pt")
+        imported = import_zoo(arch, tmp_path)[1].twin
         torch.manual_seed(0)
         result = VGatt(imported.model).attribute(torch.randn(3, *SIZE), target=1)
         assert result.exact == exact, result.non_affine_layers
@@ -156,3 +156,37 @@ def test_a_failed_import_writes_nothing(tmp_path):
     with pytest.raises(ModelImportError, match="classes"):
         import_twin_gated(tmp_path / "model.onnx", spec_path, out, count=2, progress=False)
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_one_foreground_channel_becomes_two_classes_with_scores_that_move():
+    """A sigmoid model's probability p becomes logits whose softmax is (1 - p, p), and both classes' scores
+    depend on the input (so VGatt can explain either class)."""
+    from segmenters.importing.adapter import ImportedNetwork
+    from segmenters.importing.spec import ImportSpec
+
+    spec = ImportSpec.model_validate({"name": "fg", "classes": [c.model_dump() for c in CLASSES[:2]],
+                                      "input": {"size": [8, 8]}, "output": {"kind": "foreground_probability"}})
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.Sigmoid())
+    wrapped = ImportedNetwork(network, spec, 0).eval()
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    logits = wrapped(images)
+    assert logits.shape == (2, 2, 8, 8)
+    assert torch.allclose(logits.softmax(1)[:, 1:], network(images), atol=1e-5)
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), images)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_bounds_say_an_imported_architecture_is_not_known(tmp_path):
+    from click.testing import CliRunner
+
+    from audit.cli import audit
+
+    checkpoint = import_zoo("unet", tmp_path)[1].checkpoint
+    result = CliRunner().invoke(audit, ["bounds", "--arch", "unet", "--patch", "2", "--twin", str(checkpoint),
+                                        "--lines", "1", "--samples", "64", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "imported/unet is an imported network, not a zoo architecture" in result.output
+    empirical = json.loads((tmp_path / "bounds.json").read_text())["empirical"]
+    assert empirical[0]["patch"] == 2 and empirical[0]["regions"]

@@ -88,5 +88,7 @@ class ImportedNetwork(nn.Module):
         if self.output_kind == "foreground_probability":
             p = output.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
             output = p.log() - (-p).log1p()
-        # one foreground logit x: softmax([0, x]) is (1 - sigmoid(x), sigmoid(x)), the network's own two classes
-        return torch.cat([torch.zeros_like(output), output], dim=1)
+        # one foreground logit x: softmax([-x/2, x/2]) is (1 - sigmoid(x), sigmoid(x)), the network's own two
+        # classes; split evenly, so each class's score moves with the input and can be attributed (VGatt)
+        half = output / 2
+        return torch.cat([-half, half], dim=1)

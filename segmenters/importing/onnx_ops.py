@@ -17,10 +17,19 @@ One more fix lets a converted network be exported to ONNX again (an imported twi
 the exporter's opset from `torch.onnx.symbolic_helper`, where torch >= 2.9 no longer keeps it; `register` points
 onnx2torch's symbolic_helper at the TorchScript exporter's globals, where the opset now lives.
 
+- Operators whose opset 19, 20 or 21 versions only admit new tensor types (float8, int4, bool reductions;
+  `Cast`'s `saturate` applies to float8 only): `Shape`, `Reshape`, `Cast`, `CastLike`, `Identity`, `Constant`,
+  `Size`, `Equal`, `ConstantOfShape`, `IsNaN`, `IsInf`, `Flatten`, `Squeeze`, `Unsqueeze`, `Transpose`, and
+  `Pad`-21, go to onnx2torch's converter for the version before (torch 2.14 exports opset 20 by default).
+  `ReduceMax`/`ReduceMin`-20 are the opset-18 reductions. `AveragePool`-19 added `dilations`: without them (or
+  all 1) it is the opset-11 pool, otherwise refused by name.
+
 Anything else onnx2torch cannot convert stays its own `NotImplementedError`, which the importer reports.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
 from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, add_converter, get_converter
@@ -31,6 +40,11 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, get_c
 REDUCTIONS_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
                  "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 OPSET_13_EQUIVALENT = {"Pad": (18, 19), "Resize": (18, 19)}
+#: (operator, version) whose change from the version before only admits new tensor types
+TYPES_ONLY = [(op, 19) for op in ("Shape", "Reshape", "Cast", "CastLike", "Identity", "Constant", "Size", "Equal")]
+TYPES_ONLY += [(op, 20) for op in ("ConstantOfShape", "IsNaN", "IsInf")]
+TYPES_ONLY += [(op, 21) for op in ("Shape", "Reshape", "Cast", "CastLike", "Identity", "Constant", "Size",
+                                   "ConstantOfShape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad")]
 
 
 class UnsupportedOnnxNode(NotImplementedError):
@@ -60,6 +74,17 @@ def _identity(node: OnnxNode) -> OperationConverterResult:
     return OperationConverterResult(
         torch_module=nn.Identity(), onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values)
     )
+
+
+def _as_version_before(node: OnnxNode, graph: OnnxGraph, *, version: int) -> OperationConverterResult:
+    """An operator whose `version` only admits new types: the converter of the version before."""
+    return get_converter(node.operation_type, version - 1)(node, graph)
+
+
+def _average_pool_19(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    if any(d != 1 for d in node.attributes.get("dilations", [])):
+        raise UnsupportedOnnxNode(f"AveragePool node {node.name!r} uses dilations, which onnx2torch cannot express")
+    return get_converter("AveragePool", 11)(node, graph)
 
 
 def _as_opset_13(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
@@ -99,6 +124,8 @@ def register() -> None:
     _point_at_exporter_globals()
     wanted = [(op, 18, _reduce_18) for op in REDUCTIONS_18]
     wanted += [(op, version, _as_opset_13) for op, versions in OPSET_13_EQUIVALENT.items() for version in versions]
+    wanted += [(op, version, partial(_as_version_before, version=version)) for op, version in TYPES_ONLY]
+    wanted += [("ReduceMax", 20, _reduce_18), ("ReduceMin", 20, _reduce_18), ("AveragePool", 19, _average_pool_19)]
     for operation_type, version, converter in wanted:
         if OperationDescription("", operation_type, version) not in _CONVERTER_REGISTRY:
             add_converter(operation_type=operation_type, version=version)(converter)

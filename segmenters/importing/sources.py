@@ -170,6 +170,7 @@ def _onnx_source(path: Path, spec: ImportSpec, digest: str) -> Source:
     if peel and producer is not None and producer.op_type == peel[0] and _softmax_on_channels(producer, spec):
         notes.append(f"final {producer.op_type} cut off: the twin holds the logits before it")
         output_name, output_kind = producer.input[0], peel[1]
+    inline_weight_identities(proto)
     payload = extract_graph(proto, input_name, output_name, path).SerializeToString()
     network = convert_onnx(payload, label=str(path))
     import onnx2torch
@@ -178,6 +179,22 @@ def _onnx_source(path: Path, spec: ImportSpec, digest: str) -> Source:
         notes.append("the graph takes one image at a time: batches are split")
     converter = f"onnx2torch {getattr(onnx2torch, '__version__', '')}".strip()
     return Source("onnx", network, 0, output_kind, digest, converter, payload, notes=notes, batch_of_one=batch_of_one)
+
+
+def inline_weight_identities(proto) -> None:
+    """torch's TorchScript exporter shares equal weights through `Identity` nodes (every zero bias of an untrained
+    ResNet, say); onnx2torch reads a convolution's weights only from initializers. Each such Identity becomes a
+    copy of its weight under the Identity's output name."""
+    weights = {w.name: w for w in proto.graph.initializer}
+    shared = [n for n in proto.graph.node if n.op_type == "Identity" and n.input and n.input[0] in weights]
+    graph_outputs = {o.name for o in proto.graph.output}
+    for node in shared:
+        if node.output[0] in graph_outputs:
+            continue
+        copy = proto.graph.initializer.add()
+        copy.CopyFrom(weights[node.input[0]])
+        copy.name = node.output[0]
+        proto.graph.node.remove(node)
 
 
 def _softmax_on_channels(node, spec: ImportSpec) -> bool:
@@ -249,6 +266,9 @@ def convert_onnx(payload: bytes, label: str) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return onnx2torch.convert(onnx.load_from_string(payload)).eval()
+    except KeyError as exc:  # a tensor onnx2torch wanted as a stored weight is computed in the graph
+        raise ModelImportError(f"{label}: onnx2torch cannot convert the graph: tensor {exc} must be a stored "
+                               f"weight (an initializer) but is computed by a node") from exc
     except Exception as exc:  # onnx2torch names the operator and version it lacks
         raise ModelImportError(f"{label}: onnx2torch cannot convert the graph: {str(exc)[:400]}") from exc
 

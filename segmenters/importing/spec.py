@@ -61,11 +61,13 @@ class InputConvention(_Strict):
         return self
 
     def normalization(self) -> Normalization:
-        """The project's `Normalization` (always RGB): the network's per-channel stats put in RGB order."""
+        """The project's `Normalization` for images in [0, 1] RGB, as every twin takes them: the value range is
+        folded into mean and std ((low + x (high - low) - mean) / std = (x - mean') / std'), the network's
+        per-channel stats put in RGB order."""
         order = (2, 1, 0) if self.channel_order == "bgr" else (0, 1, 2)
-        return Normalization(
-            mean=tuple(self.mean[i] for i in order), std=tuple(self.std[i] for i in order), value_range=self.value_range
-        )
+        low, high = self.value_range
+        return Normalization(mean=tuple((self.mean[i] - low) / (high - low) for i in order),
+                             std=tuple(self.std[i] / (high - low) for i in order), value_range=(0.0, 1.0))
 
 
 class OutputConvention(_Strict):
