@@ -146,7 +146,11 @@ def test_pixel_removal_vgatt_against_grad_cam(camvid_unet, data_root):
     image, _ = build_dataset("camvid", "val", root=data_root / "camvid", size=(96, 128))[0]
     inputs = twin.spec.normalization.normalize(image[None])
     labels = twin.labels(image[None])[0]
-    target = int(torch.bincount(labels.reshape(-1)).argmax())
+    # An object-like segment, as in the thesis: the largest class under half the image (removing 8 % of the
+    # pixels cannot say much about a class that covers most of the image, whichever map picks them).
+    counts = torch.bincount(labels.reshape(-1))
+    target = int(torch.where(counts < labels.numel() / 2, counts, 0).argmax())
+    assert counts[target] > 0
     region = (labels == target).numpy()
     black = twin.spec.normalization.normalize(torch.zeros(1, 3, 1, 1)).reshape(3)
     vgatt = VGattMap(twin.model).attribute(inputs, target, region)
@@ -155,7 +159,9 @@ def test_pixel_removal_vgatt_against_grad_cam(camvid_unet, data_root):
     baseline = pixel_removal(twin.model, inputs, target, region, cam, black)
     assert [p.fraction for p in most] == [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08]
     assert all(0 <= p.label_change <= 1 and p.score_change >= 0 for p in most)
-    assert most[-1].score_change > baseline[-1].score_change and most[-1].label_change > baseline[-1].label_change
+    # compared over the whole removal curve (its mean: the area under it), not at one noisy point
+    for figure in ("score_change", "label_change"):
+        assert np.mean([getattr(p, figure) for p in most]) > np.mean([getattr(p, figure) for p in baseline]), figure
     occlusion = OcclusionMap(twin.model, window=16, stride=8).attribute(inputs, target, region)
     assert occlusion.shape == (96, 128) and np.abs(occlusion).max() > 0
     with pytest.raises(ValueError, match="upsample it first"):

@@ -19,6 +19,7 @@ from edge import (
 from edge.runner import run_engine, select_engine
 from edge.signing import KeyFileError
 from export import OnnxRuntimeEngine
+from export.parity import TOLERANCES
 from export.pipeline import ParitySettings, export_onnx_gated, report_paths
 from export.tensorrt_engine import PlanInfo, PlanTarget, sidecar_path
 from segmenters.data.common import read_rgb
@@ -54,10 +55,17 @@ def test_round_trip_bundle_verify_run_reproduces_the_twins_labels_on_camvid_val(
     compared = 0
     for path in sorted(val.glob("*.png"))[:6]:
         image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)[None]
-        expected = twin.labels(image)[0].numpy()
+        with torch.no_grad():
+            logits = twin.logits(image)[0].numpy()
+        expected = logits.argmax(0)
         written = cv2.imread(str(tmp_path / "out" / "labels" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
         assert written.shape == expected.shape == (360, 480)
-        np.testing.assert_array_equal(written, expected)
+        # Every label the twin is sure of is reproduced; only a near-tie (top-2 margin inside the fp32 gate's
+        # logit tolerance, counted twice: both logits may move) may resolve the other way in another runtime.
+        top2 = np.sort(logits, axis=0)[-2:]
+        tie = (top2[1] - top2[0]) <= 2 * TOLERANCES["fp32"].max_abs_rel * float(logits.max() - logits.min())
+        np.testing.assert_array_equal(written[~tie], expected[~tie])
+        assert (written != expected).mean() <= 1 - TOLERANCES["fp32"].label_agreement
         assert (tmp_path / "out" / "overlays" / f"{path.stem}.png").is_file()
         compared += 1
     assert compared == 6 and len(np.unique(written)) > 1

@@ -448,12 +448,17 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
             [(a.bbox, a.pixels, a.transitions, a.evidence) for a in monitor.alarms]
         alarm = monitor.alarms[0]
         assert alarm.from_class == source and alarm.to_class == majority and alarm.pixels >= 50
-        # VGatt on the twin (a ReLU U-Net: exact): the flipped pixels' new class draws far more of its evidence
-        # from what appeared (the patch) than the same pixels of the clean frame draw from there
+        # VGatt on the twin (a ReLU U-Net: exact): the flipped pixels' new class draws more of its evidence from
+        # what appeared (the patch) than the patch's share of the image. Not asserted: that the clean frame draws
+        # less from the same place; on some twins the context there is evidence too (measured 0.18 attacked vs
+        # 0.25 clean), which is why the monitor does not decide on VGatt alone.
         evidence = alarm.evidence["vgatt"]
-        assert evidence["exact"] and evidence["completeness_error"] < 1e-6 and evidence["trigger_area_share"] < 0.05
+        assert evidence["exact"] and evidence["completeness_error"] < 1e-6
+        assert evidence["trigger_area_share"] == pytest.approx(float(alarm.trigger.mean()), abs=1e-4)
+        assert evidence["trigger_area_share"] < 0.05
+        assert evidence["trigger_share"] > evidence["trigger_area_share"] and evidence["trigger_density"] > 1, evidence
         clean = confirm(to_rgb(image), alarm.region, alarm.to_class, alarm.trigger)
-        assert evidence["trigger_share"] > clean["trigger_share"], (evidence, clean)
+        assert clean["exact"] and 0 <= clean["trigger_share"] <= 1
         assert "region" not in alarm.as_dict() and json.dumps(alarm.as_dict())
 
         dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}",
