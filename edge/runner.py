@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from edge.bundle import BundleTargetError, VerifiedBundle, verify_bundle
+from edge.manifest import BundleTargetError
+from edge.verify import VerifiedBundle, verify_bundle
 from export import Engine, OnnxRuntimeEngine
 from monitor.streams import Backoff, FrameSource, ImageFolderSource, Stream, StreamEvent, open_source
 from segmenters.data.frames import capture_fps, describe_source

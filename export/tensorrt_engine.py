@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from export.engine import Engine, EngineError, EngineInputError, frames_on_device, labels_to_host
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, model_metadata
@@ -28,6 +28,8 @@ Shape = tuple[int, int, int, int]
 
 class PlanTarget(BaseModel):
     """Where a plan can run: TensorRT release and GPU compute capability (e.g. "8.7" for Orin)."""
+
+    model_config = ConfigDict(extra="forbid")  # it travels in signed manifests, read strictly
 
     tensorrt_version: str
     compute_capability: str

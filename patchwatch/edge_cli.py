@@ -1,4 +1,4 @@
-"""`patchwatch edge keygen|bundle|verify|run`: signed bundles for vehicles, checked before anything runs."""
+"""`patchwatch edge keygen|bundle|verify|install|rollback|run`: signed bundles for vehicles, checked before anything runs."""
 
 from __future__ import annotations
 
@@ -42,20 +42,23 @@ def keygen(out_dir, name, passphrase_env) -> None:
 @click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key")
 @click.option("--out", required=True, help="bundle folder, or an archive path ending in .tar.gz")
 @click.option("--name", help="bundle name (default <arch>-<dataset>)")
-def bundle(engines, private_key, out, name) -> None:
+@click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="this model's release number: a vehicle refuses a bundle not newer than the one it runs")
+def bundle(engines, private_key, out, name, model_version) -> None:
     """Pack gated ENGINES (.onnx, .plan) with a signed manifest."""
-    from edge.bundle import BundleError, create_bundle
+    from edge.bundle import create_bundle
+    from edge.manifest import BundleError
     from edge.signing import KeyFileError
 
     try:
-        path = create_bundle(out, list(engines), private_key, name=name)
+        path = create_bundle(out, list(engines), private_key, name=name, version=model_version)
     except (BundleError, KeyFileError, FileExistsError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"bundle written: {path}")
 
 
 def _target(tensorrt_version, compute_capability):
-    from edge.bundle import CURRENT_MACHINE
+    from edge.verify import CURRENT_MACHINE
     from export.tensorrt_engine import PlanTarget
 
     if bool(tensorrt_version) != bool(compute_capability):
@@ -72,7 +75,8 @@ def _target(tensorrt_version, compute_capability):
 @click.option("--compute-capability", help="... and this GPU compute capability, e.g. 8.7 (Orin)")
 def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> None:
     """Check signature, signer, every file's digest and the plans' TensorRT/GPU target; exit 1 on any failure."""
-    from edge.bundle import BundleError, verify_bundle
+    from edge.manifest import BundleError
+    from edge.verify import verify_bundle
     from edge.signing import KeyFileError
 
     try:
@@ -80,6 +84,7 @@ def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> Non
             click.echo(json.dumps({
                 "verified": True,
                 "name": ok.manifest.name,
+                "version": ok.manifest.version,
                 "signer": ok.manifest.signer,
                 "created_at": ok.manifest.created_at,
                 "engines": [{"file": e.path, "runtime": e.role, "precision": e.precision, "parity": e.parity}
@@ -89,6 +94,44 @@ def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> Non
     except (BundleError, KeyFileError) as exc:
         click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
         sys.exit(1)
+
+
+@edge.command("install")
+@click.argument("bundle_path", type=click.Path(exists=True))
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="install root: <root>/<name>/active is what runs")
+@click.option("--allow-downgrade", metavar="REASON",
+              help="install a version not newer than an installed one; the reason is logged")
+def install(bundle_path, public_key, root, allow_downgrade) -> None:
+    """Verify BUNDLE_PATH into a new slot, smoke-test its engine, then make it active atomically (the previous
+    slot is kept for `edge rollback`). A version not newer than an installed one is refused."""
+    from edge.install import install_bundle
+    from edge.manifest import BundleError
+    from edge.signing import KeyFileError
+
+    try:
+        record = install_bundle(bundle_path, public_key, root, allow_downgrade=allow_downgrade)
+    except (BundleError, KeyFileError) as exc:
+        click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
+        sys.exit(1)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(json.dumps(record | {"active": str(Path(root) / record["name"] / "active")}, indent=2))
+
+
+@edge.command("rollback")
+@click.argument("name")
+@click.option("--root", required=True, type=click.Path(file_okay=False, exists=True), help="install root")
+def rollback(name, root) -> None:
+    """Make NAME's previous slot active again (the one it leaves becomes the previous)."""
+    from edge.install import rollback as switch_back
+    from edge.manifest import BundleError
+
+    try:
+        click.echo(json.dumps(switch_back(root, name), indent=2))
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @edge.command("run")
@@ -110,7 +153,7 @@ def run(bundle_path, public_key, source, out_dir, runtime, precision, outputs, s
     """Verify BUNDLE_PATH, then segment frames from SOURCE with it (ONNX Runtime or TensorRT, no Ray). Files and
     folders lose no frame; a camera or stream is read live (the newest frame; those the engine had no time for
     are counted as dropped) and reconnected when it drops."""
-    from edge.bundle import BundleError
+    from edge.manifest import BundleError
     from edge.runner import run_bundle
     from edge.signing import KeyFileError
     from export import EngineError

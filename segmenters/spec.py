@@ -19,7 +19,7 @@ SPEC_VERSION = 1
 
 
 class ClassInfo(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # one record, read strictly wherever it travels
 
     name: str
     color: tuple[int, int, int]
@@ -35,7 +35,7 @@ class ClassInfo(BaseModel):
 class Normalization(BaseModel):
     """Images enter models as float RGB in `value_range`, then `(x - mean) / std` per channel."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # one record, read strictly wherever it travels
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -60,7 +60,7 @@ class Normalization(BaseModel):
 class ModelSpec(BaseModel):
     """What a model is: architecture, label set, input convention, provenance."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # one record, read strictly wherever it travels
 
     spec_version: int = SPEC_VERSION
     arch: str

@@ -172,7 +172,7 @@ def test_cli_verify_and_run_report_refusals_and_results(engines, bundle, data_ro
     assert json.loads(ok.stdout)["verified"] is True
     (bundle / "unet.onnx").write_bytes(b"tampered")
     refused = subprocess.run(cli + ["verify", str(bundle), "--key", str(public)], capture_output=True, text=True)
-    assert refused.returncode == 1 and "REFUSED (BundleDigestError)" in refused.stderr
+    assert refused.returncode == 1 and "REFUSED (BundleSizeError)" in refused.stderr  # size, before hashing
     ran = subprocess.run(cli + ["run", str(bundle), "--key", str(public), "--source", str(data_root / "camvid" / "val"),
                                 "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert ran.returncode == 1 and "REFUSED" in ran.stderr and not (tmp_path / "o" / "labels").exists()
