@@ -2,8 +2,9 @@
 
 A bundle is a folder (or a .tar.gz of one) holding the gated engine files (ONNX graphs, TensorRT plans with
 their target sidecars), `manifest.json` (ModelSpec, model name and version, each file's SHA-256 and size, parity
-figures, plan targets, library versions, creation time, signer key id) and `manifest.sig`, an Ed25519 signature
+figures, plan targets, library versions, creation time, signer key id) and `manifest.sig`, an ECDSA P-256 signature
 over the manifest's exact bytes. Since every file's digest is in the signed manifest, one signature covers all.
+`model.sig` signs the same folder again in the OpenSSF model-signing format, for the stock verifier.
 An archive puts the manifest and its signature first, so a vehicle checks them before reading anything else
 (`edge.verify`).
 """
@@ -19,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from edge.manifest import MANIFEST, SIGNATURE, BundleError, BundleFile, BundleMissingFileError, Manifest
+from edge.model_signature import MODEL_SIGNATURE, sign_folder
 from edge.signing import key_id, load_private_key, sign
 from edge.verify import ARCHIVE_SUFFIXES
 from export.onnx_export import model_metadata
@@ -97,10 +99,11 @@ def create_bundle(
         manifest_bytes = manifest.model_dump_json(indent=2).encode()
         (staging / MANIFEST).write_bytes(manifest_bytes)
         (staging / SIGNATURE).write_bytes(sign(key, manifest_bytes))
+        sign_folder(staging, private_key)  # model.sig: the same files, in the OpenSSF model-signing format
         if archive:
             def write(tmp: str) -> None:
                 with tarfile.open(tmp, "w:gz") as tar:  # manifest and signature first: checked before the rest
-                    for item_name in [MANIFEST, SIGNATURE] + [e.path for e in entries]:
+                    for item_name in [MANIFEST, SIGNATURE] + [e.path for e in entries] + [MODEL_SIGNATURE]:
                         tar.add(staging / item_name, arcname=item_name)
             atomic_write(out, write)
     finally:

@@ -1,5 +1,9 @@
-"""Ed25519 keys and signatures (the `cryptography` library). Keys live in PEM files, never in code; a
-private key may be passphrase-protected (the passphrase comes from an environment variable)."""
+"""ECDSA P-256 keys and signatures (the `cryptography` library). Keys live in PEM files, never in code; a
+private key may be passphrase-protected (the passphrase comes from an environment variable).
+
+P-256 because it is the curve the OpenSSF model-signing verifier takes for key-based signatures: the one key pair
+signs the manifest (the runner's fast check) and the bundle folder in the model-signing format (`model.sig`),
+which a vehicle team can verify with the stock `model_signing verify key`."""
 
 from __future__ import annotations
 
@@ -8,14 +12,15 @@ import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 PASSPHRASE_ENV = "PATCHWATCH_KEY_PASSPHRASE"
+CURVE = ec.SECP256R1()
 
 
 class KeyFileError(ValueError):
-    """A key file is missing, unreadable, or not an Ed25519 key."""
+    """A key file is missing, unreadable, or not an ECDSA P-256 key."""
 
 
 def generate_keypair(out_dir: str | Path, name: str = "signing", passphrase: bytes | None = None) -> tuple[Path, Path]:
@@ -26,7 +31,7 @@ def generate_keypair(out_dir: str | Path, name: str = "signing", passphrase: byt
     for path in (private_path, public_path):
         if path.exists():
             raise FileExistsError(f"{path} exists; refusing to overwrite a key")
-    key = Ed25519PrivateKey.generate()
+    key = ec.generate_private_key(CURVE)
     encryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
@@ -40,7 +45,7 @@ def generate_keypair(out_dir: str | Path, name: str = "signing", passphrase: byt
     return private_path, public_path
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     data = _read(path, "private key")
     passphrase = os.environ.get(PASSPHRASE_ENV)
     try:
@@ -49,35 +54,40 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} is passphrase-protected: set {PASSPHRASE_ENV}") from exc
     except ValueError as exc:
         raise KeyFileError(f"{path} is not a readable PEM private key ({exc})") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 private key")
+    _check_curve(path, key, "private")
     return key
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
+def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
     data = _read(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
         raise KeyFileError(f"{path} is not a readable PEM public key ({exc})") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 public key")
+    _check_curve(path, key, "public")
     return key
 
 
-def key_id(public_key: Ed25519PublicKey) -> str:
+def _check_curve(path, key, kind: str) -> None:
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) or key.curve.name != CURVE.name:
+        held = getattr(getattr(key, "curve", None), "name", type(key).__name__)
+        raise KeyFileError(f"{path} holds a {held} key, expected an ECDSA P-256 ({CURVE.name}) {kind} key "
+                           "(make one with `patchwatch edge keygen`)")
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """Short fingerprint of a public key, recorded in manifests so a wrong key is named as such."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "p256:" + hashlib.sha256(der).hexdigest()[:16]
 
 
-def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
-    return private_key.sign(data)
+def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    return private_key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
-def signature_valid(public_key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+def signature_valid(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
     try:
-        public_key.verify(signature, data)
+        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         return False
     return True

@@ -32,6 +32,7 @@ from edge.manifest import (
     BundleSignatureError, BundleSizeError, BundleTargetError, BundleUnexpectedFileError, Manifest, claimed_signer,
     parse_manifest,
 )
+from edge.model_signature import MODEL_SIGNATURE, MODEL_SIGNATURE_MAX_BYTES
 from edge.signing import key_id, load_public_key, signature_valid
 from export.onnx_export import model_metadata
 from export.tensorrt_engine import PlanTarget, current_target
@@ -113,10 +114,14 @@ def _authenticate(manifest_bytes: bytes, signature: bytes, key, key_path) -> Man
 
 def _keep_signed(dest: Path, manifest_bytes: bytes, signature: bytes) -> None:
     """The verified copy is itself a folder bundle (an installed slot is run, and verified, as one)."""
-    for name, data in ((MANIFEST, manifest_bytes), (SIGNATURE, signature)):
-        fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+    _keep(dest, MANIFEST, manifest_bytes)
+    _keep(dest, SIGNATURE, signature)
+
+
+def _keep(dest: Path, name: str, data: bytes) -> None:
+    fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 class _CappedReader:
@@ -145,7 +150,8 @@ def _copy_archive(path: Path, key, key_path, dest: Path) -> Manifest:
             signature = _first_member(tar, SIGNATURE, SIGNATURE_MAX_BYTES, position="second")
             manifest = _authenticate(manifest_bytes, signature, key, key_path)
             _keep_signed(dest, manifest_bytes, signature)
-            stream.limit += manifest.total_size + len(manifest.files) * MEMBER_OVERHEAD_BYTES + ARCHIVE_END_BYTES
+            stream.limit += (manifest.total_size + MODEL_SIGNATURE_MAX_BYTES
+                             + (len(manifest.files) + 1) * MEMBER_OVERHEAD_BYTES + ARCHIVE_END_BYTES)
             _copy_members(tar, manifest, dest)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
             raise BundleFormatError(f"{path} is not a readable bundle archive: {type(exc).__name__}: {exc}") from exc
@@ -172,6 +178,10 @@ def _copy_members(tar: tarfile.TarFile, manifest: Manifest, dest: Path) -> None:
         if member.name in seen:
             raise BundleDuplicateError(f"the archive holds {member.name!r} twice: refused (which copy is checked and "
                                        "which is used would depend on the unpacker)")
+        if member.name == MODEL_SIGNATURE:  # not in the manifest (it signs the manifest too): copied, capped
+            seen.add(member.name)
+            _copy_model_signature(tar, member, dest)
+            continue
         entry = manifest.entry(member.name)
         if entry is None:
             raise BundleUnexpectedFileError(f"bundle holds a file its manifest does not list: {member.name!r}")
@@ -184,6 +194,16 @@ def _copy_members(tar: tarfile.TarFile, manifest: Manifest, dest: Path) -> None:
         with tar.extractfile(member) as handle:
             _copy_verified(handle, dest, entry)
     _refuse_missing(manifest, seen)
+
+
+def _copy_model_signature(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    if not member.isreg() or member.issparse():
+        raise BundleMemberTypeError(f"{member.name} is a {_tar_kind(member)} in the archive, not a regular file")
+    if member.size > MODEL_SIGNATURE_MAX_BYTES:
+        raise BundleSizeError(f"{member.name} declares {member.size} bytes, over the {MODEL_SIGNATURE_MAX_BYTES} "
+                              "it may hold")
+    with tar.extractfile(member) as handle:
+        _keep(dest, member.name, handle.read(MODEL_SIGNATURE_MAX_BYTES + 1))
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
@@ -249,7 +269,8 @@ def _copy_folder(root: Path, key, key_path, dest: Path) -> Manifest:
                                                                                             SIGNATURE_MAX_BYTES)
     manifest = _authenticate(manifest_bytes, signature, key, key_path)
     _keep_signed(dest, manifest_bytes, signature)
-    unlisted = sorted(n for n in os.listdir(root) if n not in (MANIFEST, SIGNATURE) and manifest.entry(n) is None)
+    known = (MANIFEST, SIGNATURE, MODEL_SIGNATURE)
+    unlisted = sorted(n for n in os.listdir(root) if n not in known and manifest.entry(n) is None)
     if unlisted:
         raise BundleUnexpectedFileError(f"bundle holds files its manifest does not list: {unlisted}")
     for entry in manifest.files:
@@ -259,6 +280,8 @@ def _copy_folder(root: Path, key, key_path, dest: Path) -> Manifest:
                 raise BundleSizeError(f"{entry.path} is {size} bytes, the signed manifest says {entry.size}: "
                                       "refused before reading it")
             _copy_verified(handle, dest, entry)
+    if os.path.lexists(root / MODEL_SIGNATURE):
+        _keep(dest, MODEL_SIGNATURE, _read_small(root / MODEL_SIGNATURE, MODEL_SIGNATURE_MAX_BYTES))
     return manifest
 
 

@@ -12,6 +12,8 @@ is isolated in this module and skipped, with the reason, where it is absent.
 
 from __future__ import annotations
 
+import platform
+
 import time
 from pathlib import Path
 
@@ -34,9 +36,14 @@ class PlanTarget(BaseModel):
     tensorrt_version: str
     compute_capability: str
     device_name: str | None = None
+    #: the CPU architecture of the machine (platform.machine(): "x86_64", "aarch64"); TensorRT plans are not portable
+    cpu_arch: str | None = None
 
     def mismatch(self, other: PlanTarget) -> str | None:
         """Why a plan built for `self` cannot run on `other`, or None when it can."""
+        if other.cpu_arch and self.cpu_arch != other.cpu_arch:
+            built = f"on {self.cpu_arch}" if self.cpu_arch else "on a machine it does not record"
+            return f"built {built}, the target is {other.cpu_arch}"
         if _release(self.tensorrt_version) != _release(other.tensorrt_version):
             return f"built with TensorRT {self.tensorrt_version}, this machine has TensorRT {other.tensorrt_version}"
         if self.compute_capability != other.compute_capability:
@@ -88,9 +95,8 @@ def current_target() -> PlanTarget | None:
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return PlanTarget(
-        tensorrt_version=trt.__version__, compute_capability=f"{major}.{minor}", device_name=torch.cuda.get_device_name()
-    )
+    return PlanTarget(tensorrt_version=trt.__version__, compute_capability=f"{major}.{minor}",
+                      device_name=torch.cuda.get_device_name(), cpu_arch=platform.machine())
 
 
 def sidecar_path(plan_path: str | Path) -> Path:

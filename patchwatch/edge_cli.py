@@ -22,7 +22,7 @@ def edge() -> None:
 @click.option("--name", default="signing", show_default=True)
 @click.option("--passphrase-env", help="encrypt the private key with the passphrase in this environment variable")
 def keygen(out_dir, name, passphrase_env) -> None:
-    """Generate an Ed25519 signing key pair (private key file mode 0600)."""
+    """Generate an ECDSA P-256 signing key pair (private key file mode 0600)."""
     from edge.signing import generate_keypair
 
     passphrase = None
@@ -39,7 +39,7 @@ def keygen(out_dir, name, passphrase_env) -> None:
 
 @edge.command("bundle")
 @click.argument("engines", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key")
+@click.option("--key", "private_key", required=True, type=click.Path(dir_okay=False), help="ECDSA P-256 private key")
 @click.option("--out", required=True, help="bundle folder, or an archive path ending in .tar.gz")
 @click.option("--name", help="bundle name (default <arch>-<dataset>)")
 @click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True,
@@ -57,30 +57,47 @@ def bundle(engines, private_key, out, name, model_version) -> None:
     click.echo(f"bundle written: {path}")
 
 
-def _target(tensorrt_version, compute_capability):
+def _target(vehicle, tensorrt_version, compute_capability, cpu_arch):
+    from edge.targets import vehicle_target
     from edge.verify import CURRENT_MACHINE
     from export.tensorrt_engine import PlanTarget
 
+    if vehicle and (tensorrt_version or compute_capability or cpu_arch):
+        raise click.UsageError("give --target, or --tensorrt-version/--compute-capability/--cpu-arch, not both")
+    if vehicle:
+        try:
+            return vehicle_target(vehicle)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
     if bool(tensorrt_version) != bool(compute_capability):
         raise click.UsageError("give both --tensorrt-version and --compute-capability, or neither")
     if tensorrt_version:
-        return PlanTarget(tensorrt_version=tensorrt_version, compute_capability=compute_capability)
+        return PlanTarget(tensorrt_version=tensorrt_version, compute_capability=compute_capability, cpu_arch=cpu_arch)
     return CURRENT_MACHINE
 
 
 @edge.command("verify")
 @click.argument("bundle_path", type=click.Path(exists=True))
-@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="ECDSA P-256 public key")
 @click.option("--tensorrt-version", help="check plans against this TensorRT release instead of this machine's")
 @click.option("--compute-capability", help="... and this GPU compute capability, e.g. 8.7 (Orin)")
-def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> None:
+@click.option("--cpu-arch", help="... and this CPU architecture, e.g. aarch64")
+@click.option("--target", "vehicle", help="a known vehicle instead: jetson-orin-jetpack6, jetson-orin-jetpack5, "
+                                          "jetson-xavier-jetpack5")
+@click.option("--model-signing", "stock", is_flag=True,
+              help="also check model.sig with the stock OpenSSF model-signing verifier, on what was verified")
+def verify(bundle_path, public_key, tensorrt_version, compute_capability, cpu_arch, vehicle, stock) -> None:
     """Check signature, signer, every file's digest and the plans' TensorRT/GPU target; exit 1 on any failure."""
     from edge.manifest import BundleError
-    from edge.verify import verify_bundle
+    from edge.model_signature import ModelSignatureError, verify_folder
     from edge.signing import KeyFileError
+    from edge.verify import verify_bundle
 
+    target = _target(vehicle, tensorrt_version, compute_capability, cpu_arch)
     try:
-        with verify_bundle(bundle_path, public_key, target=_target(tensorrt_version, compute_capability)) as ok:
+        with verify_bundle(bundle_path, public_key, target=target) as ok:
+            if stock:
+                verify_folder(ok.root, public_key)
             click.echo(json.dumps({
                 "verified": True,
                 "name": ok.manifest.name,
@@ -90,15 +107,17 @@ def verify(bundle_path, public_key, tensorrt_version, compute_capability) -> Non
                 "engines": [{"file": e.path, "runtime": e.role, "precision": e.precision, "parity": e.parity}
                             for e in ok.manifest.engines()],
                 "unchecked_plans": ok.unchecked_plans,
+                **({"target": target.model_dump(exclude_none=True)} if hasattr(target, "model_dump") else {}),
+                **({"model_signing": "verified"} if stock else {}),
             }, indent=2))
-    except (BundleError, KeyFileError) as exc:
+    except (BundleError, KeyFileError, ModelSignatureError) as exc:
         click.echo(f"REFUSED ({type(exc).__name__}): {exc}", err=True)
         sys.exit(1)
 
 
 @edge.command("install")
 @click.argument("bundle_path", type=click.Path(exists=True))
-@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="ECDSA P-256 public key")
 @click.option("--root", required=True, type=click.Path(file_okay=False),
               help="install root: <root>/<name>/active is what runs")
 @click.option("--allow-downgrade", metavar="REASON",
@@ -136,7 +155,7 @@ def rollback(name, root) -> None:
 
 @edge.command("run")
 @click.argument("bundle_path", type=click.Path(exists=True))
-@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="Ed25519 public key")
+@click.option("--key", "public_key", required=True, type=click.Path(dir_okay=False), help="ECDSA P-256 public key")
 @click.option("--source", required=True, help="image, folder, glob, video file, camera index or stream URL")
 @click.option("--out", "out_dir", required=True, help="folder for labels/, overlays/, overlay.mp4, summary.json")
 @click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)

@@ -69,7 +69,7 @@ def test_round_trip_bundle_verify_run_reproduces_the_twins_labels_on_camvid_val(
         assert (tmp_path / "out" / "overlays" / f"{path.stem}.png").is_file()
         compared += 1
     assert compared == 6 and len(np.unique(written)) > 1
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["bundle"]["signer"].startswith("ed25519:")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["bundle"]["signer"].startswith("p256:")
 
 
 def test_archive_bundle_verifies_and_lists_its_engines(engines, tmp_path):
@@ -111,7 +111,7 @@ def test_missing_file_is_refused(engines, bundle):
 
 def test_wrong_key_is_refused(engines, bundle, tmp_path):
     _, other_public = generate_keypair(tmp_path / "other")
-    with pytest.raises(BundleKeyError, match="signed by key ed25519:"):
+    with pytest.raises(BundleKeyError, match="signed by key p256:"):
         verify_bundle(bundle, other_public)
     with pytest.raises(KeyFileError, match="not found"):
         verify_bundle(bundle, tmp_path / "nowhere.pub")

@@ -26,6 +26,7 @@ from edge import (
 )
 from edge.install import ACTIVE, LOG, PREVIOUS, STEPS, install_bundle, installed, rollback
 from edge.manifest import MANIFEST, MANIFEST_MAX_BYTES, SIGNATURE
+from edge.model_signature import MODEL_SIGNATURE, ModelSignatureError, verify_folder
 from edge.signing import load_private_key, sign
 from edge.verify import MEMBER_OVERHEAD_BYTES
 from export import OnnxRuntimeEngine
@@ -96,9 +97,12 @@ def _parts(folder_bundle: Path, private):
     return manifest, engine
 
 
-def _hostile(case: str, folder_bundle: Path, private, out: Path) -> Path:
+def _hostile(case: str, folder_bundle: Path, private, out: Path, cut_short: bool | None = None) -> Path:
+    """The hostile archive `case`, made from a real bundle; each ends with the bundle's real model.sig (an attacker
+    copies it along). `cut_short` (default: for the cases refused on a header or the manifest): see `_archive`."""
     manifest, engine = _parts(folder_bundle, private)
-    text, sig = _signed(manifest, private)
+    text, sig = (folder_bundle / MANIFEST).read_bytes(), (folder_bundle / SIGNATURE).read_bytes()
+    model_sig = _member(MODEL_SIGNATURE, (folder_bundle / MODEL_SIGNATURE).read_bytes())
     head = [_member(MANIFEST, text), _member(SIGNATURE, sig)]
     flipped = bytearray(engine)
     flipped[len(flipped) // 2] ^= 1
@@ -154,7 +158,7 @@ def _hostile(case: str, folder_bundle: Path, private, out: Path) -> Path:
         out.write_bytes(gz.compress(half + info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
                                     + engine[: len(engine) // 2]) + gz.flush(zlib.Z_SYNC_FLUSH))
         return out
-    return _archive(out, cases[case], cut_short=case in BOUNDED)
+    return _archive(out, cases[case] + [model_sig], cut_short=case in BOUNDED if cut_short is None else cut_short)
 
 
 EXPECTED = {
@@ -217,30 +221,29 @@ def test_every_refusal_class_is_distinct_and_the_good_archive_passes(shipped, fo
     assert set(EXPECTED.values()) == {BundleMissingFileError, BundleDigestError, BundleSignatureError,
                                       BundleUnexpectedFileError, BundleMemberTypeError, BundleDuplicateError,
                                       BundleSizeError, BundleManifestError, BundleVersionError, BundleFormatError}
-    manifest, engine = _parts(folder_bundle, private)
-    text, sig = _signed(manifest, private)
-    good = _archive(tmp_path / "good.tar.gz", [_member(MANIFEST, text), _member(SIGNATURE, sig),
-                                               _member("unet.onnx", engine)])
+    _, engine = _parts(folder_bundle, private)
+    good = _archive(tmp_path / "good.tar.gz", [_member(name, (folder_bundle / name).read_bytes())
+                                               for name in (MANIFEST, SIGNATURE, "unet.onnx", MODEL_SIGNATURE)])
     with verify_bundle(good, public) as ok:
         assert ok.manifest.name == "unet-shapes" and (ok.root / "unet.onnx").read_bytes() == engine
+        verify_folder(ok.root, public)  # and the verified copy passes the stock model-signing check
 
 
 def test_the_archive_patchwatch_writes_starts_with_manifest_and_signature(shipped, tmp_path):
     folder, private, public = shipped
     archive = create_bundle(tmp_path / "b.tar.gz", [folder / "unet.onnx"], private, version=3)
     with tarfile.open(archive) as tar:
-        assert tar.getnames()[:2] == [MANIFEST, SIGNATURE]
+        assert tar.getnames() == [MANIFEST, SIGNATURE, "unet.onnx", MODEL_SIGNATURE]
     with verify_bundle(archive, public) as ok:
-        assert ok.manifest.version == 3 and sorted(p.name for p in ok.root.iterdir()) == [MANIFEST, SIGNATURE,
-                                                                                          "unet.onnx"]
+        assert ok.manifest.version == 3
+        assert sorted(p.name for p in ok.root.iterdir()) == sorted([MANIFEST, SIGNATURE, MODEL_SIGNATURE, "unet.onnx"])
 
 
 def test_a_bomb_is_refused_after_a_bounded_prefix(shipped, folder_bundle, tmp_path):
     """64 MiB of zeros (65 KiB compressed) declared as the engine or as an extra file: refused on its header;
     the archive after it is cut short, which a reader that went on would trip over."""
     _, private, public = shipped
-    manifest, _ = _parts(folder_bundle, private)
-    text, sig = _signed(manifest, private)
+    text, sig = (folder_bundle / MANIFEST).read_bytes(), (folder_bundle / SIGNATURE).read_bytes()
     for name, error in (("unet.onnx", BundleSizeError), ("zeros.bin", BundleUnexpectedFileError)):
         archive = _archive(tmp_path / f"{name}.tar.gz", [_member(MANIFEST, text), _member(SIGNATURE, sig),
                                                          _member(name, b"\0" * (64 << 20))], cut_short=True)
@@ -287,7 +290,7 @@ def test_what_is_loaded_is_what_was_hashed(shipped, folder_bundle):
 def test_a_wrong_key_is_named_and_a_resigned_manifest_with_extra_fields_is_refused(shipped, folder_bundle, tmp_path):
     _, private, public = shipped
     _, other = generate_keypair(tmp_path / "other")
-    with pytest.raises(BundleKeyError, match="signed by key ed25519:"):
+    with pytest.raises(BundleKeyError, match="signed by key p256:"):
         verify_bundle(folder_bundle, other)
     manifest = json.loads((folder_bundle / MANIFEST).read_text())
     manifest["spec"]["normalization"]["gamma"] = 2.2
@@ -395,3 +398,100 @@ def test_cli_install_refuses_a_downgrade_and_rolls_back(shipped, tmp_path):
                           cwd=ROOT)
     assert back.returncode == 0 and json.loads(back.stdout)["event"] == "rolled_back"
     assert installed(root, "unet-shapes").version == 1
+    both = subprocess.run(cli + ["verify", str(root / "unet-shapes" / "active"), "--key", str(public),
+                                 "--model-signing"], capture_output=True, text=True, cwd=ROOT)
+    assert both.returncode == 0 and json.loads(both.stdout)["model_signing"] == "verified", both.stderr
+
+
+# ------------------------------------------------------------------------------ the stock model-signing verifier
+def _stock_cli(folder: Path, public) -> subprocess.CompletedProcess:
+    tool = Path(sys.executable).parent / "model_signing"
+    return subprocess.run([str(tool), "verify", "key", str(folder), "--signature", str(folder / MODEL_SIGNATURE),
+                           "--public_key", str(public)], capture_output=True, text=True, timeout=300)
+
+
+def test_a_bundle_verifies_with_the_stock_model_signing_cli_and_a_flipped_byte_fails_it(shipped, folder_bundle):
+    _, _, public = shipped
+    ok = _stock_cli(folder_bundle, public)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for name in ("unet.onnx", MANIFEST):
+        data = bytearray((folder_bundle / name).read_bytes())
+        data[len(data) // 3] ^= 1
+        (folder_bundle / name).write_bytes(bytes(data))
+        failed = _stock_cli(folder_bundle, public)
+        assert failed.returncode != 0 and "verification failed" in (failed.stdout + failed.stderr).lower(), failed
+        data[len(data) // 3] ^= 1
+        (folder_bundle / name).write_bytes(bytes(data))
+    assert _stock_cli(folder_bundle, public).returncode == 0
+
+
+def _stock_verdict(archive: Path, public, scratch: Path) -> str:
+    """What a vehicle team with only stock tools sees: unpack (tarfile's "data" filter), then model_signing."""
+    folder = scratch / archive.stem
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+        verify_folder(folder, public)
+    except (tarfile.TarError, OSError, EOFError, ModelSignatureError) as exc:
+        return type(exc).__name__
+    return "accepted"
+
+
+#: the hostile archives that unpack into exactly the signed folder: the stock verifier accepts them (and what it
+#: accepts is the genuine model); patchwatch refuses them for how the archive is built, before unpacking
+STOCK_ACCEPTS = {"duplicate_first_altered", "duplicate_manifest", "manifest_not_first"}
+#: signed by the key holder with a manifest the format forbids: integrity holds, so only the strict parser refuses
+SIGNED_POLICY_CASES = {"extra_top_level_field", "extra_file_field", "extra_spec_field", "duplicate_json_key",
+                       "unknown_format", "manifest_names_a_path"}
+
+
+def test_the_stock_verifier_agrees_wherever_a_byte_was_tampered(shipped, folder_bundle, tmp_path):
+    """Every hostile archive, unpacked whole as a stock user would: the stock verifier refuses every one whose
+    unpacked files differ from the signed ones; patchwatch (above) refuses all of them."""
+    _, private, public = shipped
+    verdicts = {}
+    for case in sorted(set(EXPECTED) - {"not_gzip", "truncated_gzip"}):
+        archive = _hostile(case, folder_bundle, private, tmp_path / f"{case}.tar.gz", cut_short=False)
+        verdicts[case] = _stock_verdict(archive, public, tmp_path / "unpacked")
+    accepted = {case for case, verdict in verdicts.items() if verdict == "accepted"}
+    assert accepted == STOCK_ACCEPTS, verdicts
+    assert not accepted & SIGNED_POLICY_CASES  # model.sig was not re-made: the changed manifest fails it
+
+
+# ------------------------------------------------------------------------------------------------ vehicle targets
+def test_a_plan_is_checked_against_a_named_vehicle_from_the_bundle_alone(shipped, tmp_path):
+    """A plan built on a Jetson Orin (JetPack 6) fits that vehicle; the same TensorRT and GPU on x86_64 does not, nor
+    does JetPack 5; the ONNX engine beside it is portable, so the bundle verifies with the plan refused only by name."""
+    import shutil
+
+    from edge.targets import VEHICLE_TARGETS
+    from export.pipeline import report_paths
+    from export.tensorrt_engine import PlanInfo, PlanTarget, sidecar_path
+
+    folder, private, public = shipped
+    orin = VEHICLE_TARGETS["jetson-orin-jetpack6"]
+    spec = json.loads((create_bundle(tmp_path / "probe", [folder / "unet.onnx"], private) / MANIFEST).read_text())["spec"]
+
+    def plan(target: PlanTarget, name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"serialised TensorRT engine for " + target.model_dump_json().encode())
+        info = PlanInfo(target=target, precision="fp16", profile={"min": (1, 3, 32, 32), "opt": (1, 3, 32, 32),
+                        "max": (4, 3, 32, 32)}, workspace_bytes=1 << 30, onnx_digest="sha256:0",
+                        spec=ModelSpec.model_validate(spec), built_at=0.0)
+        sidecar_path(path).write_text(info.model_dump_json())
+        shutil.copyfile(report_paths(folder / "unet.onnx")[0], report_paths(path)[0])
+        return path
+
+    on_orin = create_bundle(tmp_path / "orin", [folder / "unet.onnx", plan(orin, "unet.orin.plan")], private)
+    on_x86 = create_bundle(tmp_path / "x86", [folder / "unet.onnx", plan(orin.model_copy(update={"cpu_arch": "x86_64"}),
+                                                                          "unet.x86.plan")], private)
+    cli = [sys.executable, "-m", "patchwatch.cli", "edge", "verify", "--key", str(public)]
+    ok = subprocess.run(cli + [str(on_orin), "--target", "jetson-orin-jetpack6"], capture_output=True, text=True,
+                        cwd=ROOT)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["target"]["cpu_arch"] == "aarch64", ok.stderr
+    for bundle, target, why in ((on_x86, "jetson-orin-jetpack6", "built on x86_64, the target is aarch64"),
+                                (on_orin, "jetson-orin-jetpack5", "TensorRT 10.3.0, this machine has TensorRT 8.5.2")):
+        refused = subprocess.run(cli + [str(bundle), "--target", target], capture_output=True, text=True, cwd=ROOT)
+        assert refused.returncode == 1 and "REFUSED (BundleTargetError)" in refused.stderr and why in refused.stderr
+    unknown = subprocess.run(cli + [str(on_orin), "--target", "jetson-nano"], capture_output=True, text=True, cwd=ROOT)
+    assert unknown.returncode == 2 and "known: jetson-orin-jetpack5" in unknown.stderr
