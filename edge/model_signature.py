@@ -37,7 +37,9 @@ def sign_folder(folder: str | Path, private_key: str | Path) -> Path:
 
     folder = Path(folder)
     signature = folder / MODEL_SIGNATURE
-    signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=os.environ.get(PASSPHRASE_ENV)) \
+    passphrase = os.environ.get(PASSPHRASE_ENV)  # the library hands it to cryptography, which wants bytes
+    signing.Config().use_elliptic_key_signer(private_key=Path(private_key),
+                                             password=passphrase.encode() if passphrase else None) \
         .set_hashing_config(_hashing()).sign(folder, signature)
     return signature
 

@@ -495,3 +495,17 @@ def test_a_plan_is_checked_against_a_named_vehicle_from_the_bundle_alone(shipped
         assert refused.returncode == 1 and "REFUSED (BundleTargetError)" in refused.stderr and why in refused.stderr
     unknown = subprocess.run(cli + [str(on_orin), "--target", "jetson-nano"], capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "known: jetson-orin-jetpack5" in unknown.stderr
+
+
+def test_a_passphrase_protected_key_signs_both_signatures(shipped, tmp_path, monkeypatch):
+    from edge.signing import PASSPHRASE_ENV, KeyFileError
+
+    folder, _, _ = shipped
+    private, public = generate_keypair(tmp_path / "keys", passphrase=b"correct horse")
+    with pytest.raises(KeyFileError, match=PASSPHRASE_ENV):
+        create_bundle(tmp_path / "refused", [folder / "unet.onnx"], private)
+    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
+    bundle = create_bundle(tmp_path / "b", [folder / "unet.onnx"], private)
+    with verify_bundle(bundle, public) as ok:
+        verify_folder(ok.root, public)
+    assert b"ENCRYPTED" in private.read_bytes()
