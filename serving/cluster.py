@@ -171,6 +171,18 @@ class RayHead:
                 self.process.kill()
 
 
+def _terminate_with_parent() -> None:
+    """In the `ray start --head --block` child: SIGTERM when whoever started it dies, even by SIGKILL (a timed-out
+    test, a killed demo), and `--block` then stops every process of that head instead of leaving them running."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1  # noqa: N806 (prctl's own name)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
     """Start a local head for jobs (`ray job submit --address RayHead.dashboard_url`) and drivers
     (`ray.init(address=RayHead.gcs_address)`, with `RayHead.env`'s RAY_AUTH_* in the environment before Ray is
@@ -200,7 +212,8 @@ def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
                f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
                *(f"--{name}={port}" for name, port in ports.items())]
     log = tempfile.NamedTemporaryFile("w+", prefix="ray-head-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_terminate_with_parent)
     head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
