@@ -171,16 +171,18 @@ class RayHead:
                 self.process.kill()
 
 
-def _terminate_with_parent() -> None:
-    """In the `ray start --head --block` child: SIGTERM when whoever started it dies, even by SIGKILL (a timed-out
-    test, a killed demo), and `--block` then stops every process of that head instead of leaving them running."""
+def _terminate_with_parent():
+    """For the `ray start --head --block` child: SIGTERM when whoever started it dies, even by SIGKILL (a timed-out
+    test, a killed demo), and `--block` then stops every process of that head instead of leaving them running.
+    The libc function is looked up here, in the parent: the child, forked from a threaded process, only calls it."""
     import ctypes
     import signal
     import sys
 
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1  # noqa: N806 (prctl's own name)
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, pr_set_pdeathsig = ctypes.CDLL(None, use_errno=True).prctl, 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
@@ -213,7 +215,7 @@ def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
                *(f"--{name}={port}" for name, port in ports.items())]
     log = tempfile.NamedTemporaryFile("w+", prefix="ray-head-", suffix=".log", delete=False)
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=_terminate_with_parent)
+                               preexec_fn=_terminate_with_parent())
     head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
