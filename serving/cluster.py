@@ -174,7 +174,9 @@ class RayHead:
 def _terminate_with_parent():
     """For the `ray start --head --block` child: SIGTERM when whoever started it dies, even by SIGKILL (a timed-out
     test, a killed demo), and `--block` then stops every process of that head instead of leaving them running.
-    The libc function is looked up here, in the parent: the child, forked from a threaded process, only calls it."""
+    The libc function is looked up here, in the parent: the child, forked from a threaded process, only calls it.
+    Linux sends the signal when the starting *thread* ends: start heads from a thread that lives as long as they
+    should (the main thread, as the demo and the tests do)."""
     import ctypes
     import signal
     import sys
