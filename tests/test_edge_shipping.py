@@ -410,8 +410,13 @@ def _stock_cli(folder: Path, public) -> subprocess.CompletedProcess:
                            "--public_key", str(public)], capture_output=True, text=True, timeout=300)
 
 
-def test_a_bundle_verifies_with_the_stock_model_signing_cli_and_a_flipped_byte_fails_it(shipped, folder_bundle):
-    _, _, public = shipped
+def test_a_bundle_verifies_with_the_stock_model_signing_cli_and_a_flipped_byte_fails_it(shipped, tmp_path):
+    folder, private, public = shipped
+    folder_bundle = tmp_path / "by-cli"
+    made = subprocess.run([sys.executable, "-m", "patchwatch.cli", "edge", "bundle", str(folder / "unet.onnx"),
+                           "--key", str(private), "--out", str(folder_bundle)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert made.returncode == 0, made.stderr
     ok = _stock_cli(folder_bundle, public)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     for name in ("unet.onnx", MANIFEST):
