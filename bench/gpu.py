@@ -990,6 +990,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in tqdm(sections, desc="sections"):
             deadline = budget.section(name)
             bench.guarded(name, "-", "section", lambda: RUNNERS[name](bench, deadline))
+            write_report(bench, env, lines, started)  # after each section: a run cut short still leaves its rows
     print(write_report(bench, env, lines, started))
 
 
