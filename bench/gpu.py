@@ -131,7 +131,8 @@ def gpu_setup(models: tuple[str, ...]) -> Setup:
                  serve_precision="fp16", serve_clients=8, serve_requests_per_client=6,
                  monitor_streams=4, monitor_frames=30, monitor_repeats=3,
                  item_seconds={"engines": 30, "parity": 8, "training": 45, "attack": 5, "vgatt": 3, "serve": 45,
-                               "monitor": 20})
+                               # measured on the H200 (2026-12-04): 30 s of clips, 16 s in process, then Ray's start
+                               "monitor": 120})
 
 
 def cpu_setup(models: tuple[str, ...]) -> Setup:

@@ -30,10 +30,11 @@ PLATFORMS=(manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 man
            manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64 linux_x86_64)
 # Already on the device (its image's package list, 2026-11): never carried. torch and the nvidia-* CUDA wheels
-# are there in the versions onnxruntime-gpu's cuda/cudnn extras ask for (CUDA 13, cuDNN 9).
+# are there in the versions onnxruntime-gpu's cuda/cudnn extras ask for (CUDA 13, cuDNN 9). grpcio is there too, but
+# at 1.84, older than Ray Serve's generated gRPC code needs (>= 1.85, seen on the H200 2026-12-04): it travels.
 DEVICE_HAS="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
 charset-normalizer click cloudpickle colorama contourpy cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cycler
-filelock flatbuffers fonttools frozenlist fsspec grpcio h11 h5py hf-xet httpcore httpx huggingface-hub idna imageio
+filelock flatbuffers fonttools frozenlist fsspec h11 h5py hf-xet httpcore httpx huggingface-hub idna imageio
 iniconfig jinja2 joblib kiwisolver lazy-loader markdown markdown-it-py markupsafe matplotlib mdurl ml-dtypes mpmath
 msgpack multidict narwhals networkx numpy onnx onnx-ir onnxruntime onnxscript opencv-python-headless packaging
 pandas pillow pip pluggy prometheus-client propcache protobuf psutil pyarrow pygments pyparsing pytest
