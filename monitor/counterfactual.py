@@ -104,6 +104,8 @@ def _disk(size: int) -> np.ndarray:
 def new_blobs(appeared_now: np.ndarray, touched_now: np.ndarray, min_pixels: int, max_share: float,
               restore_px: int) -> list[Blob]:
     """The blobs of new appearance worth a counterfactual: `min_pixels` up to `max_share` of the frame."""
+    if not appeared_now.any():  # most frames: nothing new in view, nothing to label
+        return []
     count, components, stats, _ = cv2.connectedComponentsWithStats(appeared_now.astype(np.uint8), connectivity=8)
     blobs = []
     for index in range(1, count):

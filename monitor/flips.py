@@ -205,6 +205,7 @@ class FlipDetector:
         self.last_blobs: list[Blob] = []  # the last frame's checked blobs, with their cues (for fitting the scorer)
         self.motion_px = 0.0  # the last frame's median optical flow (px/frame at the working size)
         self._dis = None  # the DIS flow object (holds its own buffers; one per stream)
+        self._grid = None  # (x, y) pixel coordinates at the working size: the flow's maps add to them
         self.flows = 0  # frames whose motion was estimated (the others came from a still camera)
         self.reset()
 
@@ -213,7 +214,7 @@ class FlipDetector:
         self.frames = 0
         self.active: list[np.ndarray] = []  # masks of regions already alarmed, carried along the motion
         self.ignored: list[np.ndarray] = []  # persistent flips judged not to be patches, carried the same way
-        self._gray = self._image = self._before = self._labels = None
+        self._grays = self._image = self._before = self._labels = None  # _grays: the last frame's `_downsized`
         self._stable = self._suspect_age = self._changed_ago = self._appeared_ago = self._touched_ago = None
         self._area_mean = np.zeros(len(self.names))
         self._area_var = np.zeros(len(self.names))
@@ -221,15 +222,24 @@ class FlipDetector:
         self.still = False  # whether the last frame was taken as from a still camera
 
     # ---------------------------------------------------------------------------------------------- motion
-    def _flow_maps(self, gray: np.ndarray):
-        """Maps taking each pixel of this frame to where it was in the previous one; None for a still camera."""
+    def _downsized(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The grey frame at the flow's width and, from that, at the still test's width: made once per frame, and
+        kept for the next frame's comparison (what work there is scales with the frames, not twice with them)."""
         height, width = gray.shape
         scale = min(1.0, self.config.flow_width / width)
-        small = (max(8, round(width * scale)), max(8, round(height * scale)))
-        now = cv2.resize(gray, small, interpolation=cv2.INTER_AREA)
-        before = cv2.resize(self._gray, small, interpolation=cv2.INTER_AREA)
+        size = (max(8, round(width * scale)), max(8, round(height * scale)))
+        small = gray if size == (width, height) else cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+        coarse = (self.config.still_width, max(4, round(size[1] * self.config.still_width / size[0])))
+        return small, (cv2.resize(small, coarse, interpolation=cv2.INTER_AREA) if size[0] > coarse[0] else small)
+
+    def _flow_maps(self, grays: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]):
+        """Maps taking each pixel of this frame (`shape`, its `_downsized` greys) to where it was in the previous
+        one; None for a still camera."""
+        height, width = shape
+        (now, now_coarse), (before, before_coarse) = grays, self._grays
+        small = now.shape[::-1]
         self.motion_px = 0.0
-        if self._is_still(now, before):
+        if self._is_still(now_coarse, before_coarse):
             return None
         self.flows += 1
         if self.config.flow == "farneback":
@@ -239,18 +249,17 @@ class FlipDetector:
                 preset = {"dis-fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "dis-medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
                 self._dis = cv2.DISOpticalFlow_create(preset[self.config.flow])
             flow = self._dis.calc(now, before, None)
-        flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR)
-        flow[..., 0] *= width / small[0]
-        flow[..., 1] *= height / small[1]
+        if small != (width, height):
+            flow = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR)
+            flow[..., 0] *= width / small[0]
+            flow[..., 1] *= height / small[1]
         self.motion_px = float(np.median(cv2.magnitude(flow[..., 0], flow[..., 1])))
-        grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-        return grid_x + flow[..., 0], grid_y + flow[..., 1]
+        if self._grid is None or self._grid[0].shape != (height, width):
+            self._grid = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+        return self._grid[0] + flow[..., 0], self._grid[1] + flow[..., 1]
 
     def _is_still(self, now: np.ndarray, before: np.ndarray) -> bool:
-        height, width = now.shape
-        coarse = (self.config.still_width, max(4, round(height * self.config.still_width / width)))
-        if width > coarse[0]:
-            now, before = (cv2.resize(g, coarse, interpolation=cv2.INTER_AREA) for g in (now, before))
+        """Whether the camera stood still, from the grey frames at the still test's width."""
         change = float(cv2.absdiff(now, before).mean()) / 255.0
         self.still = change < self.config.still_motion
         return self.still
@@ -271,17 +280,17 @@ class FlipDetector:
             raise ValueError(f"labels {labels.shape} do not match the frame {rgb.shape[:2]}")
         full_rgb, self.last_blobs = rgb, []
         rgb, labels = self._working_size(rgb, labels)
-        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        grays = self._downsized(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         image = rgb.astype(np.float32) / 255.0
         labels16 = labels.astype(np.int16)
         areas = np.bincount(labels.reshape(-1), minlength=len(self.names))[:len(self.names)] / labels.size
         self.frames += 1
         if self._labels is None or self._labels.shape != labels.shape:
-            self._start(gray, image, labels16, areas)
+            self._start(grays, image, labels16, areas)
             return []
-        frame = self._compare(index, rgb, full_rgb, image, labels16, areas, self._flow_maps(gray))
+        frame = self._compare(index, rgb, full_rgb, image, labels16, areas, self._flow_maps(grays, labels16.shape))
         alarms = self._judge(frame) if self.frames > self.config.warmup else []
-        self._learn(frame, gray)
+        self._learn(frame, grays)
         return [self._full_size(alarm, full_rgb.shape[:2]) for alarm in alarms]
 
     def _working_size(self, rgb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,8 +317,8 @@ class FlipDetector:
         alarm.pixels = int(alarm.region.sum())
         return alarm
 
-    def _start(self, gray, image, labels16, areas) -> None:
-        self._gray, self._image, self._before, self._labels = gray, image, image, labels16
+    def _start(self, grays, image, labels16, areas) -> None:
+        self._grays, self._image, self._before, self._labels = grays, image, image, labels16
         self._stable = np.ones(labels16.shape, np.int16)
         self._suspect_age = np.zeros(labels16.shape, np.int16)
         self._changed_ago = np.full(labels16.shape, NEVER, np.int16)
@@ -362,14 +371,14 @@ class FlipDetector:
         self._before = _select(touched & (touched_ago > 0), reference_image, _select(settled & ~touched, image, before))
         self._touched_ago = np.where(touched, 0, np.minimum(touched_ago + 1, NEVER)).astype(np.int16)
 
-    def _learn(self, frame: _Frame, gray: np.ndarray) -> None:
+    def _learn(self, frame: _Frame, grays: tuple[np.ndarray, np.ndarray]) -> None:
         """What is normal now: agreed or image-explained labels are adopted; suspect pixels keep the old label."""
         config, suspect = self.config, frame.suspect
         differs = frame.labels != frame.reference
         self._labels = np.where(suspect, frame.reference, frame.labels).astype(np.int16)
         self._stable = np.where(differs & ~suspect, 1, np.minimum(self._stable + 1, NEVER)).astype(np.int16)
         self._image = _select(suspect, frame.reference_image, frame.image)
-        self._gray, self._suspect_age, self._appeared_ago = gray, frame.suspect_age, frame.appeared_ago
+        self._grays, self._suspect_age, self._appeared_ago = grays, frame.suspect_age, frame.appeared_ago
         keep = lambda masks: [m & suspect for m in masks if (m & suspect).sum() >= config.min_pixels // 2]  # noqa: E731
         self.active, self.ignored = keep(self.active), keep(self.ignored)
         self.last_suspect = suspect
