@@ -9,6 +9,7 @@ Anything malformed raises `ProtocolError` with the HTTP status and a message nam
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,13 @@ DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
 _BY_DTYPE = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
+
+#: dimensions a tensor may have: ours have 4 at most, NumPy stops at 64
+MAX_RANK = 16
+#: the largest one dimension may be (int32, as Triton's own dims)
+MAX_DIMENSION = 2**31 - 1
+#: characters of a client's string (a name, a datatype) repeated in an error message
+ECHO_LIMIT = 64
 
 
 class ProtocolError(Exception):
@@ -50,6 +58,12 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: the request-level `binary_data_output` flag: the default for outputs not named
     binary_output: bool = False
+
+
+def shown(value: Any) -> str:
+    """A client's value as an error message repeats it: its repr, cut to `ECHO_LIMIT` characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -87,34 +101,34 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None) ->
         name = item.get("name")
         if not isinstance(name, str) or not name:
             raise ProtocolError(f"inputs[{position}] needs a string 'name'")
+        what = f"input {shown(name)}"
         if name in inputs:
-            raise ProtocolError(f"input {name!r} is given twice")
-        shape = _shape(item.get("shape"), f"input {name!r}")
+            raise ProtocolError(f"{what} is given twice")
+        shape = _shape(item.get("shape"), what)
         datatype = item.get("datatype")
-        if datatype not in DATATYPES and datatype != "BYTES":
-            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r} (one of "
+        if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != "BYTES"):
+            raise ProtocolError(f"{what}: unknown datatype {shown(datatype)} (one of "
                                 f"{', '.join([*DATATYPES, 'BYTES'])})")
         parameters = item.get("parameters") or {}
         if not isinstance(parameters, dict):
-            raise ProtocolError(f"input {name!r}: 'parameters' must be an object")
+            raise ProtocolError(f"{what}: 'parameters' must be an object")
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ProtocolError(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+                raise ProtocolError(f"{what}: binary_data_size must be a non-negative integer, got {shown(size)}")
             if header_length is None:
-                raise ProtocolError(f"input {name!r} has binary_data_size but the request has no "
-                                    f"{HEADER_LENGTH} header")
+                raise ProtocolError(f"{what} has binary_data_size but the request has no {HEADER_LENGTH} header")
             if "data" in item:
-                raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
+                raise ProtocolError(f"{what} has both 'data' and binary_data_size")
             if offset + size > len(binary):
-                raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                raise ProtocolError(f"{what}: binary_data_size {size} runs past the end of the body "
                                     f"({len(binary) - offset} binary bytes left)")
-            inputs[name] = _from_binary(binary[offset:offset + size], shape, datatype, name)
+            inputs[name] = _from_binary(binary[offset:offset + size], shape, datatype, what)
             offset += size
         elif "data" in item:
-            inputs[name] = _from_json(item["data"], shape, datatype, name)
+            inputs[name] = _from_json(item["data"], shape, datatype, what)
         else:
-            raise ProtocolError(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            raise ProtocolError(f"{what} has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
         raise ProtocolError(f"request body has {len(binary) - offset} binary bytes that no input's "
                             "binary_data_size accounts for")
@@ -123,10 +137,10 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None) ->
         raise ProtocolError("request 'parameters' must be an object")
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
-        raise ProtocolError(f"binary_data_output must be true or false, got {binary_output!r}")
+        raise ProtocolError(f"binary_data_output must be true or false, got {shown(binary_output)}")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(f"request 'id' must be a string, got {request_id!r}")
+        raise ProtocolError(f"request 'id' must be a string, got {shown(request_id)}")
     return InferRequest(inputs, _requested_outputs(header.get("outputs"), binary_output), request_id,
                         parameters, binary_output)
 
@@ -145,70 +159,121 @@ def _split_body(body: bytes, header_length: str | int | None) -> tuple[bytes, by
 
 def _parse_json(data: bytes, what: str) -> Any:
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_not_json)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's own limit (~1000 levels): refused, never a crash
+        raise ProtocolError(f"{what} is nested too deeply to be an inference request") from None
+
+
+def _not_json(constant: str) -> None:
+    """Python's parser takes NaN and Infinity; JSON has no such numbers."""
+    raise ProtocolError(f"{constant} is not JSON: send finite numbers")
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
+    """A declared shape, checked before anything is sized from it: at most `MAX_RANK` dimensions, each a
+    non-negative integer up to `MAX_DIMENSION` (element counts are then Python integers: nothing overflows)."""
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
-        raise ProtocolError(f"{what}: 'shape' must be a list of integers, got {value!r}")
+        raise ProtocolError(f"{what}: 'shape' must be a list of integers, got {shown(value)}")
+    if len(value) > MAX_RANK:
+        raise ProtocolError(f"{what}: shape has {len(value)} dimensions, more than the {MAX_RANK} allowed")
     if any(d < 0 for d in value):
         raise ProtocolError(f"{what}: shape {value} has a negative dimension")
+    if any(d > MAX_DIMENSION for d in value):
+        raise ProtocolError(f"{what}: shape {value} has a dimension over {MAX_DIMENSION}")
     return tuple(value)
 
 
-def _from_binary(data: bytes, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
-    count = int(np.prod(shape))
+def _shaped(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """`array` (the right element count) in its declared shape; an empty tensor NumPy cannot describe is refused."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: shape {list(shape)} cannot be held ({exc})") from None
+
+
+def _from_binary(data: bytes, shape: tuple[int, ...], datatype: str, what: str) -> np.ndarray:
+    count = math.prod(shape)
     if datatype == "BYTES":
         items, offset = [], 0
         while offset < len(data):
             if offset + 4 > len(data):
-                raise ProtocolError(f"input {name!r}: BYTES element length prefix is cut off")
+                raise ProtocolError(f"{what}: BYTES element length prefix is cut off")
             length = int.from_bytes(data[offset:offset + 4], "little")
             items.append(data[offset + 4:offset + 4 + length])
             offset += 4 + length
+            if len(items) > count:
+                break
         if offset != len(data) or len(items) != count:
-            raise ProtocolError(f"input {name!r}: BYTES data holds {len(items)} elements, shape {list(shape)} "
-                                f"needs {count}")
-        return np.array(items, dtype=object).reshape(shape)
+            raise ProtocolError(f"{what}: BYTES data holds {len(items)}{'+' if offset < len(data) else ''} "
+                                f"elements, shape {list(shape)} needs {count}")
+        return _shaped(np.array(items, dtype=object), shape, what)
     dtype = DATATYPES[datatype]
     if len(data) != count * dtype.itemsize:
-        raise ProtocolError(f"input {name!r}: binary_data_size is {len(data)} bytes, but shape {list(shape)} of "
+        raise ProtocolError(f"{what}: binary_data_size is {len(data)} bytes, but shape {list(shape)} of "
                             f"{datatype} needs {count * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    return _shaped(np.frombuffer(data, dtype=dtype), shape, what).astype(dtype.newbyteorder("="), copy=False)
 
 
-def _from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
-    count = int(np.prod(shape))
+def _from_json(data: Any, shape: tuple[int, ...], datatype: str, what: str) -> np.ndarray:
+    """JSON `data`: a flat list of the shape's element count, or lists nested exactly as the shape, row-major."""
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        raise ProtocolError(f"{what}: 'data' must be a list, got {shown(data)}")
     if datatype == "BYTES":
-        flat = list(_flatten(data))
-        if not all(isinstance(x, str) for x in flat):
-            raise ProtocolError(f"input {name!r}: BYTES data must be strings")
+        flat = _flat_strings(data, shape, what)
         array = np.array([x.encode() for x in flat], dtype=object)
     else:
-        dtype = DATATYPES[datatype]
         try:
-            array = np.asarray(data, dtype=dtype).reshape(-1)
-        except (TypeError, ValueError):
-            # nested lists of unequal length, strings, null, ...: numbers only, in row-major order
-            try:
-                array = np.asarray(list(_flatten(data)), dtype=dtype)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise ProtocolError(f"input {name!r}: data is not a list of {datatype} numbers ({exc})") from None
+            array = np.asarray(data, dtype=DATATYPES[datatype])
         except OverflowError as exc:
-            raise ProtocolError(f"input {name!r}: a value does not fit {datatype} ({exc})") from None
+            raise ProtocolError(f"{what}: a value does not fit {datatype} ({exc})") from None
+        except (TypeError, ValueError):
+            raise ProtocolError(f"{what}: data is not a list of {datatype} numbers: it "
+                                f"{_json_problem(data, shape)}") from None
+        if array.dtype.kind == "f" and np.isnan(array).any():  # JSON null: NaN/Infinity are refused by the parser
+            raise ProtocolError(f"{what}: data is not a list of {datatype} numbers: it holds null")
+        if array.shape not in ((count,), shape) and array.size == count:
+            raise ProtocolError(f"{what}: data is nested as {list(array.shape)}; send it flat or nested as the "
+                                f"shape {list(shape)}")
     if array.size != count:
-        raise ProtocolError(f"input {name!r}: data has {array.size} elements, shape {list(shape)} needs {count}")
-    return array.reshape(shape)
+        raise ProtocolError(f"{what}: data has {array.size} elements, shape {list(shape)} needs {count}")
+    return _shaped(array, shape, what)
 
 
-def _flatten(value: Any):
-    if isinstance(value, list):
-        for item in value:
-            yield from _flatten(item)
-    else:
-        yield value
+def _json_problem(data: list, shape: tuple[int, ...]) -> str:
+    """What is wrong with JSON tensor data NumPy could not read, found without recursion: a list nested deeper
+    than the shape, a value that is not a number, or lists of unequal length."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, list):
+            if depth > max(len(shape), 1):
+                return f"is nested deeper than the shape's {len(shape)} dimensions"
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, (dict, str)) or value is None:
+            return f"holds {shown(value)}"
+    return "is ragged: lists at one depth differ in length"
+
+
+def _flat_strings(data: list, shape: tuple[int, ...], what: str) -> list[str]:
+    """BYTES data in row-major order, nested no deeper than the shape (read without recursion)."""
+    flat, stack = [], [(iter(data), 1)]
+    while stack:
+        items, depth = stack[-1]
+        item = next(items, stack)
+        if item is stack:
+            stack.pop()
+        elif isinstance(item, list):
+            if depth >= max(len(shape), 1):
+                raise ProtocolError(f"{what}: BYTES data is nested deeper than the shape's {len(shape)} dimensions")
+            stack.append((iter(item), depth + 1))
+        elif isinstance(item, str):
+            flat.append(item)
+        else:
+            raise ProtocolError(f"{what}: BYTES data must be strings, got {shown(item)}")
+    return flat
 
 
 def _requested_outputs(value: Any, binary_default: bool) -> list[RequestedOutput] | None:

@@ -3,8 +3,10 @@ deploy files. The served application itself is tested over HTTP in test_serving.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,88 @@ def test_malformed_requests_name_the_problem(case, message):
     assert info.value.status == 400
 
 
+def _json_tensor(**fields) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [0] * 6,
+                                   **fields}]}).encode()
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+# Each of these answered 500 once (issue 17's fuzz run): shapes whose element count overflowed int64 to 0, a
+# 65-dimension shape, a datatype that is not a string, JSON nested ~1000 or 100000 deep; and ragged data was taken.
+@pytest.mark.parametrize("case, message", [
+    ("count overflows int64, JSON", "over 2147483647"),
+    ("count overflows int64, binary", "over 2147483647"),
+    ("huge dims, nothing in them", "cannot be held"),
+    ("65 dimensions", "65 dimensions, more than the 16"),
+    ("datatype is a list", "unknown datatype ['FP32']"),
+    ("datatype is an object", "unknown datatype {}"),
+    ("data nested 900 deep", "nested deeper than the shape's 1 dimensions"),
+    ("body nested 100000 deep", "nested too deeply"),
+    ("data nested 100000 deep", "nested too deeply"),
+    ("ragged data of the right count", "ragged"),
+    ("nested other than the shape", "nested as [3, 2]"),
+    ("data is not a list", "'data' must be a list"),
+    ("null in the data", "holds null"),
+    ("NaN in the data", "NaN is not JSON"),
+    ("BYTES nested too deep", "BYTES data is nested deeper"),
+    ("BYTES holds a number", "BYTES data must be strings, got 7"),
+])
+def test_hostile_shapes_and_nesting_are_refused_without_a_crash(case, message):
+    header_length = None
+    if case == "count overflows int64, JSON":
+        body = _json_tensor(shape=[2**32, 2**32], data=[])
+    elif case == "count overflows int64, binary":
+        body, header_length = _binary_body({"inputs": [{"name": "x", "shape": [2**62, 4], "datatype": "FP32",
+                                                        "parameters": {"binary_data_size": 0}}]}, b"")
+    elif case == "huge dims, nothing in them":
+        body = _json_tensor(shape=[0] + [2**31 - 1] * 4, data=[])
+    elif case == "65 dimensions":
+        body = _json_tensor(shape=[1] * 65, data=[0])
+    elif case == "datatype is a list":
+        body = _json_tensor(datatype=["FP32"])
+    elif case == "datatype is an object":
+        body = _json_tensor(datatype={})
+    elif case == "data nested 900 deep":
+        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", _deep(900).encode())
+    elif case == "body nested 100000 deep":
+        body = _deep(100000).encode()
+    elif case == "data nested 100000 deep":
+        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", _deep(100000).encode())
+    elif case == "ragged data of the right count":
+        body = _json_tensor(shape=[1, 3, 32, 32], data=[[0.0] * 3000, [0.0] * 72])
+    elif case == "nested other than the shape":
+        body = _json_tensor(data=[[0, 0], [0, 0], [0, 0]])
+    elif case == "data is not a list":
+        body = _json_tensor(data=5)
+    elif case == "null in the data":
+        body = _json_tensor(data=[[0, 0, None], [0, 0, 0]])
+    elif case == "NaN in the data":
+        body = _json_tensor(data=[0, 0, float("nan"), 0, 0, 0])
+    elif case == "BYTES nested too deep":
+        body = _json_tensor(shape=[2], datatype="BYTES", data=[["a"], ["b"]])
+    else:
+        body = _json_tensor(shape=[2], datatype="BYTES", data=["a", 7])
+    with pytest.raises(ProtocolError, match=re.escape(message)) as info:
+        decode_infer_request(body, header_length)
+    assert info.value.status == 400
+
+
+def test_a_huge_name_is_not_echoed_whole():
+    name = "n" * (20 << 20)
+    body = json.dumps({"inputs": [{"name": name, "shape": [2], "datatype": "FP8", "data": [0, 0]}]}).encode()
+    with pytest.raises(ProtocolError, match="unknown datatype") as info:
+        decode_infer_request(body)
+    assert len(info.value.message) < 400 and f"({len(repr(name))} characters)" in info.value.message
+
+
+def test_bytes_may_be_nested_as_the_shape():
+    body = _json_tensor(shape=[2, 1], datatype="BYTES", data=[["a"], ["b"]])
+    assert decode_infer_request(body).inputs["x"].reshape(-1).tolist() == [b"a", b"b"]
+
+
 @pytest.mark.parametrize("inputs, outputs, message, status", [
     ({"images": np.zeros((1, 3, 64, 64), np.float32), "frames": np.zeros((1, 64, 64, 3), np.uint8)}, (),
      "exactly one input", 400),
@@ -244,3 +328,47 @@ def test_image_answers():
     assert choose_output("overlay", "application/json") == "overlay"
     with pytest.raises(ProtocolError, match="not one of"):
         choose_output("mask", None)
+
+
+GARBAGE = [None, True, -1, 0, 2**31, 2**63, 2**64 + 1, 1.5, "", "FP32", "x" * 300, [], [None], [[1, 2], [3]], {},
+           {"a": 1}, [2**62, 4], [1] * 70, ["FP32"], [-1, 3], _deep(50)]
+FIELDS = [("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "shape"), ("inputs", 0, "shape", 0),
+          ("inputs", 0, "datatype"), ("inputs", 0, "data"), ("inputs", 0, "data", 0), ("inputs", 0, "parameters"),
+          ("inputs", 0, "parameters", "binary_data_size"), ("outputs",), ("outputs", 0), ("outputs", 0, "name"),
+          ("outputs", 0, "parameters"), ("outputs", 0, "parameters", "binary_data"), ("parameters",),
+          ("parameters", "binary_data_output"), ("id",)]
+
+
+def _mutated(rng: np.random.Generator) -> dict:
+    request = {"id": "r", "parameters": {"binary_data_output": False},
+               "inputs": [{"name": "frames", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072,
+                           "parameters": {}}],
+               "outputs": [{"name": "labels", "parameters": {"binary_data": False}}]}
+    for _ in range(int(rng.integers(1, 4))):
+        path = FIELDS[int(rng.integers(len(FIELDS)))]
+        target = request
+        try:
+            for key in path[:-1]:
+                target = target[key]
+            value = copy.deepcopy(GARBAGE[int(rng.integers(len(GARBAGE)))])
+            target[path[-1]] = json.loads(value) if isinstance(value, str) and value.startswith("[[[") else value
+        except (KeyError, IndexError, TypeError):
+            pass  # the path was already mutated away
+    return request
+
+
+def test_mutated_requests_get_a_protocol_error_or_an_answer_never_a_crash():
+    """2000 requests, each a valid one with 1-3 fields replaced by garbage: decoding and checking them against
+    the model either works or raises `ProtocolError` (a 4xx), nothing else (the server's 500)."""
+    rng = np.random.default_rng(17)
+    refused = 0
+    for _ in range(2000):
+        request = _mutated(rng)
+        try:
+            parsed = decode_infer_request(json.dumps(request).encode())
+            wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else ()
+            check_call(parsed.inputs, wanted, max_batch_size=8, max_pixels=1 << 20)
+        except ProtocolError as exc:
+            assert 400 <= exc.status < 500, exc.message
+            refused += 1
+    assert refused > 1500  # the garbage really was garbage
