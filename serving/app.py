@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import logging
 import time
+import zlib
 from importlib.metadata import PackageNotFoundError, version as package_version
 
 import numpy as np
@@ -44,9 +45,13 @@ SERVER_NAME = "patchwatch"
 EXTENSIONS = ["binary_tensor_data", "patchwatch_segment", "patchwatch_metrics"]
 #: the health endpoints answer without the API key, so orchestrators can probe them
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
-REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large",
            415: "unsupported_media_type", 500: "internal", 503: "unavailable"}
+#: Content-Encoding -> zlib's window bits for it (tritonclient's request_compression_algorithm sends these)
+DECODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "identity": None}
 READY_TIMEOUT_S = 2.0
+#: what a read route answers: HEAD wherever GET (the same status and headers, no body)
+READ_METHODS = ["GET", "HEAD"]
 
 api = FastAPI(title="patchwatch", description="Open Inference Protocol for semantic-segmentation engines",
               docs_url=None, redoc_url=None, openapi_url=None)
@@ -56,11 +61,25 @@ def error_response(message: str, status: int, headers: dict | None = None) -> Re
     return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
 
 
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body inflated, never past `limit` bytes (a small bomb stays small)."""
+    inflater = zlib.decompressobj(DECODINGS[encoding])
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the request body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ProtocolError(f"the request body inflates past the limit of {limit} bytes", status=413)
+    if not inflater.eof:
+        raise ProtocolError(f"the request body is cut-off {encoding} data")
+    return data
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     message = {404: f"no route {request.method} {request.url.path}",
                405: f"method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-    return error_response(message, exc.status_code)
+    return error_response(message, exc.status_code, exc.headers)  # a 405 keeps its Allow header
 
 
 @api.exception_handler(RequestValidationError)
@@ -91,26 +110,26 @@ class InferenceServer:
 
     # ------------------------------------------------------------------------------------------ routes
 
-    @api.get("/v2")
+    @api.api_route("/v2", methods=READ_METHODS)
     async def server_metadata(self, request: Request) -> Response:
         return await self._answer(request, "server_metadata", None, self._server_metadata)
 
-    @api.get("/v2/health/live")
+    @api.api_route("/v2/health/live", methods=READ_METHODS)
     async def live(self, request: Request) -> Response:
         return await self._answer(request, "live", None, self._live)
 
-    @api.get("/v2/health/ready")
+    @api.api_route("/v2/health/ready", methods=READ_METHODS)
     async def server_ready(self, request: Request) -> Response:
         return await self._answer(request, "ready", None, self._server_ready)
 
     # Each model route answers with and without /versions/{version}; the version is read from the path.
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
+    @api.api_route("/v2/models/{name}", methods=READ_METHODS)
+    @api.api_route("/v2/models/{name}/versions/{version}", methods=READ_METHODS)
     async def model_metadata(self, name: str, request: Request) -> Response:
         return await self._answer(request, "model_metadata", name, self._model_metadata)
 
-    @api.get("/v2/models/{name}/ready")
-    @api.get("/v2/models/{name}/versions/{version}/ready")
+    @api.api_route("/v2/models/{name}/ready", methods=READ_METHODS)
+    @api.api_route("/v2/models/{name}/versions/{version}/ready", methods=READ_METHODS)
     async def model_ready(self, name: str, request: Request) -> Response:
         return await self._answer(request, "model_ready", name, self._model_ready)
 
@@ -124,7 +143,7 @@ class InferenceServer:
     async def segment(self, name: str, request: Request) -> Response:
         return await self._answer(request, "segment", name, self._segment)
 
-    @api.get("/metrics")
+    @api.api_route("/metrics", methods=READ_METHODS)
     async def prometheus(self, request: Request) -> Response:
         return await self._answer(request, "metrics", None, self._prometheus)
 
@@ -174,23 +193,39 @@ class InferenceServer:
         return [v for (n, v) in self.models if n == name]
 
     async def _body(self, request: Request) -> bytes:
+        """The request body, whole and decoded: refused over the size limit (before and after decompression),
+        when it does not arrive within `body_timeout_s`, or in an encoding other than gzip or deflate."""
         limit = self.config.max_body_bytes
+        encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
+        if encoding not in DECODINGS:
+            raise ProtocolError(f"Content-Encoding {encoding[:32]!r} is not supported (gzip, deflate or none)",
+                                status=415)
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise ProtocolError(f"Content-Length {declared!r} is not a number")
+                raise ProtocolError(f"Content-Length {declared[:32]!r} is not a number")
             if int(declared) > limit:
                 raise ProtocolError(f"request body is {int(declared)} bytes, over the limit of {limit}", status=413)
+        try:
+            body = await asyncio.wait_for(self._read_body(request, limit), timeout=self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"the request body did not arrive within {self.config.body_timeout_s} s",
+                                status=408) from None
+        if DECODINGS[encoding] is not None:
+            body = _decompressed(body, encoding, limit)
+        if not body:
+            raise ProtocolError("request body is empty")
+        return body
+
+    @staticmethod
+    async def _read_body(request: Request, limit: int) -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise ProtocolError(f"request body is over the limit of {limit} bytes", status=413)
             chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body:
-            raise ProtocolError("request body is empty")
-        return body
+        return b"".join(chunks)
 
     async def _call(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict[str, np.ndarray]:
         """Run a call on the model's replicas. Inference is idempotent, so a call whose replica died under it

@@ -114,6 +114,9 @@ class ServeConfig(BaseModel):
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64)
     #: an inference that takes longer is answered 503
     request_timeout_s: float = Field(30.0, gt=0)
+    #: a request body that has not fully arrived this long after the request began is answered 408 (a stalled or
+    #: trickled upload must not hold the ingress)
+    body_timeout_s: float = Field(10.0, gt=0)
     ingress_replicas: int = Field(1, ge=1)
 
     @model_validator(mode="after")

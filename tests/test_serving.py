@@ -4,9 +4,12 @@ metrics, and a replica killed under load."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import socket
 import threading
+import zlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 MAX_BODY_MB = 4
 MAX_PIXELS = 640 * 640
+BODY_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def service(engines):
              "max_batch_size": 8, "threads": 1, "health_check_period_s": 2},
             {"name": "camvid", "version": "2", "path": str(engines["2"]), "threads": 1},
         ],
-        port=free_port(), max_body_mb=MAX_BODY_MB, max_image_pixels=MAX_PIXELS,
+        port=free_port(), max_body_mb=MAX_BODY_MB, max_image_pixels=MAX_PIXELS, body_timeout_s=BODY_TIMEOUT_S,
     )
     service = start_local(config, metrics_port=free_port())
     yield service
@@ -250,6 +254,28 @@ BAD_REQUESTS = {
     "unknown route": ("get", "/v3/anything", {}, 404, "no route"),
     "empty body": ("post", "/v2/models/camvid/infer", {"data": b"", "headers": {"Content-Type": "application/json"}},
                    400, "empty"),
+    # these four answered 500 once (issue 17's fuzz run)
+    "element count overflows int64": ("post", "/v2/models/camvid/infer",
+                                      {"json": {"inputs": [{"name": "frames", "datatype": "UINT8",
+                                                            "shape": [2**32, 2**32], "data": []}]}}, 400, "over"),
+    "datatype is a list": ("post", "/v2/models/camvid/infer",
+                           {"json": {"inputs": [{**_tensor("frames", "UINT8", np.zeros((1, 32, 32, 3), np.uint8)),
+                                                 "datatype": ["UINT8"]}]}}, 400, "unknown datatype"),
+    "65 dimensions": ("post", "/v2/models/camvid/infer",
+                      {"json": {"inputs": [{"name": "frames", "datatype": "UINT8", "shape": [1] * 65, "data": [0]}]}},
+                      400, "65 dimensions"),
+    "JSON nested 100000 deep": ("post", "/v2/models/camvid/infer",
+                                {"data": b"[" * 100000 + b"]" * 100000, "headers": {"Content-Type": "application/json"}},
+                                400, "nested too deeply"),
+    "unknown content encoding": ("post", "/v2/models/camvid/infer",
+                                 {"data": b"{}", "headers": {"Content-Type": "application/json",
+                                                             "Content-Encoding": "br"}}, 415, "Content-Encoding"),
+    "gzip bomb": ("post", "/v2/models/camvid/infer",
+                  {"data": gzip.compress(b" " * (MAX_BODY_MB * 1024 * 1024 + 1)),
+                   "headers": {"Content-Type": "application/json", "Content-Encoding": "gzip"}}, 413, "inflates past"),
+    "broken gzip": ("post", "/v2/models/camvid/infer",
+                    {"data": b"\x1f\x8b not gzip", "headers": {"Content-Type": "application/json",
+                                                               "Content-Encoding": "gzip"}}, 400, "not valid gzip"),
 }
 
 
@@ -269,6 +295,41 @@ def test_bad_input_gets_a_4xx_and_the_service_answers_on(service, val_frames, ca
     assert answer.headers["content-type"] == "application/json"
     assert words in answer.json()["error"], answer.json()
     # ... and the service is still up and right
+    ok = OipClient(service.url).infer("camvid", {"frames": np.zeros((1, 32, 32, 3), np.uint8)}, {"labels": True})
+    assert ok["labels"].shape == (1, 32, 32)
+
+
+def test_head_allow_and_compressed_requests(service):
+    """HEAD answers wherever GET does; a 405 says what is allowed; gzip and deflate bodies are decoded."""
+    for path in ("/v2", "/v2/health/ready", "/v2/models/camvid", "/v2/models/camvid/versions/2/ready"):
+        get, head = requests.get(service.url + path, timeout=60), requests.head(service.url + path, timeout=60)
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    wrong = requests.get(service.url + "/v2/models/camvid/infer", timeout=60)
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"], wrong.headers
+    frames = np.random.default_rng(3).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    body, headers = encode_infer_request({"frames": frames}, outputs={"labels": True})
+    plain = OipClient(service.url).infer("camvid", {"frames": frames}, {"labels": True})["labels"]
+    for encoding, data in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        answer = requests.post(f"{service.url}/v2/models/camvid/infer", data=data, timeout=60,
+                               headers={**headers, "Content-Encoding": encoding})
+        assert answer.status_code == 200, answer.text
+        length = int(answer.headers[HEADER_LENGTH])
+        np.testing.assert_array_equal(np.frombuffer(answer.content[length:], np.uint8).reshape(1, 32, 32), plain)
+
+
+def test_a_stalled_upload_is_answered_408(service):
+    """A client that declares 1000 bytes and sends 10 gets 408 once `body_timeout_s` has passed, and the
+    service answers on."""
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=BODY_TIMEOUT_S + 30) as connection:
+        connection.sendall(b"POST /v2/models/camvid/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{\"inputs\":")
+        answer = b""
+        while b"did not arrive" not in answer and (chunk := connection.recv(65536)):  # headers, then the body
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"did not arrive within" in answer
     ok = OipClient(service.url).infer("camvid", {"frames": np.zeros((1, 32, 32, 3), np.uint8)}, {"labels": True})
     assert ok["labels"].shape == (1, 32, 32)
 
