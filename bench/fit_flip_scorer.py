@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +42,15 @@ class Scored:
     patch: bool | None  # None: a patched clip's blob in the window that is not its strongest (left out)
 
 
-def collect(clips, names, relabel, within: int, min_flip: int) -> tuple[list[Scored], dict]:
-    """Every scored blob of every clip, labelled; and per seed the effective patches and clean frames."""
+def collect(clips, names, relabel, within: int, min_flip: int, settings: dict | None = None
+            ) -> tuple[list[Scored], dict]:
+    """Every scored blob of every clip, labelled; and per seed the effective patches and clean frames. `settings`
+    are `FlipConfig` fields for the detector that finds the blobs."""
     from monitor.counterfactual import CUES, PatchScorer
     from monitor.flips import FlipConfig, FlipDetector
 
-    silent = FlipConfig(scorer=PatchScorer(bias=-60.0, weights={c: 0.0 for c in CUES}, threshold=1.0),
-                        skip_hopeless=False)
+    silent = FlipConfig(**(settings or {}), skip_hopeless=False,
+                        scorer=PatchScorer(bias=-60.0, weights={c: 0.0 for c in CUES}, threshold=1.0))
     rows, totals = [], {}
     for number, clip in enumerate(tqdm(clips, desc="cues of every blob")):
         seed_totals = totals.setdefault(clip.seed, {"effective": 0, "clean_frames": 0})
@@ -168,6 +170,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--run", default="bench/results/seed000_shapes")
     parser.add_argument("--tune-seeds", default="0,1,2")
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a FlipConfig field for the detector that finds the blobs, e.g. --set restore_px=11")
+    parser.add_argument("--without", default="", help="comma-separated cues left out of the fit (weight 0): what "
+                        "a cue adds, measured on the same clips")
     parser.add_argument("--max-false", type=float, default=0.5, help="false alarms per 1000 clean frames allowed")
     parser.add_argument("--within", type=int, default=3)
     parser.add_argument("--min-flip", type=int, default=40)
@@ -192,15 +198,25 @@ def main() -> None:
     engine = OnnxRuntimeEngine(args.engine)
     scenes = trial_scenes(args.run)
     clips = [clip for seed in seeds(args.tune_seeds) for clip in seed_clips(engine, scenes, seed, args)]
-    rows, totals = collect(clips, [c.name for c in engine.spec.classes], engine.segment, args.within, args.min_flip)
+    settings = dict(item.split("=", 1) for item in args.set)
+    rows, totals = collect(clips, [c.name for c in engine.spec.classes], engine.segment, args.within, args.min_flip,
+                           settings)
+    left_out = {c.strip() for c in args.without.split(",") if c.strip()}
+    if left_out - set(CUES):
+        raise SystemExit(f"unknown cues {sorted(left_out - set(CUES))}; the cues are {', '.join(CUES)}")
+    print(f"{totals and sum(t['effective'] for t in totals.values())} effective patches; "
+          f"{len({(r.seed, r.clip) for r in rows if r.patch is not False and not r.clean})} have a scored blob "
+          "within the window (the most any threshold can catch)")
+    used = [i for i, c in enumerate(CUES) if c not in left_out]
+    rows = [replace(r, cues=[r.cues[i] for i in used]) for r in rows]
     table = leave_one_seed_out(rows, totals, args.c)
     for t, (caught, effective, false, frames) in table.items():
         print(f"threshold {t:.2f}: left-one-seed-out {caught}/{effective} = {caught / effective:.1%} caught, "
               f"{false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")
     threshold = choose(table, args.max_false)
-    weights, bias = fit(rows, args.c)
-    scorer = PatchScorer(weights={c: round(float(w), 4) for c, w in zip(CUES, weights)}, bias=round(bias, 4),
-                         threshold=threshold)
+    fitted, bias = fit(rows, args.c)
+    weights = dict.fromkeys(CUES, 0.0) | {CUES[i]: round(float(w), 4) for i, w in zip(used, fitted)}
+    scorer = PatchScorer(weights=weights, bias=round(bias, 4), threshold=threshold)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"scorer": scorer.model_dump(), "tune_seeds": args.tune_seeds,
                                           "left_one_seed_out": {str(t): v for t, v in table.items()}}, indent=1))
