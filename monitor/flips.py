@@ -224,7 +224,7 @@ class FlipDetector:
     # ---------------------------------------------------------------------------------------------- motion
     def _downsized(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The grey frame at the flow's width and, from that, at the still test's width: made once per frame, and
-        kept for the next frame's comparison (what work there is scales with the frames, not twice with them)."""
+        kept for the next frame's comparison (each frame is downsized once, not twice)."""
         height, width = gray.shape
         scale = min(1.0, self.config.flow_width / width)
         size = (max(8, round(width * scale)), max(8, round(height * scale)))

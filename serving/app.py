@@ -37,7 +37,8 @@ from serving.config import ModelConfig, ServeConfig
 from serving.images import check_upload_type, choose_output, class_areas, label_png, overlay_image
 from serving.metrics import IngressMetrics, exported_families, node_metrics_url
 from serving.model import INPUTS, OUTPUTS, InferCall, check_call, deployment_for
-from serving.protocol import HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response, error_body
+from serving.protocol import (HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response, error_body,
+                              shown)
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,8 +71,8 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
         raise ProtocolError(f"the request body is not valid {encoding} data: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise ProtocolError(f"the request body inflates past the limit of {limit} bytes", status=413)
-    if not inflater.eof:
-        raise ProtocolError(f"the request body is cut-off {encoding} data")
+    if not inflater.eof or inflater.unused_data:
+        raise ProtocolError(f"the request body is not one whole {encoding} stream (cut off, or data after its end)")
     return data
 
 
@@ -198,12 +199,12 @@ class InferenceServer:
         limit = self.config.max_body_bytes
         encoding = (request.headers.get("content-encoding") or "identity").strip().lower()
         if encoding not in DECODINGS:
-            raise ProtocolError(f"Content-Encoding {encoding[:32]!r} is not supported (gzip, deflate or none)",
+            raise ProtocolError(f"Content-Encoding {shown(encoding)} is not supported (gzip, deflate or none)",
                                 status=415)
         declared = request.headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise ProtocolError(f"Content-Length {declared[:32]!r} is not a number")
+                raise ProtocolError(f"Content-Length {shown(declared)} is not a number")
             if int(declared) > limit:
                 raise ProtocolError(f"request body is {int(declared)} bytes, over the limit of {limit}", status=413)
         try:
