@@ -120,7 +120,8 @@ class StreamStats:
                 "fps": (self.processed - 1) / span if span > 0 else 0.0,
                 "latency_ms_p50": float(np.median(latencies)), "latency_ms_p95": float(np.percentile(latencies, 95)),
                 "read": stream.read_count, "dropped": stream.buffer.dropped, "bad_frames": stream.bad_frames,
-                "reconnects": stream.reconnects, "source_fps": stream.fps, "ended": stream.ended.is_set()}
+                "reconnects": stream.reconnects, "source_fps": stream.fps, "pace_fps": stream.pace,
+                "ended": stream.ended.is_set()}
 
 
 class Monitor:

@@ -10,12 +10,16 @@ turns a malformed or undecodable frame into an event instead of an exception, an
 bounded `FrameBuffer`. Its policy says what happens when the consumer is slower than the source: "latest" keeps
 only the newest frame and "drop_oldest" a short queue (latency stays bounded: the right policies for live
 cameras), "block" makes the reader wait (back-pressure: a file or a folder loses no frame). Memory is bounded
-by the capacity either way. Nothing here imports Ray.
+by the capacity either way. A stream can be paced (`pace`, frames per second): frame n is then read no sooner than
+n / pace seconds after the first (`FrameSchedule`), so a file plays as the camera that recorded it delivered it
+(`FrameSource.playback_fps`: a video's own rate, `DEFAULT_FILE_FPS` for an image folder). Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -25,12 +29,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from segmenters.data.frames import (STREAM_SCHEMES, VIDEO_SUFFIXES, ImageDecodeError, decode_image,
+from segmenters.data.frames import (STREAM_SCHEMES, VIDEO_SUFFIXES, ImageDecodeError, capture_fps, decode_image,
                                     describe_source, image_files)
 
 POLICIES = ("latest", "drop_oldest", "block")
 #: how often a reader blocked on a full buffer ("block") looks whether its stream was stopped
 BLOCK_POLL_S = 0.05
+#: the rate a file source plays at when it carries none of its own: an image folder, or a video whose container
+#: reports no usable rate (25 frames/s: PAL video, and near the 30 of most dashcams)
+DEFAULT_FILE_FPS = 25.0
+#: a video's reported rate outside this range is taken as missing (containers that do not know report 0, NaN or
+#: a time base such as 90000)
+VIDEO_FPS_RANGE = (1.0, 240.0)
 
 
 class SourceError(OSError):
@@ -109,6 +119,11 @@ class FrameSource(ABC):
     def finite(self) -> bool:
         return False
 
+    def playback_fps(self) -> float | None:
+        """The rate at which this source's frames came from their camera, to play a recording back as it was
+        seen; None for a source that delivers at its own pace (a live camera, a synthetic one)."""
+        return None
+
 
 class OpenCVSource(FrameSource):
     """A video file, an RTSP/HTTP stream, or a local camera (index), read through OpenCV."""
@@ -121,6 +136,14 @@ class OpenCVSource(FrameSource):
     @property
     def finite(self) -> bool:  # a file ends; a camera or a network stream that stops has dropped
         return isinstance(self.target, str) and not self.target.startswith(STREAM_SCHEMES)
+
+    def playback_fps(self) -> float | None:
+        """A video file's own rate (OpenCV's CAP_PROP_FPS; `DEFAULT_FILE_FPS` when it reports none within
+        `VIDEO_FPS_RANGE`); None for a camera or a network stream, which deliver in real time themselves."""
+        if not self.finite:
+            return None
+        fps = capture_fps(self.target, default=DEFAULT_FILE_FPS)
+        return fps if VIDEO_FPS_RANGE[0] <= fps <= VIDEO_FPS_RANGE[1] else DEFAULT_FILE_FPS
 
     def open(self) -> None:
         self.close()
@@ -158,6 +181,10 @@ class ImageFolderSource(FrameSource):
     @property
     def finite(self) -> bool:
         return True
+
+    def playback_fps(self) -> float:
+        """Images carry no frame rate: `DEFAULT_FILE_FPS`."""
+        return DEFAULT_FILE_FPS
 
     def open(self) -> None:
         self._position = 0
@@ -250,6 +277,22 @@ class FrameBuffer:
             return len(self._frames)
 
 
+@dataclass(frozen=True)
+class FrameSchedule:
+    """When each frame of a paced stream is due: frame n at `start + n / fps`. Due times count from the first
+    frame, not from the previous read, so a slow read delays its own frame only, never the ones after it."""
+
+    fps: float
+    start: float  # time.monotonic() at which frame 0 is due
+
+    def __post_init__(self):
+        if not (isinstance(self.fps, numbers.Real) and math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"a stream's pace must be a positive number of frames per second, got {self.fps!r}")
+
+    def due(self, index: int) -> float:
+        return self.start + index / self.fps
+
+
 @dataclass
 class Backoff:
     """Reconnect delays: `initial` doubling up to `maximum`; `attempts` opens in a row before giving up (None:
@@ -272,11 +315,16 @@ class Backoff:
 
 
 class Stream:
-    """One source on its own reader thread, feeding a `FrameBuffer`; events go to `on_event`."""
+    """One source on its own reader thread, feeding a `FrameBuffer`; events go to `on_event`. With `pace`
+    (frames per second) frame n is read no sooner than n / pace seconds after the first (`schedule`); without it,
+    as fast as the source delivers (a live camera paces itself; a file is then read as fast as it decodes)."""
 
     def __init__(self, source: FrameSource, name: str | None = None, policy: str = "latest", capacity: int = 4,
-                 backoff: Backoff = Backoff(), on_event=None):
-        self.source, self.name = source, name or source.name
+                 backoff: Backoff = Backoff(), on_event=None, pace: float | None = None):
+        if pace is not None:
+            FrameSchedule(pace, 0.0)  # a bad pace is refused here, not on the reader thread
+        self.source, self.name, self.pace = source, name or source.name, pace
+        self.schedule: FrameSchedule | None = None  # set when the source is open and frame 0 is due
         self.buffer = FrameBuffer(policy, capacity)
         self.backoff, self.on_event = backoff, on_event
         self.read_count = self.bad_frames = self.reconnects = 0
@@ -333,6 +381,12 @@ class Stream:
         self.bad_frames += 1
         self._emit("bad_frame", reason, index)
 
+    def _wait_until_due(self, index: int) -> bool:
+        """Wait until frame `index` is due (paced streams only); False when the stream was stopped meanwhile."""
+        if self.schedule is None:
+            return True
+        return not self._stop.wait(max(0.0, self.schedule.due(index) - time.monotonic()))
+
     def _reconnect(self, reason: str, index: int) -> bool:
         self._emit("source_down", reason, index)
         self.source.close()
@@ -348,7 +402,9 @@ class Stream:
             if not self._connect():
                 return
             self._emit("connected", self.source.name)
-            while not self._stop.is_set():
+            if self.pace is not None:
+                self.schedule = FrameSchedule(self.pace, time.monotonic())
+            while self._wait_until_due(index) and not self._stop.is_set():
                 try:
                     rgb, truth = self.source.read()
                 except SourceExhausted:

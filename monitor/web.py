@@ -1,16 +1,21 @@
 """The monitor's operator page and metrics: each stream live with its label overlay, the alarm list, and a
 Prometheus exposition, served by Starlette/uvicorn beside the monitor (no Ray needed).
 
-    GET /                          the page (streams refresh their overlay, the alarm table polls /api/alarms)
-    GET /streams/{name}/frame.jpg  the newest frame of a stream with its labels blended over it
-    GET /api/alarms                alarms, newest first (JSON)   GET /api/streams   per-stream stats (JSON)
-    GET /metrics                   Prometheus text: frames, alarms, stream events, FPS and latency per stream
+    GET /                        the page (streams refresh their overlay, the alarm table polls /api/alarms)
+    GET /streams/{id}/frame.jpg  the newest frame of stream `id` with its labels blended over it
+    GET /api/alarms              alarms, newest first (JSON)
+    GET /api/streams             per-stream stats by name, each with its `id` (JSON)
+    GET /metrics                 Prometheus text: frames, alarms, stream events, FPS and latency per stream
     GET /healthz
+
+A stream's name is free text (a file path, an rtsp:// URL, spaces, any script), so URLs carry its id, the stream's
+position in the monitor (0, 1, ...), and the page shows the name as escaped text only.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import threading
 import time
 
@@ -42,10 +47,10 @@ PAGE = """<!doctype html>
 <table id="alarms"><thead><tr><th>stream</th><th>frame</th><th>onset</th><th>from</th><th>to</th><th>pixels</th>
 <th>region (t, l, b, r)</th><th>image change</th><th>time</th></tr></thead><tbody></tbody></table>
 <script>
-const streams = {names};
+const streams = {streams};
 function refreshFrames() {{
-  for (const name of streams) {{
-    document.getElementById('img-' + name).src = 'streams/' + encodeURIComponent(name) + '/frame.jpg?t=' + Date.now();
+  for (const s of streams) {{
+    document.getElementById('img-' + s.id).src = 'streams/' + s.id + '/frame.jpg?t=' + Date.now();
   }}
 }}
 async function refreshAlarms() {{
@@ -62,8 +67,8 @@ async function refreshAlarms() {{
       row.insertCell().textContent = v;
     }}
   }}
-  for (const name of streams) {{
-    document.getElementById('fig-' + name).classList.toggle('alarm', alarmed.has(name));
+  for (const s of streams) {{
+    document.getElementById('fig-' + s.id).classList.toggle('alarm', alarmed.has(s.name));
   }}
 }}
 refreshFrames(); refreshAlarms();
@@ -71,6 +76,11 @@ setInterval(refreshFrames, {frame_ms}); setInterval(refreshAlarms, {alarm_ms});
 </script>
 </body></html>
 """
+
+
+def script_json(value) -> str:
+    """`value` as JSON that is safe inside an HTML <script>: no "</script>" or "<!--" a name could close it with."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 class MonitorView:
@@ -127,6 +137,11 @@ class MonitorView:
         with self._lock:
             return self._frames.get(stream)
 
+    def stream_names(self) -> list[str]:
+        """The monitored streams' names; a stream's id in the page's URLs is its position here (streams are only
+        ever added, so an id keeps naming the same stream)."""
+        return list(self.monitor.streams)
+
     def metrics(self) -> bytes:
         for name, stream in self.monitor.streams.items():
             stats = self.monitor.stats[name].as_dict(stream)
@@ -135,14 +150,12 @@ class MonitorView:
         return generate_latest(self.registry)
 
     def page(self, frame_ms: int = 200, alarm_ms: int = 500) -> str:
-        import json
-
-        names = list(self.monitor.streams)
-        figures = "".join(
-            f'<figure id="fig-{html.escape(n)}"><img id="img-{html.escape(n)}" alt="{html.escape(n)}">'
-            f"<figcaption>{html.escape(n)}</figcaption></figure>" for n in names)
+        names = self.stream_names()
+        figures = "".join(f'<figure id="fig-{i}"><img id="img-{i}" alt="{html.escape(n)}">'
+                          f"<figcaption>{html.escape(n)}</figcaption></figure>" for i, n in enumerate(names))
         engine = html.escape(", ".join(f"{k}: {v}" for k, v in self.monitor.engine.describe().items()))
-        return PAGE.format(width=self.width, engine=engine, figures=figures, names=json.dumps(names),
+        streams = script_json([{"id": i, "name": n} for i, n in enumerate(names)])
+        return PAGE.format(width=self.width, engine=engine, figures=figures, streams=streams,
                            frame_ms=frame_ms, alarm_ms=alarm_ms)
 
 
@@ -156,10 +169,11 @@ def monitor_app(view: MonitorView):
         return HTMLResponse(view.page())
 
     async def frame(request):
-        name = request.path_params["name"]
-        if name not in view.monitor.streams:
-            return JSONResponse({"error": f"no stream named {name!r}"}, status_code=404)
-        data = view.frame(name)
+        stream_id, names = request.path_params["stream_id"], view.stream_names()
+        if stream_id >= len(names):
+            return JSONResponse({"error": f"no stream {stream_id}: {len(names)} streams are monitored (ids from 0)"},
+                                status_code=404)
+        data = view.frame(names[stream_id])
         if data is None:
             return Response(status_code=204)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
@@ -168,7 +182,8 @@ def monitor_app(view: MonitorView):
         return JSONResponse([a.as_dict() for a in reversed(view.monitor.alarms)])
 
     async def streams(request):
-        return JSONResponse(view.monitor.summary()["streams"])
+        stats = view.monitor.summary()["streams"]
+        return JSONResponse({name: {"id": i, **stats[name]} for i, name in enumerate(view.stream_names())})
 
     async def metrics(request):
         return Response(view.metrics(), media_type=CONTENT_TYPE_LATEST)
@@ -176,7 +191,7 @@ def monitor_app(view: MonitorView):
     async def health(request):
         return JSONResponse({"ok": True, "streams": len(view.monitor.streams)})
 
-    return Starlette(routes=[Route("/", index), Route("/streams/{name}/frame.jpg", frame),
+    return Starlette(routes=[Route("/", index), Route("/streams/{stream_id:int}/frame.jpg", frame),
                              Route("/api/alarms", alarms), Route("/api/streams", streams),
                              Route("/metrics", metrics), Route("/healthz", health)])
 

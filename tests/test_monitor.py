@@ -466,16 +466,16 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
                              capture_output=True, text=True, timeout=90).stdout
         assert '<tr class="alarm-row"><td>front</td><td>5</td><td>5</td>' in dom, dom[-2000:]
         assert f"<td>{alarm.from_name}</td><td>{alarm.to_name}</td><td>{alarm.pixels}</td>" in dom
-        assert 'id="fig-front" class="alarm"' in dom and 'id="fig-rear" class="alarm"' not in dom, dom[-3000:]
+        assert 'id="fig-0" class="alarm"' in dom and 'id="fig-1" class="alarm"' not in dom, dom[-3000:]  # front, rear
         subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1000,800",
                         "--virtual-time-budget=4000", f"--screenshot={tmp_path / 'page.png'}", server.url],
                        capture_output=True, timeout=90)
         assert (tmp_path / "page.png").stat().st_size > 10_000
 
-        frame = requests.get(server.url + "streams/front/frame.jpg", timeout=10)
+        frame = requests.get(server.url + "streams/0/frame.jpg", timeout=10)  # URLs name a stream by its id
         assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
         assert cv2.imdecode(np.frombuffer(frame.content, np.uint8), cv2.IMREAD_COLOR).shape[1] == 320
-        assert requests.get(server.url + "streams/nope/frame.jpg", timeout=10).status_code == 404
+        assert requests.get(server.url + "streams/2/frame.jpg", timeout=10).status_code == 404
         metrics = requests.get(server.url + "metrics", timeout=10).text
         assert 'patchwatch_monitor_frames_total{stream="front"} 10.0' in metrics
         assert f'patchwatch_monitor_alarms_total{{from_class="{alarm.from_name}",stream="front",to_class="{alarm.to_name}"}} 1.0' in metrics

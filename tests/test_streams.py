@@ -13,13 +13,32 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.streams import (POLICIES, Backoff, BadFrameError, FrameBuffer, ImageFolderSource, OpenCVSource,
-                             ReplaySource, SourceExhausted, Stream, StreamFrame, check_frame, open_source)
+from monitor.streams import (DEFAULT_FILE_FPS, POLICIES, VIDEO_FPS_RANGE, Backoff, BadFrameError, FrameBuffer,
+                             FrameSchedule, ImageFolderSource, OpenCVSource, ReplaySource, SourceExhausted, Stream,
+                             StreamFrame, check_frame, open_source)
 
 
 def numbered_clip(count: int, shape=(16, 16, 3)) -> list[np.ndarray]:
     """Frames whose pixels say which frame they are, so order and identity can be checked on what comes out."""
     return [np.full(shape, i % 256, np.uint8) for i in range(count)]
+
+
+#: grey levels between consecutive frames of `write_video`'s clips (up to 12 frames), far more than JPEG moves them
+VIDEO_STEP = 20
+
+
+def write_video(path, count: int, fps: float, size=(32, 24)):
+    """A real MJPG video of `count` frames at `fps` whose grey level says which frame each is."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for i in range(count):
+        writer.write(np.full((size[1], size[0], 3), VIDEO_STEP * i, np.uint8))
+    writer.release()
+    return path
+
+
+def video_frame_number(frame: StreamFrame) -> int:
+    return round(float(frame.rgb.mean()) / VIDEO_STEP)
 
 
 def consume(stream: Stream, pause: float = 0.0) -> tuple[list[StreamFrame], int]:
@@ -181,6 +200,51 @@ def test_open_source_forms(tmp_path):
     assert not open_source("rtsp://cam/1").finite and open_source(str(tmp_path / "drive.mp4")).finite
     with pytest.raises(ValueError, match="scene number"):
         open_source("synthetic:x")
+
+
+# ------------------------------------------------------------------------------------------- pacing files
+def test_a_video_plays_at_its_own_rate(tmp_path):
+    """Paced at the video's own rate: frame n is read no sooner than n / fps after the first (what a camera
+    recording it would have delivered), and with back-pressure every frame still comes out, in order."""
+    source = open_source(str(write_video(tmp_path / "drive.avi", 6, fps=20.0)))
+    assert source.playback_fps() == 20.0
+    stream = Stream(source, policy="block", capacity=8, pace=source.playback_fps()).start()
+    taken, _ = consume(stream)
+    schedule = stream.schedule
+    assert schedule.fps == 20.0 and schedule.due(5) - schedule.due(0) == pytest.approx(5 / 20.0)
+    assert [f.index for f in taken] == list(range(6)) == [video_frame_number(f) for f in taken]
+    assert all(f.captured >= schedule.due(f.index) for f in taken)  # never ahead of its schedule
+
+
+def test_unpaced_file_with_back_pressure_delivers_every_frame_in_order(tmp_path):
+    """`--every-frame`: no pace, "block": a slow consumer gets every frame of the file, none dropped."""
+    stream = Stream(OpenCVSource(str(write_video(tmp_path / "drive.avi", 12, fps=30.0))), policy="block",
+                    capacity=2).start()
+    taken, most = consume(stream, pause=0.005)
+    assert [f.index for f in taken] == list(range(12)) == [video_frame_number(f) for f in taken]
+    assert stream.buffer.dropped == 0 and most <= 2 and stream.schedule is None
+
+
+def test_playback_rate_of_each_kind_of_source(tmp_path):
+    cv2.imwrite(str(tmp_path / "f0.png"), np.zeros((16, 16, 3), np.uint8))
+    assert open_source(str(tmp_path / "f0.png")).playback_fps() == DEFAULT_FILE_FPS  # images carry no rate
+    too_fast = write_video(tmp_path / "timebase.avi", 2, fps=VIDEO_FPS_RANGE[1] * 10)
+    assert open_source(str(too_fast)).playback_fps() == DEFAULT_FILE_FPS  # a rate no camera has: not given
+    assert open_source(str(tmp_path / "missing.mp4")).playback_fps() == DEFAULT_FILE_FPS
+    for live in ("rtsp://cam-7/stream", "http://127.0.0.1:9/cam.mjpg", "0"):  # real time already
+        assert open_source(live).playback_fps() is None
+    assert ReplaySource(numbered_clip(2), fps=5).playback_fps() is None  # paces itself
+
+
+def test_a_bad_pace_is_refused_and_a_slow_pace_does_not_hold_up_stop():
+    for pace in (0, -1.0, float("nan"), float("inf"), "fast"):
+        with pytest.raises(ValueError, match="positive number of frames per second"):
+            Stream(ReplaySource(numbered_clip(2)), pace=pace)
+    stream = Stream(ReplaySource(numbered_clip(3)), policy="block", capacity=3, pace=0.01).start()  # 100 s a frame
+    wait_until(lambda: stream.read_count == 1)  # frame 0 is due at once; frame 1 not for 100 s
+    stream.stop(timeout=20)
+    assert stream.ended.is_set() and stream.read_count == 1
+    assert FrameSchedule(4.0, start=10.0).due(2) == 10.5
 
 
 # ---------------------------------------------------------------------------------- sources that drop or die
