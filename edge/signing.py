@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -24,9 +25,10 @@ class KeyFileError(ValueError):
 
 
 def generate_keypair(out_dir: str | Path, name: str = "signing", passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """Write `<name>.key` (private, mode 0600) and `<name>.pub`; refuses to overwrite an existing key."""
+    """Write `<name>.key` (private, mode 0600) and `<name>.pub`; refuses to overwrite an existing key. A folder
+    it creates gets mode 0700."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
     for path in (private_path, public_path):
         if path.exists():
@@ -43,6 +45,23 @@ def generate_keypair(out_dir: str | Path, name: str = "signing", passphrase: byt
         key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return private_path, public_path
+
+
+def git_work_tree(path: str | Path) -> Path | None:
+    """The top of the git work tree `path` would be written into (`path` need not exist yet: its nearest existing
+    folder is asked), or None. Asks git (`rev-parse --show-toplevel`) and also looks for a `.git` up the tree,
+    so a machine without git, or a repository git refuses to read (another owner's), still counts."""
+    folder = Path(path).expanduser().absolute()
+    while not folder.is_dir():
+        folder = folder.parent
+    try:
+        asked = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True,
+                               timeout=30)
+        if asked.returncode == 0 and asked.stdout.strip():
+            return Path(asked.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        pass
+    return next((parent for parent in (folder, *folder.parents) if (parent / ".git").exists()), None)
 
 
 def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:

@@ -18,13 +18,22 @@ def edge() -> None:
 
 
 @edge.command("keygen")
-@click.option("--out", "out_dir", default="keys", show_default=True, help="folder for <name>.key and <name>.pub")
+@click.option("--out", "out_dir", default=lambda: str(Path(click.get_app_dir("patchwatch")) / "keys"),
+              show_default="~/.config/patchwatch/keys", help="folder for <name>.key and <name>.pub")
 @click.option("--name", default="signing", show_default=True)
 @click.option("--passphrase-env", help="encrypt the private key with the passphrase in this environment variable")
-def keygen(out_dir, name, passphrase_env) -> None:
-    """Generate an ECDSA P-256 signing key pair (private key file mode 0600)."""
-    from edge.signing import generate_keypair
+@click.option("--inside-repo", is_flag=True, help="write the key even into a git work tree (where it can be committed)")
+def keygen(out_dir, name, passphrase_env, inside_repo) -> None:
+    """Generate an ECDSA P-256 signing key pair (private key file mode 0600). A folder inside a git work tree is
+    refused unless --inside-repo is given."""
+    from edge.signing import generate_keypair, git_work_tree
 
+    repository = None if inside_repo else git_work_tree(out_dir)
+    if repository:
+        raise click.ClickException(
+            f"refusing to write a private key into {Path(out_dir).absolute()}: it is inside the git work tree "
+            f"{repository}, where it can be committed; give --out a folder outside it (the default is "
+            "~/.config/patchwatch/keys) or pass --inside-repo")
     passphrase = None
     if passphrase_env:
         if not os.environ.get(passphrase_env):
@@ -162,7 +171,8 @@ def rollback(name, root) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="default: the most exact engine")
 @click.option("--write", "outputs", type=click.Choice(["labels", "overlay"]), multiple=True,
               help="what to write per frame (repeatable; default both)")
-@click.option("--size", help="HEIGHTxWIDTH frames are resized to (default: as they come)")
+@click.option("--size", help="HEIGHTxWIDTH frames are segmented at (default: the spec's input size, as eval); "
+                             "labels are written at each frame's own size")
 @click.option("--limit", type=click.IntRange(min=1), help="stop after this many frames read")
 @click.option("--reconnect-attempts", type=click.IntRange(min=1),
               help="a camera or stream: opens in a row before giving up (default: reconnect for ever)")

@@ -1,14 +1,24 @@
 """A local Ray cluster with the patchwatch application on it: what `patchwatch serve`, the tests and the
-serving benchmark start, and stop again."""
+serving benchmark start, and stop again. And local Ray heads for jobs (`start_head`): the demo's and the tests',
+which end with their starter, and the one `patchwatch cluster up` leaves running, recorded on disk for
+`cluster status|down` (`record_head`, `recorded_head`)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
 
 from serving.config import ServeConfig
 
@@ -19,6 +29,7 @@ APP_NAME = "patchwatch"
 class LocalService:
     config: ServeConfig
     metrics_port: int
+    owns_cluster: bool = True  # started its own local cluster (else joined one at an address)
 
     @property
     def url(self) -> str:
@@ -36,13 +47,11 @@ class LocalService:
         return out
 
     def stop(self) -> None:
-        stop_local()
+        stop_local(self.owns_cluster)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on now (for tests and benchmarks that start a service)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -79,12 +88,34 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
         signal.signal(signal.SIGTERM, sigterm)
     try:
         _start_serve({"host": config.host, "port": config.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        with _quiet_reconnect():
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         _wait_ready(config, timeout_s)
     except BaseException:
-        stop_local()
+        if address:
+            stop_local(owns_cluster=False)
+        else:
+            ray.shutdown()  # the cluster's end takes whatever was started on it
         raise
-    return LocalService(config, metrics_port)
+    return LocalService(config, metrics_port, owns_cluster=not address)
+
+
+class _DropReconnect(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Connecting to existing Serve app")
+
+
+@contextlib.contextmanager
+def _quiet_reconnect():
+    """`serve.run` joins the Serve instance `serve.start` has just started (the only way to give Serve its HTTP
+    options) and logs that as "Connecting to existing Serve app ... New http_options will not be applied", which
+    reads as if an old app were reused on a fresh start; it passes no options, so nothing is lost. Drop that line."""
+    serve_logger, quiet = logging.getLogger("ray.serve"), _DropReconnect()
+    serve_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(quiet)
 
 
 def _start_serve(http_options: dict) -> None:
@@ -120,15 +151,37 @@ def _wait_ready(config: ServeConfig, timeout_s: float) -> None:
     raise TimeoutError(f"the service at {url} was not ready within {timeout_s:.0f} s: {last}")
 
 
-def stop_local() -> None:
+def stop_local(owns_cluster: bool = True) -> None:
+    """Stop the application and leave Ray. On a cluster of its own the application is deleted (its replicas finish
+    what they hold) and the cluster's end takes Serve's controller and proxy with it: `serve.shutdown` has Ray log
+    its controller's intended death as a failed task ("graceful_shutdown failed ... infinite retries remaining").
+    On a joined cluster Serve is shut down, so nothing of it stays there (and Ray logs that line)."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    if ray.is_initialized():
-        try:
+    if not ray.is_initialized():
+        return
+    try:
+        if owns_cluster:
+            with contextlib.suppress(RayServeException):  # Serve was never started
+                serve.delete(APP_NAME)
+        else:
             serve.shutdown()
-        finally:
-            ray.shutdown()
+    finally:
+        ray.shutdown()
+
+
+#: the ports `ray start` is given, each chosen free, and what listens on them; workers and actors take ports of
+#: Ray's own choosing
+HEAD_PORTS = {"port": "GCS", "dashboard-port": "dashboard", "dashboard-agent-listen-port": "dashboard agent (HTTP)",
+              "dashboard-agent-grpc-port": "dashboard agent (gRPC)", "runtime-env-agent-port": "runtime env agent",
+              "metrics-export-port": "metrics", "ray-client-server-port": "Ray client server",
+              "node-manager-port": "raylet", "object-manager-port": "object manager"}
+#: ports Ray takes from the environment instead (fixed defaults otherwise: 44217, 44227, shared by every head)
+HEAD_PORT_VARIABLES = {"AUTOSCALER_METRIC_PORT": "autoscaler metrics", "DASHBOARD_METRIC_PORT": "dashboard metrics"}
+#: what `record_head` writes into its state folder
+HEAD_RECORD, TOKEN_FILE, HEAD_LOG = "head.json", "auth_token", "head.log"
 
 
 @dataclass
@@ -136,22 +189,21 @@ class RayHead:
     """A Ray head started with `ray start --head --block` on 127.0.0.1, every port chosen free (so it runs beside
     other clusters on the machine), token-authenticated; `stop()` ends this cluster and only this one."""
 
-    process: object
+    process: object  # the `ray start --block` process: a subprocess.Popen, or a psutil.Process for a recorded head
     gcs_address: str
     dashboard_url: str
     env: dict
+    ports: dict = field(default_factory=dict)  # `ray start` option (HEAD_PORTS) or variable (HEAD_PORT_VARIABLES) -> port
+
+    @property
+    def token(self) -> str:
+        return self.env["RAY_AUTH_TOKEN"]
 
     def submit(self, entrypoint: list[str], working_dir: str | None = None, timeout: float = 900.0):
         """`ray job submit --address DASHBOARD [--working-dir DIR] -- ENTRYPOINT`, as a user types it, waiting
         for the job to end; retried while the head's job agent is still starting (it answers "No available agent
         to submit job" then and submits nothing). Returns the CompletedProcess."""
-        import shutil
-        import subprocess
-        import sys
-        from pathlib import Path
-
-        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-        command = [ray, "job", "submit", "--address", self.dashboard_url,
+        command = [ray_command(), "job", "submit", "--address", self.dashboard_url,
                    *(["--working-dir", str(working_dir)] if working_dir else []), "--", *entrypoint]
         deadline = time.monotonic() + 120
         while True:
@@ -160,15 +212,88 @@ class RayHead:
                 return done
             time.sleep(2)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        import subprocess
+    def answers(self, timeout: float = 5.0) -> bool:
+        """Whether the head's job API answers a request that carries this head's token."""
+        import requests
 
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # --block tears down what it started
+        try:
+            answer = requests.get(f"{self.dashboard_url}/api/jobs/", timeout=timeout,
+                                  headers={"Authorization": f"Bearer {self.token}"})
+        except requests.RequestException:
+            return False
+        return answer.status_code == 200
+
+    def listeners(self) -> list[tuple[str, int, str]]:
+        """(address, port, what) for every socket the head's processes listen on now, as the OS reports them."""
+        import psutil
+
+        what = {**HEAD_PORTS, **HEAD_PORT_VARIABLES}
+        named = {port: what.get(option, option) for option, port in self.ports.items()}
+        found = set()
+        for proc in _process_tree(self.process):
             try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.add((conn.laddr.ip, conn.laddr.port, named.get(conn.laddr.port) or _process_label(proc)))
+            except psutil.Error:  # ended meanwhile, or not ours to inspect
+                continue
+        return sorted(found, key=lambda row: (row[1], row[0]))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM to `ray start --block`, which tears down what it started; whatever of its process tree still
+        runs `timeout` s later is killed (a detached head has no starter left to end its processes)."""
+        import psutil
+
+        family = _process_tree(self.process)
+        if family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family[0].send_signal(signal.SIGTERM)
+            for proc in _wait_gone(family, timeout):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            _wait_gone(family, timeout)
+        if isinstance(self.process, subprocess.Popen):
+            self.process.poll()  # reap it
+
+
+def _process_tree(process) -> list:
+    """The `ray start` process and its descendants as psutil sees them now ([] once it has ended)."""
+    import psutil
+
+    if isinstance(process, subprocess.Popen) and process.poll() is not None:
+        return []
+    try:
+        root = process if isinstance(process, psutil.Process) else psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)] if _running(root) else []
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Waits until none of `procs` runs (a zombie counts as ended) or `timeout` passed; returns those still running."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _process_label(proc) -> str:
+    """A short name for a listener on a port of Ray's choosing: the actor (`ray::DashboardAgent`), the Python
+    script (`monitor.py`) or the executable."""
+    name = proc.name()
+    if name.startswith("ray::"):
+        return name
+    script = next((arg for arg in proc.cmdline()[1:] if arg.endswith(".py")), None)
+    return os.path.basename(script) if script else name
 
 
 def _terminate_with_parent():
@@ -178,8 +303,6 @@ def _terminate_with_parent():
     Linux sends the signal when the starting *thread* ends: start heads from a thread that lives as long as they
     should (the main thread, as the demo and the tests do)."""
     import ctypes
-    import signal
-    import sys
 
     if not sys.platform.startswith("linux"):
         return None
@@ -187,48 +310,139 @@ def _terminate_with_parent():
     return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def start_head(num_cpus: int, timeout_s: float = 120.0) -> RayHead:
-    """Start a local head for jobs (`ray job submit --address RayHead.dashboard_url`) and drivers
-    (`ray.init(address=RayHead.gcs_address)`, with `RayHead.env`'s RAY_AUTH_* in the environment before Ray is
-    first imported: Ray reads its auth mode at import)."""
-    import secrets
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
+def ray_command() -> str:
+    """This environment's `ray` (the one beside the running Python), else whichever is on PATH."""
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
-    import requests
 
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    # jobs run their entrypoints (`audit campaign ...`) with the head's PATH: put this environment's commands on it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
-             "object-manager-port")
+def _free_head_ports() -> dict[str, int]:
+    names = [*HEAD_PORTS, *HEAD_PORT_VARIABLES]
     chosen: set[int] = set()
     while len(chosen) < len(names):  # a port freed by one probe can come back from the next: Ray wants them distinct
         chosen.add(free_port())
-    ports = dict(zip(names, sorted(chosen)))
-    command = [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+    return dict(zip(names, sorted(chosen)))
+
+
+def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None = None) -> RayHead:
+    """Start a local head for jobs (`ray job submit --address RayHead.dashboard_url`) and drivers
+    (`ray.init(address=RayHead.gcs_address)`, with `RayHead.env`'s RAY_AUTH_* in the environment before Ray is
+    first imported: Ray reads its auth mode at import). It ends with its starter; with `detach_log` it runs in a
+    session of its own until stopped (`patchwatch cluster up`), its output in that file. Jobs without a working
+    dir run in the folder it was started from."""
+    import secrets
+    import tempfile
+
+    ports = _free_head_ports()
+    # jobs run their entrypoints (`audit campaign ...`) with the head's PATH: put this environment's commands on it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           **{name: str(ports[name]) for name in HEAD_PORT_VARIABLES}}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    command = [ray_command(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-               *(f"--{name}={port}" for name, port in ports.items())]
-    log = tempfile.NamedTemporaryFile("w+", prefix="ray-head-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=_terminate_with_parent())
-    head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env)
+               *(f"--{name}={ports[name]}" for name in HEAD_PORTS)]
+    if detach_log:
+        log, how = open(detach_log, "w"), {"start_new_session": True, "stdin": subprocess.DEVNULL}
+    else:
+        log = tempfile.NamedTemporaryFile("w", prefix="ray-head-", suffix=".log", delete=False)
+        how = {"preexec_fn": _terminate_with_parent()}
+    with log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **how)
+    head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env, ports)
+    _wait_for_jobs(head, Path(log.name), timeout_s)
+    return head
+
+
+def _wait_for_jobs(head: RayHead, log: Path, timeout_s: float) -> None:
+    """Returns once the dashboard answers and the job agent listens (a job submitted before it has started is
+    refused with "No available agent"); stops the head and raises if either does not happen in time."""
+    import requests
+
+    agent = ("127.0.0.1", head.ports["dashboard-agent-listen-port"])
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ray start failed: {Path(log.name).read_text()[-2000:]}")
+        if head.process.poll() is not None:
+            raise RuntimeError(f"ray start failed: {log.read_text()[-2000:]}")
         try:
             # any answer will do: with token auth the dashboard says 401 to a request without the token
             if requests.get(f"{head.dashboard_url}/api/version", timeout=2).status_code < 500:
-                return head
-        except requests.RequestException:
+                socket.create_connection(agent, timeout=2).close()
+                return
+        except (requests.RequestException, OSError):
             pass
         time.sleep(0.5)
     head.stop()
-    raise TimeoutError(f"the Ray head's dashboard did not answer within {timeout_s:.0f} s")
+    raise TimeoutError(f"the Ray head's dashboard and job agent did not answer within {timeout_s:.0f} s (log: {log})")
+
+
+class HeadRecordError(RuntimeError):
+    """No head is recorded in a state folder, its record is unreadable, or the recorded head has ended."""
+
+
+class HeadRecord(BaseModel):
+    """What `patchwatch cluster status|down` need to find a detached head again (its token is in TOKEN_FILE)."""
+
+    model_config = ConfigDict(extra="forbid")
+    pid: int
+    create_time: float  # with the pid, tells the head's `ray start` from a later process that reuses its pid
+    gcs_address: str
+    dashboard_url: str
+    ports: dict[str, int]
+    cwd: str  # where jobs submitted without a working dir run
+    bin: str  # the environment whose commands are on the jobs' PATH
+
+
+def record_head(head: RayHead, state_dir: Path) -> HeadRecord:
+    """Write HEAD_RECORD and TOKEN_FILE (mode 0600, in a folder of mode 0700) for `recorded_head`."""
+    import psutil
+
+    starter = psutil.Process(head.process.pid)
+    record = HeadRecord(pid=starter.pid, create_time=starter.create_time(), gcs_address=head.gcs_address,
+                        dashboard_url=head.dashboard_url, ports=head.ports, cwd=starter.cwd(),
+                        bin=str(Path(sys.executable).parent))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)
+    _write_private(state_dir / TOKEN_FILE, head.token)
+    _write_private(state_dir / HEAD_RECORD, record.model_dump_json(indent=2))
+    return record
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there keeps its own mode through os.open
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def recorded_head(state_dir: Path) -> tuple[RayHead, HeadRecord]:
+    """The head `record_head` wrote into `state_dir`, while its `ray start` process is still the recorded one;
+    raises HeadRecordError, naming the file, otherwise."""
+    import psutil
+    from pydantic import ValidationError
+
+    path = state_dir / HEAD_RECORD
+    if not path.is_file():
+        raise HeadRecordError(f"no Ray head recorded: {path} does not exist")
+    try:
+        record = HeadRecord.model_validate_json(path.read_text())
+        token = (state_dir / TOKEN_FILE).read_text().strip()
+    except (ValidationError, OSError) as exc:
+        raise HeadRecordError(f"the head record {path} is unreadable: {exc}") from exc
+    try:
+        starter = psutil.Process(record.pid)
+        same = round(starter.create_time(), 2) == round(record.create_time, 2) and _running(starter)
+    except psutil.NoSuchProcess:
+        same = False
+    if not same:
+        raise HeadRecordError(f"the head recorded in {path} (pid {record.pid}) has ended")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    return RayHead(starter, record.gcs_address, record.dashboard_url, env, record.ports), record
+
+
+def forget_head(state_dir: Path) -> None:
+    """Remove a head's record and token (its log stays)."""
+    for name in (HEAD_RECORD, TOKEN_FILE):
+        (state_dir / name).unlink(missing_ok=True)
