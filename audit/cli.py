@@ -59,7 +59,8 @@ def _finish(summary: dict) -> None:
 @audit.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def report(run_dir) -> None:
-    """Write RUN/report/index.html: tables, plots vs patch size, engine replay, every trial's pictures."""
+    """Write RUN_DIR/report/index.html (tables, plots vs patch size, engine replay, every trial's pictures) and
+    RUN_DIR/report/summary.json (strict JSON: null where a figure could not be measured)."""
     from audit.report import write_report
 
     try:
@@ -80,14 +81,18 @@ def report(run_dir) -> None:
 @click.option("--local-cpus", type=int, help="CPUs of the local cluster when one is started")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def vgatt(run_dir, address, cpus_per_trial, gpus_per_trial, device, gpu_wait, local_cpus, quiet) -> None:
-    """VGatt over a campaign run's stored trials: how much of each flip the patch carries (resumable)."""
+    """VGatt over a campaign run's stored trials: how much of each flip the patch carries (resumable). Then
+    refreshes RUN_DIR/report (as `audit report` does), so the report shows the audit at once."""
     from audit.patch_audit import run_patch_audit
+    from audit.report import write_report
 
     try:
         summary = run_patch_audit(run_dir, address=address, num_cpus=cpus_per_trial, num_gpus=gpus_per_trial,
                                   device=device, local_cpus=local_cpus, progress=not quiet, gpu_wait_s=gpu_wait)
     except (FileNotFoundError, DeviceError) as exc:
         raise click.ClickException(str(exc)) from exc
+    # also after failed audits: the report shows what was audited and lists the failures
+    summary["report"] = str(write_report(run_dir))
     _finish(summary)
 
 

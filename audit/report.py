@@ -1,12 +1,18 @@
-"""`audit report RUN`: an HTML page of a campaign run — summary tables, success and area of effect vs patch
-size, robustness under EOT, engine replay, and every trial's before/after overlays, target and patch."""
+"""`audit report RUN_DIR`: an HTML page of a campaign run — summary tables, success and area of effect vs
+patch size, robustness under EOT, engine replay, and every trial's before/after overlays, target and patch —
+and `summary.json`, strict JSON (a figure that could not be measured is null, never NaN).
+
+Targets are named with the twin's own class names (its `ModelSpec`); a section or column with nothing to show
+(no held-out views, no failures, a figure no trial measured) is left out."""
 
 from __future__ import annotations
 
 import html
 import json
 import math
+import shlex
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -105,33 +111,149 @@ def _or_minus_one(value) -> float:
     return -1.0 if _isnan(value) else value
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(value):
-        if isinstance(value, float):
-            return "nan" if math.isnan(value) else f"{value:.3f}"
-        return html.escape(str(value))
+#: how a figure that could not be measured (NaN, None) reads in the page
+NOT_MEASURED = "&ndash;"
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in columns) + "</tr>" for r in rows)
+
+def _number(value, digits: int = 3) -> str:
+    """A figure for the page: `digits` decimals, `NOT_MEASURED` where there is none."""
+    if value is None or _isnan(value):
+        return NOT_MEASURED
+    return f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    """An HTML table; a column no row has a figure for is left out."""
+    shown = [c for c in columns if any(r.get(c) is not None and not _isnan(r.get(c)) for r in rows)] or columns[:1]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in shown)
+    body = "".join("<tr>" + "".join(f"<td>{_number(r.get(c))}</td>" for c in shown) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _attribution_section(attribution: dict | None, audited: int) -> str:
+def strict_json(value):
+    """`value` with every NaN or infinity as None and numpy scalars as Python numbers, for `allow_nan=False`."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------------------- class names
+@lru_cache(maxsize=16)
+def model_class_names(model_path: str) -> tuple[str, ...] | None:
+    """The class names of the twin a trial attacked (its `ModelSpec`); None where the checkpoint cannot be read
+    here (a report written away from the twins): the stored description is shown then."""
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import read_checkpoint
+
+    try:
+        return tuple(ModelSpec.from_json(read_checkpoint(model_path)["spec"]).class_names)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def describe_target(row: dict) -> str:
+    """A trial's target in the twin's class names ("car -> road", "person disappears"); a mask target by its
+    file; the stored description where the twin's classes are not at hand."""
+    stored = row["metrics"].get("description") or row["target"]
+    names = model_class_names(row["model"])
+    if names is None or row["target"] == "mask":
+        return stored
+
+    def name(index) -> str:
+        return names[index] if index is not None and 0 <= index < len(names) else f"class {index}"
+
+    if row["target"] == "disappear":
+        return f"{name(row['source_class'])} disappears"
+    if row["target"] == "switch":
+        return f"{name(row['source_class'])} -> {name(row['to_class'])}" if row["source_class"] is not None \
+            else f"-> {name(row['to_class'])}"
+    return stored
+
+
+# ------------------------------------------------------------------------------------------- sections
+#: a trial's pictures in the order shown, and what each is called in the table's header
+TRIAL_PICTURES = {"before.png": "before", "after.png": "after", "target.png": "target", "patch.png": "patch",
+                  "physical.png": "held-out views with the patch as a decal",
+                  "attribution.png": "VGatt: clean | attacked | attacked image"}
+
+
+def _attribution_section(attribution: dict | None, audited: int, run: Path) -> str:
     if not attribution:
-        return "<h2>Why the pixels flipped</h2><p>No VGatt audit yet: <code>audit vgatt RUN</code>.</p>"
+        return ("<h2>Why the pixels flipped</h2><p>No VGatt audit yet: run "
+                f"<code>audit vgatt {html.escape(shlex.quote(str(run)))}</code> (it refreshes this report).</p>")
     if not attribution["successful_trials"]:
         return (f"<h2>Why the pixels flipped (VGatt)</h2><p>{audited} trials audited; none succeeded "
                 "(success &ge; 0.5), so there are no flips to explain.</p>")
     return f"""<h2>Why the pixels flipped (VGatt)</h2>
 <p>{audited} trials audited; {attribution['successful_trials']} successful (success &ge; 0.5). Share of the positive
-VGatt attribution of the flipped pixels that lies inside the patch: <b>{attribution['inside_share_attacked_mean']:.3f}</b>
-on the attacked images vs <b>{attribution['inside_share_clean_mean']:.3f}</b> on the clean images (same pixels,
-same class); the patch covers {attribution['patch_area_share_mean']:.4f} of the image. Trial pictures:
-attribution.png = clean map | attacked map | attacked image.</p>
+VGatt attribution of the flipped pixels that lies inside the patch:
+<b>{_number(attribution['inside_share_attacked_mean'])}</b> on the attacked images vs
+<b>{_number(attribution['inside_share_clean_mean'])}</b> on the clean images (same pixels, same class); the patch
+covers {_number(attribution['patch_area_share_mean'], 4)} of the image. Trial pictures: attribution.png = clean map
+| attacked map | attacked image.</p>
 <img src="inside_patch_attribution.png">"""
 
 
+def _replay_section(rows: list[dict]) -> str:
+    if not any(r["replay"] for r in rows):
+        return "<h2>Engine replay</h2><p>No engines were listed for replay.</p>"
+    return "<h2>Engine replay</h2>" + _table(replay_summary(rows), [
+        "engine", "backend", "precision", "trials", "with_flips", "reproduced", "intended_reproduced_mean",
+        "agreement_mean"])
+
+
+def _trial_row(row: dict, run: Path, pictures: list[str], with_replay: bool) -> str:
+    m = row["metrics"]
+    images = "".join(f'<img src="../trials/{row["id"]}/{name}" title="{name}">' for name in pictures
+                     if (run / "trials" / row["id"] / name).exists())
+    replay = ", ".join(f"{html.escape(k)}: {_verdict(v['reproduces'])} ({_number(v['success'], 2)})"
+                       for k, v in row["replay"].items()) or "-"
+    cells = [f"<code>{row['id'][:10]}</code>", html.escape(Path(row["model"]).name), str(row["image_index"]),
+             html.escape(describe_target(row)), str(row["size"]), _number(m["success"]),
+             _number(m.get("success_with_patch")), _number(m["intended_flipped"]), _number(m["changed"]),
+             _number(m["area_of_effect"], 1), _number(m["eot_success_mean"])]
+    if with_replay:
+        cells.append(replay)
+    cells.append(images)
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells[:-1]) + f"<td class='pics'>{cells[-1]}</td></tr>"
+
+
+def _trials_section(rows: list[dict], run: Path) -> str:
+    """Every trial, best first; the header names only the pictures some trial has (no held-out views on
+    CamVid, no VGatt maps before an audit)."""
+    if not rows:
+        return ""
+    pictures = [name for name in TRIAL_PICTURES if any((run / "trials" / r["id"] / name).exists() for r in rows)]
+    with_replay = any(r["replay"] for r in rows)
+    header = ["id", "model", "image", "target", "size", "success outside patch", "incl. patch", "intended px",
+              "changed px", "area of effect", "EOT success"] + (["engine replay"] if with_replay else []) + ["pictures"]
+    ordered = sorted(rows, key=lambda r: (-_or_minus_one(r["metrics"]["success"]), r["size"]))
+    return (f"<h2>Trials (best first): {' | '.join(TRIAL_PICTURES[p] for p in pictures)}</h2>\n<table><tr>"
+            + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
+            + "".join(_trial_row(r, run, pictures, with_replay) for r in ordered) + "</table>")
+
+
+def _failures_section(failures: list[dict]) -> str:
+    if not failures:
+        return ""
+    rows = "".join(f"<tr><td><code>{html.escape(f['id'][:10])}</code></td><td>{html.escape(f['error'])}</td></tr>"
+                   for f in failures)
+    return f"<h2>Failures</h2><table><tr><th>id</th><th>error</th></tr>{rows}</table>"
+
+
+PAGE_STYLE = """body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px} .pics img{height:96px;image-rendering:pixelated;
+margin-right:4px} pre{background:#f4f4f4;padding:1em}"""
+
+
 def write_report(run_dir: str | Path) -> Path:
+    """RUN_DIR/report/index.html and summary.json from the run's store; returns the page's path."""
     run = Path(run_dir)
     if not (run / "trials.sqlite").exists():
         raise FileNotFoundError(f"{run} is not a campaign run (no trials.sqlite)")
@@ -140,53 +262,30 @@ def write_report(run_dir: str | Path) -> Path:
         audits = store.audits(KIND)
     out = run / "report"
     out.mkdir(exist_ok=True)
-    campaign = (run / "campaign.yaml").read_text() if (run / "campaign.yaml").exists() else ""
     summary = summarise(rows)
-    figures = _plots(rows, out) if rows else []
     attribution = summarise_audits(rows, audits) if audits else None
     if attribution and attribution["successful_trials"]:
         plot_inside_shares(attribution, out / "inside_patch_attribution.png")
-    trial_rows = []
-    for row in sorted(rows, key=lambda r: (-_or_minus_one(r["metrics"]["success"]), r["size"])):
-        m = row["metrics"]
-        images = "".join(f'<img src="../trials/{row["id"]}/{name}" title="{name}">'
-                         for name in ("before.png", "after.png", "target.png", "patch.png", "physical.png",
-                                      "attribution.png")
-                         if (run / "trials" / row["id"] / name).exists())
-        replay = ", ".join(f"{k}: {_verdict(v['reproduces'])} ({v['success']:.2f})"
-                           for k, v in row["replay"].items()) or "-"
-        trial_rows.append(
-            f"<tr><td><code>{row['id'][:10]}</code></td><td>{html.escape(Path(row['model']).name)}</td>"
-            f"<td>{row['image_index']}</td><td>{html.escape(m.get('description', row['target']))}</td>"
-            f"<td>{row['size']}</td><td>{m['success']:.3f}</td><td>{m.get('success_with_patch', float('nan')):.3f}</td><td>{m['intended_flipped']}</td>"
-            f"<td>{m['changed']}</td><td>{m['area_of_effect']:.1f}</td><td>{m['eot_success_mean']:.3f}</td>"
-            f"<td>{html.escape(replay)}</td><td class='pics'>{images}</td></tr>")
-    failure_rows = "".join(f"<tr><td><code>{html.escape(f['id'][:10])}</code></td><td>{html.escape(f['error'])}</td>"
-                           "</tr>" for f in failures)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>patchwatch campaign report</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}} .pics img{{height:96px;image-rendering:pixelated;
-margin-right:4px}} pre{{background:#f4f4f4;padding:1em}}</style></head><body>
+    atomic_write_text(out / "index.html", _page(run, rows, failures, summary, attribution, len(audits)))
+    brief = {k: v for k, v in (attribution or {}).items() if k not in ("attacked", "clean")}
+    document = {"by_size": summary, "replay": replay_summary(rows), "attribution": brief, "trials": len(rows),
+                "failures": len(failures)}
+    atomic_write_text(out / "summary.json", json.dumps(strict_json(document), indent=2, allow_nan=False))
+    return out / "index.html"
+
+
+def _page(run: Path, rows: list[dict], failures: list[dict], summary: list[dict], attribution: dict | None,
+          audited: int) -> str:
+    campaign = (run / "campaign.yaml").read_text() if (run / "campaign.yaml").exists() else ""
+    figures = _plots(rows, run / "report") if rows else []
+    by_size = ("<h2>By model and patch size</h2>\n" + _table(summary, list(summary[0]))
+               + "".join(f'<img src="{f}">' for f in figures)) if summary else ""
+    sections = [by_size, _replay_section(rows), _attribution_section(attribution, audited, run),
+                _trials_section(rows, run), _failures_section(failures),
+                f"<h2>Campaign file</h2><pre>{html.escape(campaign)}</pre>" if campaign else ""]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>patchwatch campaign report</title>
+<style>{PAGE_STYLE}</style></head><body>
 <h1>Campaign report</h1>
 <p>{len(rows)} trials stored, {len(failures)} failures recorded.</p>
-<h2>By model and patch size</h2>
-{_table(summary, list(summary[0]) if summary else ["model"])}
-{''.join(f'<img src="{f}">' for f in figures)}
-<h2>Engine replay</h2>
-{_table(replay_summary(rows), ["engine", "backend", "precision", "trials", "with_flips", "reproduced",
-                               "intended_reproduced_mean", "agreement_mean"])
- if any(r["replay"] for r in rows) else "<p>No engines were listed for replay.</p>"}
-{_attribution_section(attribution, len(audits))}
-<h2>Trials (best first): before | after | target | patch | held-out views with the patch as a decal</h2>
-<table><tr><th>id</th><th>model</th><th>image</th><th>target</th><th>size</th><th>success outside patch</th><th>incl. patch</th><th>intended px</th>
-<th>changed px</th><th>area of effect</th><th>EOT success</th><th>engine replay</th><th>pictures</th></tr>
-{''.join(trial_rows)}</table>
-<h2>Failures</h2><table><tr><th>id</th><th>error</th></tr>{failure_rows}</table>
-<h2>Campaign file</h2><pre>{html.escape(campaign)}</pre>
+{chr(10).join(s for s in sections if s)}
 </body></html>"""
-    atomic_write_text(out / "index.html", page)
-    brief = {k: v for k, v in (attribution or {}).items() if k not in ("attacked", "clean")}
-    atomic_write_text(out / "summary.json", json.dumps({"by_size": summary, "replay": replay_summary(rows),
-                                                        "attribution": brief, "trials": len(rows),
-                                                        "failures": len(failures)}, indent=2))
-    return out / "index.html"

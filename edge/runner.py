@@ -2,7 +2,10 @@
 
 It holds one `Engine` (ONNX Runtime, or TensorRT when the bundle has a plan for this machine), reads frames
 through a `monitor.streams.Stream` (the monitor's reader: reconnects with back-off, bounded buffer) and writes per
-frame a label PNG (class indices) and/or a colour overlay; for video and camera input also an overlay video.
+frame a label PNG (a palette PNG: class indices, the spec's colours, as the service answers) and/or a colour
+overlay; for video and camera input also an overlay video. Frames are segmented at the spec's input size, resized
+as `patchwatch eval` resizes (torchvision, bilinear with antialiasing), and the labels are brought back to the
+frame's own size (nearest neighbour), so what is written lines up with the frame.
 Files, folders and globs are read with back-pressure (policy "block": no frame lost, at most `READ_AHEAD`
 decoded ahead); cameras and network streams keep only the newest frame ("latest": the engine sees the present,
 frames it had no time for are counted as dropped). A frame that cannot be decoded is logged in the summary
@@ -17,15 +20,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from torchvision.transforms.v2 import functional as tv_functional
 from tqdm import tqdm
 
 from edge.manifest import BundleTargetError
 from edge.verify import VerifiedBundle, verify_bundle
 from export import Engine, OnnxRuntimeEngine
+from export.engine import host_tensor
 from monitor.streams import Backoff, FrameSource, ImageFolderSource, Stream, StreamEvent, open_source
 from segmenters.data.frames import capture_fps, describe_source
 from segmenters.files import atomic_write_text
-from segmenters.visualize import overlay
+from segmenters.visualize import overlay, save_label_png
 
 RUNTIMES = ("auto", "onnxruntime", "tensorrt")
 OUTPUTS = ("labels", "overlay")
@@ -110,7 +115,7 @@ class FrameWriter:
 
     def write(self, name: str, rgb: np.ndarray, labels: np.ndarray) -> None:
         if "labels" in self.outputs:
-            _write_png(self.out / "labels" / f"{name}.png", labels)
+            save_label_png(self.out / "labels" / f"{name}.png", labels, self.palette)
         if "overlay" not in self.outputs:
             return
         picture = cv2.cvtColor(overlay(rgb, labels, self.palette), cv2.COLOR_RGB2BGR)
@@ -137,8 +142,9 @@ def run_engine(
     progress: bool = True,
     backoff: Backoff | None = None,
 ) -> dict:
-    """Segment the frames of `source` (the first `limit` read: all of a file's, the newest of a camera's); returns
-    (and writes as summary.json) what happened. `backoff`: a camera's or stream's reconnects (see `open_stream`)."""
+    """Segment the frames of `source` (the first `limit` read: all of a file's, the newest of a camera's) at
+    `size` (H, W; default the spec's input size) and write their labels at each frame's own size; returns (and
+    writes as summary.json) what happened. `backoff`: a camera's or stream's reconnects (see `open_stream`)."""
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
@@ -149,27 +155,51 @@ def run_engine(
     is_video = describe_source(source).split()[0] in ("video", "camera", "stream")
     writer = FrameWriter(out, outputs, engine.spec.palette(), capture_fps(source) if is_video else None)
     stem, frames, infer_s = _stem(source), 0, 0.0
+    size = tuple(size or engine.spec.input_size)
     areas = np.zeros(engine.spec.num_classes, dtype=np.int64)
     started = time.perf_counter()
     try:
         stream.start()
         for item in tqdm(_taken(stream, limit), desc=f"edge run {engine.backend}", disable=not progress):
-            rgb = item.rgb if size is None else cv2.resize(item.rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            resized = resize_frame(item.rgb, size)
             t0 = time.perf_counter()
-            labels = engine.segment(rgb)[0]
+            labels = engine.segment(resized)[0]
             infer_s += time.perf_counter() - t0
+            labels = labels_at(labels, item.rgb.shape[:2])
             frames += 1
             areas += np.bincount(labels.ravel(), minlength=engine.spec.num_classes)[: engine.spec.num_classes]
-            writer.write(_frame_name(stream.source, stem, item.index), rgb, labels)
+            writer.write(_frame_name(stream.source, stem, item.index), item.rgb, labels)
     finally:
         stream.stop()
         writer.close()
     _refuse_unopened(events, frames, source)
     summary = {"source": describe_source(source), "engine": engine.describe(), "frames": frames,
+               "segmented_at": list(size),
                **_stream_report(stream, events, stem, limit), **_timing(frames, time.perf_counter() - started, infer_s),
                "class_share": _shares(areas, engine.spec.class_names)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def resize_frame(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, 3) uint8 frame at `size` (H, W), resized as evaluation resizes its images (torchvision's
+    bilinear resize with antialiasing); a frame already at `size` is returned as it is."""
+    if tuple(rgb.shape[:2]) == tuple(size):
+        return rgb
+    resized = tv_functional.resize(host_tensor(np.ascontiguousarray(rgb)).permute(2, 0, 1), list(size),
+                                   antialias=True)
+    return np.ascontiguousarray(resized.permute(1, 2, 0).numpy())
+
+
+def labels_at(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A label map brought to `size` (H, W) by nearest neighbour: each pixel takes the label of the model pixel
+    its centre falls in (torch's "nearest-exact"; OpenCV's rounds exact boundaries down). Classes, never blends,
+    in any integer dtype."""
+    if tuple(labels.shape) == tuple(size):
+        return labels
+    rows = ((np.arange(size[0]) + 0.5) * (labels.shape[0] / size[0])).astype(np.int64)
+    cols = ((np.arange(size[1]) + 0.5) * (labels.shape[1] / size[1])).astype(np.int64)
+    return labels[rows[:, None], cols[None, :]]
 
 
 def _refuse_unopened(events: list[StreamEvent], frames: int, source: str | int) -> None:

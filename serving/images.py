@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from segmenters.spec import ModelSpec
-from segmenters.visualize import overlay
+from segmenters.visualize import label_image, overlay
 from serving.protocol import ProtocolError
 
 IMAGE_OUTPUTS = ("labels", "overlay", "areas")
@@ -40,14 +40,7 @@ def check_upload_type(content_type: str | None) -> None:
 
 def label_png(labels: np.ndarray, spec: ModelSpec) -> bytes:
     """(H, W) class indices -> a palette PNG: values are class indices, the palette shows the classes' colours."""
-    if spec.num_classes > 256:
-        image = Image.fromarray(labels.astype(np.uint16))
-    else:
-        image = Image.fromarray(labels.astype(np.uint8), mode="P")
-        palette = np.zeros((256, 3), np.uint8)
-        palette[: spec.num_classes] = spec.palette()
-        image.putpalette(palette.reshape(-1).tolist())
-    return _encode(image, "PNG")
+    return _encode(label_image(labels, spec.palette()), "PNG")
 
 
 def overlay_image(rgb: np.ndarray, labels: np.ndarray, spec: ModelSpec, jpeg: bool) -> bytes:

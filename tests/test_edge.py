@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import resize
 
 from edge import (
     BundleDigestError, BundleError, BundleKeyError, BundleMissingFileError, BundleSignatureError,
@@ -22,7 +24,6 @@ from export import OnnxRuntimeEngine
 from export.parity import TOLERANCES
 from export.pipeline import ParitySettings, export_onnx_gated, report_paths
 from export.tensorrt_engine import PlanInfo, PlanTarget, sidecar_path
-from segmenters.data.common import read_rgb
 
 pytestmark = pytest.mark.data
 ORIN = PlanTarget(tensorrt_version="10.3.0", compute_capability="8.7", device_name="Orin")
@@ -52,24 +53,65 @@ def test_round_trip_bundle_verify_run_reproduces_the_twins_labels_on_camvid_val(
     assert summary["frames"] == 6 and summary["errors"] == []
     assert summary["engine"]["backend"] == "onnxruntime:CPUExecutionProvider"
     assert summary["engine"]["precision"] == "fp32"  # the most exact engine by default
+    assert summary["segmented_at"] == list(twin.spec.input_size) == [96, 128]  # the spec's size, as eval
     compared = 0
     for path in sorted(val.glob("*.png"))[:6]:
-        image = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)[None]
-        with torch.no_grad():
-            logits = twin.logits(image)[0].numpy()
-        expected = logits.argmax(0)
-        written = cv2.imread(str(tmp_path / "out" / "labels" / f"{path.stem}.png"), cv2.IMREAD_UNCHANGED)
-        assert written.shape == expected.shape == (360, 480)
-        # Every label the twin is sure of is reproduced; only a near-tie (top-2 margin inside the fp32 gate's
-        # logit tolerance, counted twice: both logits may move) may resolve the other way in another runtime.
-        top2 = np.sort(logits, axis=0)[-2:]
-        tie = (top2[1] - top2[0]) <= 2 * TOLERANCES["fp32"].max_abs_rel * float(logits.max() - logits.min())
-        np.testing.assert_array_equal(written[~tie], expected[~tie])
-        assert (written != expected).mean() <= 1 - TOLERANCES["fp32"].label_agreement
+        written = np.asarray(Image.open(tmp_path / "out" / "labels" / f"{path.stem}.png"))
+        assert written.shape == (360, 480)  # the frame's size
+        assert_twin_labels(written, twin_logits_at_spec_size(twin, path))
         assert (tmp_path / "out" / "overlays" / f"{path.stem}.png").is_file()
         compared += 1
     assert compared == 6 and len(np.unique(written)) > 1
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["bundle"]["signer"].startswith("p256:")
+
+
+def twin_logits_at_spec_size(twin, path) -> np.ndarray:
+    """The twin's logits on the image file at its spec's input size, the frame resized as eval resizes
+    (torchvision bilinear, antialiased) from its uint8 pixels."""
+    frame = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    resized = resize(frame, list(twin.spec.input_size), antialias=True)
+    with torch.no_grad():
+        return twin.logits(resized[None].float() / 255.0)[0].numpy()
+
+
+def spread_to(model_labels: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Labels at the model's size -> `size`: every frame pixel takes the label of the model pixel whose
+    footprint holds its centre (torch's nearest-exact)."""
+    spread = torch.nn.functional.interpolate(torch.from_numpy(model_labels.astype(np.float32))[None, None],
+                                             size=tuple(size), mode="nearest-exact")
+    return spread[0, 0].numpy().astype(model_labels.dtype)
+
+
+def assert_twin_labels(written: np.ndarray, logits: np.ndarray) -> None:
+    """`written` (at a frame's size) shows the twin's labels of `logits` (at the spec's size) spread to it. Every
+    label the twin is sure of is reproduced; only a near-tie (top-2 margin inside the fp32 gate's logit
+    tolerance, counted twice: both logits may move) may resolve the other way in another runtime."""
+    expected = spread_to(logits.argmax(0), written.shape)
+    top2 = np.sort(logits, axis=0)[-2:]
+    tie = spread_to((top2[1] - top2[0]) <= 2 * TOLERANCES["fp32"].max_abs_rel * float(logits.max() - logits.min()),
+                    written.shape)
+    np.testing.assert_array_equal(written[~tie], expected[~tie])
+    assert (written != expected).mean() <= 1 - TOLERANCES["fp32"].label_agreement
+
+
+def test_label_pngs_are_palette_pngs_of_the_specs_colours(engines, data_root, tmp_path):
+    """Edge labels are written as the service writes them: 'P' mode, values the class indices, palette the
+    spec's colours; a frame of another size than the spec's comes back at its own size."""
+    folder, twin, _, _ = engines
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    source = sorted((data_root / "camvid" / "val").glob("*.png"))[0]
+    Image.open(source).convert("RGB").resize((200, 150), Image.Resampling.BILINEAR).save(frames / "small.png")
+    summary = run_engine(OnnxRuntimeEngine(folder / "unet.onnx"), str(frames), tmp_path / "out", outputs=("labels",),
+                         progress=False)
+    assert summary["frames"] == 1 and summary["segmented_at"] == [96, 128]
+    written = Image.open(tmp_path / "out" / "labels" / "small.png")
+    assert written.mode == "P" and written.size == (200, 150)
+    palette = np.array(written.getpalette()[: 3 * twin.spec.num_classes]).reshape(-1, 3)
+    np.testing.assert_array_equal(palette, twin.spec.palette())
+    indices = np.asarray(written)
+    assert indices.max() < twin.spec.num_classes and len(np.unique(indices)) > 1
+    assert_twin_labels(indices, twin_logits_at_spec_size(twin, frames / "small.png"))
 
 
 def test_archive_bundle_verifies_and_lists_its_engines(engines, tmp_path):
