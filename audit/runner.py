@@ -6,10 +6,15 @@ Each task runs on the device Ray gave it (`segmenters.device.assigned_device`: `
 it has one); several tasks share a GPU through fractional `num_gpus`. Before any work starts, the driver refuses
 a device request the tasks cannot meet (`check_device_request`, `check_cluster_gpus`).
 
-Inside `ray job submit`, `ray.init()` joins the job's cluster; run directly, it starts a local one."""
+Inside `ray job submit`, `ray.init()` joins the job's cluster; run directly, it starts a local one.
+
+Before the trials, the driver runs the one-class check (`segmenters.twin.TwinHealth`) on each twin over the first
+campaign images: a twin that predicts one class everywhere would make every trial meaningless, so it is named in a
+WARNING line, in the summary and in `twin_health.json` (the campaign still runs)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -17,14 +22,17 @@ from pathlib import Path
 
 import torch
 
-from audit.campaign import expand, load_campaign
+from audit.campaign import CampaignConfig, Trial, expand, load_campaign
 from audit.store import TrialStore
 from segmenters.device import DeviceError, device_name, resolve_device
+from segmenters.files import atomic_write_text
 
 #: how long a driver that joined a cluster waits for a node with the GPUs one task needs (autoscaling)
 GPU_WAIT_S = 300.0
 #: how often it looks
 GPU_POLL_S = 2.0
+#: how many of the attacked images the driver runs each twin on for the one-class check
+HEALTH_CHECK_IMAGES = 8
 
 
 def run_campaign(config_path: str | Path, out: str | Path, *, address: str | None = None, num_cpus: float = 1.0,
@@ -41,7 +49,9 @@ def run_campaign(config_path: str | Path, out: str | Path, *, address: str | Non
         done = store.done_ids()
         pending = [t for t in trials if t.id not in done]
         summary = {"campaign": config.name, "trials": len(trials), "already_stored": len(trials) - len(pending),
-                   "stored": 0, "failed": 0, "out": str(out), "device": config.device}
+                   "stored": 0, "failed": 0, "out": str(out), "device": config.device,
+                   "twin_health": check_twins(config, trials)}
+        atomic_write_text(store.root / "twin_health.json", json.dumps(summary["twin_health"], indent=2))
 
         def stored(trial, result) -> None:
             store.record(trial.as_dict(), result["metrics"], result["artefacts"], result["replay"],
@@ -56,6 +66,29 @@ def run_campaign(config_path: str | Path, out: str | Path, *, address: str | Non
                            address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                            local_cpus=local_cpus, progress=progress, device=config.device, gpu_wait_s=gpu_wait_s)
     return {**summary, **counts}
+
+
+def check_twins(config: CampaignConfig, trials: list[Trial]) -> dict[str, dict]:
+    """Each twin's one-class check (`TwinHealth.as_dict()`) over the first `HEALTH_CHECK_IMAGES` images the trials
+    attack, on the driver's CPU, with a WARNING line for each twin that predicts one class for (nearly)
+    everything. Never fails the campaign: a twin that cannot be read here is left to its trials to report."""
+    from segmenters.twin import load_twin, twin_health, warn_if_one_class
+
+    indices = sorted({trial.image_index for trial in trials})[:HEALTH_CHECK_IMAGES]
+    if not indices:
+        return {}
+    data = config.images.build()
+    images = [data[index][0][None] for index in indices]  # one at a time: a folder's photos differ in size
+    report = {}
+    for model in config.models:
+        try:
+            twin = load_twin(model)
+        except (FileNotFoundError, ValueError):
+            continue
+        health = twin_health(twin, images)
+        warn_if_one_class(health, f"campaign {config.name}, twin {model}")
+        report[model] = health.as_dict()
+    return report
 
 
 def starts_local_cluster(address: str | None) -> bool:

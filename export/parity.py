@@ -6,6 +6,9 @@ Figures, engine against twin over the same normalised inputs:
 - mIoU of the engine's label map scored against the twin's (classes present in either).
 Tolerances depend on precision; a reduced-precision engine must still keep the labels (FP16 segmentation
 heads are a known trap: the logits look close while thin classes vanish, so mIoU is gated too).
+
+The gate also runs the one-class check on the twin's own labels (`segmenters.twin.TwinHealth`): an engine that
+matches a twin which says one class everywhere passes, but the report records it and a WARNING line says so.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from segmenters.data import build_dataset
 from segmenters.data.common import read_rgb
 from segmenters.data.frames import image_files
 from segmenters.metrics import confusion_matrix, iou_from_confusion, nanmean
+from segmenters.twin import TwinHealth, predicted_pixel_counts, warn_if_one_class
 from segmenters.visualize import colorize, heatmap, save_panel, to_uint8
 
 DATASET_SOURCES = ("camvid", "cityscapes", "voc", "shapes")
@@ -63,6 +67,10 @@ class ParityReport(BaseModel):
     worst_image_agreement: float
     tolerance: ParityTolerance
     failures: list[str]
+    #: the one-class check on the twin's labels over the gate's images (None in reports from before it)
+    twin_health: dict | None = None
+    #: what the gate noticed that does not fail it (a twin that predicts one class everywhere)
+    warnings: list[str] = []
 
     @property
     def passed(self) -> bool:
@@ -84,6 +92,7 @@ class ParityReport(BaseModel):
             f"  worst image       {self.worst_image}: agreement {self.worst_image_agreement:.6f}",
         ]
         lines += [f"  FAILED: {f}" for f in self.failures]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -162,6 +171,7 @@ def parity_check(
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     diffs, lo, hi, max_abs, agree, pixels, finite = [], math.inf, -math.inf, 0.0, 0, 0, True
     worst = ("", 2.0, None)
+    twin_counts = torch.zeros(num_classes, dtype=torch.int64)
     for batch in tqdm(list(_batches(images, batch_size)), desc=f"parity {engine.backend}", disable=not progress):
         x = reference.prepare(np.stack([image for _, image in batch]))
         ref, out = reference.infer(x), engine.infer(x)
@@ -172,6 +182,7 @@ def parity_check(
         max_abs = max(max_abs, float(diff.max()))
         lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
         ref_labels, out_labels = ref.argmax(1), out.argmax(1)
+        twin_counts += predicted_pixel_counts(ref_labels, num_classes)
         same = ref_labels == out_labels
         agree += int(same.sum())
         pixels += same.size
@@ -183,6 +194,8 @@ def parity_check(
                 worst = (name, share, (image, ref_labels[k], out_labels[k], diff[k].max(0)))
     logit_range = max(hi - lo, 1e-12)
     miou = nanmean(iou_from_confusion(cm))
+    health = TwinHealth.from_counts(twin_counts, reference.spec.class_names, len(images))
+    health_warning = warn_if_one_class(health, f"parity gate ({reference.spec.arch} on {source})")
     report = ParityReport(
         engine=engine.describe(),
         reference=reference.describe(),
@@ -200,6 +213,8 @@ def parity_check(
         worst_image_agreement=worst[1],
         tolerance=tolerance,
         failures=[],
+        twin_health=health.as_dict(),
+        warnings=[health_warning] if health_warning else [],
     )
     report.failures = _failures(report) + ([] if finite else ["the logits are not finite (inf or NaN)"])
     if panel_path is not None and worst[2] is not None:
@@ -214,6 +229,8 @@ def parity_check(
                 heatmap((ref_labels != out_labels).astype(np.float32)),
                 heatmap(dmax, vmax=max(float(dmax.max()), 1e-12)),
             ],
+            titles=[f"worst image: {worst[0]}", "twin labels", f"engine labels ({engine.precision})",
+                    f"labels differ ({1 - worst[1]:.2%})", f"max |dlogit| per pixel (0 to {float(dmax.max()):.3g})"],
         )
     return report
 

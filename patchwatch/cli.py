@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from audit.cli import audit
+from patchwatch.cluster_cli import cluster
 from patchwatch.edge_cli import edge
 from patchwatch.export_cli import export
 from patchwatch.import_cli import import_model
@@ -32,16 +33,22 @@ def main() -> None:
 @click.option("--lambdas", help="comma-separated loss weights, e.g. 4,2,0 for SEMEDA")
 @click.option("--size", help="HEIGHTxWIDTH images are brought to")
 @click.option("--crop", help="HEIGHTxWIDTH training crop (real data)")
-@click.option("--epochs", type=int)
-@click.option("--max-steps", type=int)
+@click.option("--epochs", type=int, help="passes over the training set")
+@click.option("--max-steps", type=int, help="optimiser steps in all: SEMEDA pretraining batches plus training steps")
+@click.option("--semeda-pretrain-batches", type=click.IntRange(min=1),
+              help="SEMEDA: batches (one optimiser step each) that pretrain the edge network first (default 300)")
+@click.option("--bn-recalibration-batches", type=click.IntRange(min=0),
+              help="training batches batch-norm statistics are recomputed over before each validation and save "
+                   "(default 10; 0: off)")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
 @click.option("--train-length", type=int, help="synthetic scenes to train on")
 @click.option("--val-length", type=int, help="synthetic scenes to validate on")
 @click.option("--seed", type=int)
 @click.option("--threads", type=int)
-@click.option("--eval-every", type=int, help="validate every N epochs (and after the last)")
-@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the training step")
+@click.option("--eval-every", type=int, help="validate after epoch 1, every N epochs and after the last")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile the training step (default: on CUDA only)")
 @device_option("to train (default: the config's, auto)", default=None)
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]),
               help="mixed precision (default auto: bf16 on CUDA where the GPU has it, else fp16; off on the CPU)")
@@ -108,7 +115,9 @@ def eval_command(checkpoint, dataset, split, data_root, size, length, limit, ove
         raise click.ClickException(str(exc)) from exc
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{dataset}-{split}"
     report = evaluate(twin, data, out_dir=out, overlays=overlays, limit=limit, progress=not quiet)
-    brief = {k: report[k] for k in ("miou", "pixel_accuracy", "mean_f1", "mean_e_measure", "images")}
+    for warning in report["warnings"]:  # the one-class check: reported loudly, never a failure
+        click.echo(f"WARNING: {checkpoint} on {dataset}/{split}: {warning}", err=True)
+    brief = {k: report[k] for k in ("miou", "pixel_accuracy", "mean_f1", "mean_e_measure", "images", "warnings")}
     click.echo(json.dumps({**brief, "report": str(out / "report.json")}, indent=2))
 
 
@@ -132,6 +141,7 @@ main.add_command(import_model)
 main.add_command(edge)
 main.add_command(serve)
 main.add_command(monitor)
+main.add_command(cluster)
 
 
 if __name__ == "__main__":

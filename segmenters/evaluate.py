@@ -13,7 +13,7 @@ from segmenters.data.loading import device_batches, loader_workers
 from segmenters.device import describe_device
 from segmenters.metrics import DEFAULT_BANDS, SegmentationMetrics, entropy_map
 from segmenters.spec import ModelSpec
-from segmenters.twin import Twin
+from segmenters.twin import Twin, TwinHealth, predicted_pixel_counts
 from segmenters.visualize import colorize, heatmap, overlay, save_panel, to_uint8
 
 matplotlib.use("Agg")
@@ -34,7 +34,10 @@ def evaluate(
 ) -> dict:
     """Run the twin over `dataset` on the twin's device (batches go there; metrics and overlays read CPU copies of
     labels and entropy); with `out_dir`, write report.json, overlay panels and a trimap plot. `workers`: DataLoader
-    workers (default: 0 on the CPU, a few on CUDA)."""
+    workers (default: 0 on the CPU, a few on CUDA).
+
+    The report's `twin_health` is the one-class check over the predictions (`segmenters.twin.TwinHealth`); when it
+    fires, `warnings` holds its message (the caller prints it: evaluation itself never fails on it)."""
     twin.model.eval()
     device = model_device(twin.model)
     metrics = SegmentationMetrics(twin.spec.num_classes, twin.spec.ignore_index, bands)
@@ -43,15 +46,20 @@ def evaluate(
     loader = device_batches(subset, batch_size, device, loader_workers(workers, device))
     out = Path(out_dir) if out_dir else None
     written = 0
+    predicted = torch.zeros(twin.spec.num_classes, dtype=torch.int64)
     for images, labels in tqdm(loader, desc=f"eval {twin.spec.arch}", disable=not progress):
         logits = twin.logits(images.to(device, non_blocking=True))
         metrics.update(logits, labels.to(device, non_blocking=True))
+        predicted += predicted_pixel_counts(logits.argmax(1), twin.spec.num_classes)
         if out is not None and written < overlays:
             written = _write_overlays(out, twin.spec, images, labels, logits, written, overlays)
     report = metrics.report(twin.spec.class_names)
     report["model"] = {"arch": twin.spec.arch, "dataset": twin.spec.dataset, "digest": twin.spec.checkpoint_digest}
     report["images"] = len(subset)
     report["device"] = describe_device(device)
+    health = TwinHealth.from_counts(predicted, twin.spec.class_names, len(subset))
+    report["twin_health"] = health.as_dict()
+    report["warnings"] = [health.message()] if health.one_class else []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -81,6 +89,7 @@ def _write_overlays(out: Path, spec: ModelSpec, images: torch.Tensor, labels: to
                 overlay(images[k].numpy(), pred[k].numpy(), palette),
                 heatmap(entropy[k].numpy()),
             ],
+            titles=["image", "ground truth", "prediction (overlay)", "entropy of the prediction"],
         )
         written += 1
     return written

@@ -6,7 +6,18 @@ RNG seeds and the pretrained SEMEDA network, all on the CPU, so a killed run con
 
 On CUDA the step runs under mixed precision (bf16 autocast where the GPU has it, else fp16 with a grad scaler),
 channels_last and torch.compile, fed by DataLoader workers through pinned memory; on the CPU the default is the
-fp32 step it always was.
+eager fp32 step (torch.compile is asked for with `compile: true`: on 2 CPU cores it took minutes to compile the
+LR-ASPP and was no faster after).
+
+Budgets: `max_steps` bounds every optimiser step of the run, the SEMEDA network's pretraining batches included
+(pretraining takes its `semeda_pretrain_batches`, training the rest); `epochs` bounds the passes over the training
+set. Validation runs after the first epoch, every `eval_every` epochs and after the last, so a run stopped early
+has a `best.pt` from its first epoch on.
+
+Batch-norm running statistics are recomputed over `bn_recalibration_batches` training batches (a cumulative
+average, `torch.optim.swa_utils.update_bn`) at the end of every epoch, before it is validated and saved: the running
+averages training leaves behind lag the weights (torchvision's MobileNetV3 keeps 1 % of each batch), and a short
+CamVid LR-ASPP run evaluated with them predicted one class everywhere (issue 20).
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from typing import Literal
 import matplotlib
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from segmenters.data import build_dataset, dataset_classes
@@ -33,7 +45,7 @@ from segmenters.losses import SegmentationLoss
 from segmenters.losses.semeda import SemedaNet, pretrain_semeda_net
 from segmenters.models import MODELS, build_model
 from segmenters.spec import ModelSpec, Normalization
-from segmenters.twin import Twin, read_checkpoint, save_twin
+from segmenters.twin import Twin, print_warning, read_checkpoint, save_twin
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,18 +78,24 @@ class TrainConfig(BaseModel):
     scale_range: tuple[float, float] = (0.5, 2.0)
     train_length: int = Field(2000, description="synthetic shapes: training scenes")
     val_length: int = Field(300, description="synthetic shapes: held-out validation scenes")
-    epochs: int = 14
-    max_steps: int | None = Field(None, description="stop after this many optimiser steps (quick runs)")
+    epochs: int = Field(14, description="passes over the training set")
+    max_steps: int | None = Field(None, ge=1, description="the run's optimiser steps in all: SEMEDA pretraining "
+                                                          "batches plus training steps")
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     seed: int = 0
-    semeda_pretrain_batches: int = 300
+    semeda_pretrain_batches: int = Field(300, ge=1, description="SEMEDA: optimiser steps (one batch of training "
+                                                               "masks each) that pretrain g_phi before training")
+    bn_recalibration_batches: int = Field(10, ge=0, description="training batches batch-norm running statistics "
+                                                                "are recomputed over before each validation and "
+                                                                "save; 0 keeps training's running averages")
     val_limit: int | None = Field(None, description="evaluate on at most this many validation images")
-    eval_every: int = 7
+    eval_every: int = Field(7, description="validate after epoch 1, every this many epochs and after the last")
     threads: int | None = None
-    compile: bool = Field(True, description="torch.compile the training step (~1.8x on CPU); eager if it fails")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step: auto (on CUDA "
+                                                                "only), true or false; eager if compiling fails")
     device: str = Field("auto", description=f"where to train: {DEVICE_HELP}")
     amp: AmpMode = Field("auto", description="mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 "
                                              "with a grad scaler; CPU: off), bf16, fp16 or off")
@@ -98,6 +116,23 @@ class TrainConfig(BaseModel):
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @model_validator(mode="after")
+    def _training_steps_left(self) -> TrainConfig:
+        if self.loss == "semeda" and self.max_steps is not None and self.max_steps <= self.semeda_pretrain_batches:
+            raise ValueError(f"max_steps={self.max_steps} leaves no training step after the "
+                             f"semeda_pretrain_batches={self.semeda_pretrain_batches} SEMEDA pretraining steps it "
+                             "includes: raise --max-steps or lower --semeda-pretrain-batches")
+        return self
+
+    def pretrain_steps(self) -> int:
+        """Optimiser steps spent before training: SEMEDA's pretraining batches (0 for other losses)."""
+        return self.semeda_pretrain_batches if self.loss == "semeda" else 0
+
+    def training_steps(self, steps_per_epoch: int) -> int:
+        """Training's optimiser steps: `epochs` passes, within what `max_steps` leaves after pretraining."""
+        by_epochs = self.epochs * steps_per_epoch
+        return by_epochs if self.max_steps is None else min(by_epochs, self.max_steps - self.pretrain_steps())
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -122,6 +157,13 @@ def resolve_amp(request: str, device: torch.device) -> str:
         raise TrainSetupError(f"amp 'bf16' was asked for, but {describe_device(device)} has no bfloat16 arithmetic: "
                               "use fp16 or off")
     return request
+
+
+def resolve_compile(request: bool | str, device: torch.device) -> bool:
+    """Whether the training step is compiled: `auto` on CUDA only (on the CPU inductor spent minutes compiling the
+    LR-ASPP and the step was no faster; it also probes for a CUDA toolkit and warns when it finds one without a
+    GPU), else as asked."""
+    return device.type == "cuda" if request == "auto" else bool(request)
 
 
 def _cuda_has_bf16(device: torch.device) -> bool:
@@ -270,7 +312,7 @@ def _semeda_net(config: TrainConfig, spec: ModelSpec, train_set, saved_state: di
         return net.to(device), None
     loader = device_batches(train_set, config.batch_size, device, workers, seed=config.seed)
     masks = (labels for _ in itertools.count() for _, labels in loader)  # epochs, streamed
-    net, figures = pretrain_semeda_net(masks, config.semeda_pretrain_batches, spec.num_classes, spec.ignore_index,
+    net, figures = pretrain_semeda_net(masks, config.pretrain_steps(), spec.num_classes, spec.ignore_index,
                                        seed=config.seed, progress=progress, device=device)
     (Path(config.out) / "semeda_net.json").write_text(json.dumps(figures, indent=2))
     return net, figures
@@ -352,7 +394,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                                              workers, progress)
     semeda_state = None if semeda_net is None else to_cpu(semeda_net.state_dict())
     criterion = SegmentationLoss(config.loss, spec.num_classes, spec.ignore_index, config.lambdas, semeda_net)
-    step = TrainingStep(model, criterion, optimizer, spec.normalization, device, amp, config.compile)
+    step = TrainingStep(model, criterion, optimizer, spec.normalization, device, amp,
+                        resolve_compile(config.compile, device))
     run = _restore(checkpoint, step)
 
     started = time.time()
@@ -361,6 +404,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     summary = {
         "out": str(out),
         "steps": run.step,
+        "semeda_pretrain_steps": config.pretrain_steps(),
+        "optimizer_steps": config.pretrain_steps() + run.step,
         "epochs": len(run.history),
         "best_val_miou": run.best_miou,
         "final_val_miou": run.history[-1].get("val_miou") if run.history else None,
@@ -370,6 +415,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         "amp": amp,
         "workers": workers,
         "compiled": step.compiled,
+        # the last validation's one-class warning: a twin that predicts one class everywhere is not refused
+        "warnings": [run.history[-1]["val_warning"]] if run.history and "val_warning" in run.history[-1] else [],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -377,10 +424,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
 def _run_epochs(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: RunProgress, train_set, val_set,
                 workers: int, semeda_state: dict | None, progress: bool) -> None:
-    """The epochs left: train, validate when due, checkpoint."""
-    steps_per_epoch = -(-len(train_set) // config.batch_size)
-    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or 1 << 62)
-    twin = Twin(step.model, spec)  # evaluation runs the eager module in fp32; only the training step is compiled
+    """The epochs left: train, recalibrate batch norm, validate when due, checkpoint."""
+    total_steps = config.training_steps(-(-len(train_set) // config.batch_size))
     loader = device_batches(train_set, config.batch_size, step.device, workers, seed=config.seed,
                             drop_last=len(train_set) > config.batch_size)
     for epoch in range(run.epoch, config.epochs):
@@ -393,16 +438,55 @@ def _run_epochs(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: R
         torch.manual_seed(config.seed * 10_000 + epoch)
         means = _train_epoch(step, loader, config, total_steps, run, f"epoch {epoch + 1}/{config.epochs}", progress)
         record = {"epoch": epoch + 1, "step": run.step, **means, "device": str(step.device), "amp": step.amp}
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or run.step >= total_steps:
-            report = evaluate(twin, val_set, batch_size=config.batch_size, bands=(), limit=config.val_limit,
-                              progress=False, workers=workers)
-            record["val_miou"] = report["miou"]
-            step.model.train()
+        recalibrate_batch_norm(step.model, loader, spec.normalization, step.device, config.bn_recalibration_batches,
+                               seed=config.seed)
+        if _validation_due(config, epoch + 1, run.step >= total_steps):
+            record.update(_validate(config, spec, step, val_set, workers, f"epoch {epoch + 1}" if progress else None))
         run.epoch = epoch + 1
         run.history.append(record)
         _save_epoch(config, spec, step, run, semeda_state)
         if progress:
             tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+
+
+def _validation_due(config: TrainConfig, epoch: int, last: bool) -> bool:
+    """After the first epoch (so an early stop leaves a best.pt), every `eval_every`, and after the last."""
+    return epoch == 1 or epoch % config.eval_every == 0 or epoch == config.epochs or last
+
+
+def _validate(config: TrainConfig, spec: ModelSpec, step: TrainingStep, val_set, workers: int,
+              announce: str | None) -> dict:
+    """The epoch's validation figures: mIoU, and the one-class warning when the twin predicts one class for
+    (nearly) everything, printed as `WARNING: validation after <announce>` (not for None: a run without progress
+    output; the summary lists it either way)."""
+    twin = Twin(step.model, spec)  # evaluation runs the eager module in fp32; only the training step is compiled
+    report = evaluate(twin, val_set, batch_size=config.batch_size, bands=(), limit=config.val_limit,
+                      progress=False, workers=workers)
+    step.model.train()
+    figures = {"val_miou": report["miou"]}
+    for warning in report["warnings"]:
+        figures["val_warning"] = warning
+        if announce is not None:
+            print_warning(warning, f"validation after {announce}")
+    return figures
+
+
+def recalibrate_batch_norm(model: torch.nn.Module, loader, normalization: Normalization, device: torch.device,
+                           batches: int, seed: int) -> None:
+    """Recompute every batch norm's running mean and variance as the plain average over the first `batches`
+    batches of `loader` (`torch.optim.swa_utils.update_bn`: momentum None), in fp32, on the model's device.
+
+    The batches are the same every time (order and augmentation drawn from `seed`, the caller's random state
+    untouched), so a resumed run saves the statistics the uninterrupted one did. `batches=0` leaves them alone."""
+    if batches == 0:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loader.generator.manual_seed(seed)
+        inputs = (normalization.normalize(images.to(device, non_blocking=True))
+                  .contiguous(memory_format=torch.channels_last)
+                  for images, _ in itertools.islice(loader, batches))
+        update_bn(inputs, model)
 
 
 def training_throughput(arch: str, size: tuple[int, int], batch_size: int, device: str | torch.device,
@@ -454,7 +538,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h.get("ppce", float("nan")) for h in history], marker="o", label="train PPCE")
     ax.set_xlabel("epoch")
@@ -463,7 +547,7 @@ def plot_history(history: list[dict], path: str | Path) -> None:
     ax2.plot(epochs, [h.get("val_miou") or float("nan") for h in history], marker="s", color="C1", label="val mIoU")
     ax2.set_ylabel("val mIoU")
     ax2.set_ylim(0, 1)
-    fig.legend(loc="center right")
-    fig.tight_layout()
+    ax.set_title("training history")
+    fig.legend(loc="outside upper right", ncols=2, frameon=False)  # above the axes: covers no label, no line
     fig.savefig(path, dpi=110)
     plt.close(fig)

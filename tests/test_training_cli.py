@@ -74,7 +74,7 @@ def test_cli_train_then_eval_writes_report_and_overlays(tmp_path):
          "--batch-size", "8", "--no-compile", "--out", str(out), "--quiet"],
     )
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["steps"] == 2
+    assert json.loads(result.stdout)["steps"] == 2
     result = runner.invoke(
         main, ["eval", str(out / "last.pt"), "--length", "6", "--overlays", "3", "--out", str(tmp_path / "ev"), "--quiet"]
     )
