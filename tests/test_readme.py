@@ -46,9 +46,24 @@ def _copy_tracked_files(checkout: Path) -> None:
             shutil.copy2(source, target)
 
 
-def _git_status() -> set[str]:
-    return set(subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
-                              capture_output=True, text=True, check=True).stdout.splitlines())
+def _git(checkout: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=readme-test", "-c", "user.email=readme-test@localhost", *args],
+                          cwd=checkout, capture_output=True, text=True, check=True).stdout
+
+
+def _commit_scratch(checkout: Path) -> None:
+    """The scratch checkout as a git work tree with everything committed, so that afterwards `git status` shows
+    what the walkthrough wrote that .gitignore does not cover (the checkout's `.venv` is a link here, not a folder)."""
+    if (checkout / ".git").exists():
+        return
+    _git(checkout, "init", "-q")
+    (checkout / ".git" / "info" / "exclude").write_text(".venv\n")
+    _git(checkout, "add", "-A")
+    _git(checkout, "commit", "-q", "-m", "the checkout before the README's commands")
+
+
+def _git_status(checkout: Path) -> set[str]:
+    return set(_git(checkout, "status", "--porcelain", "--untracked-files=all").splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +86,12 @@ def walkthrough(tmp_path_factory):
     env.update(HOME=str(home), PYTHONUNBUFFERED="1")
     state = {"dir": checkout, "env": env, "cleanup": [], "failed": None,
              "transcript": Path(os.environ[TRANSCRIPT_VARIABLE]) if os.environ.get(TRANSCRIPT_VARIABLE) else None}
-    status_before = _git_status()
+    _commit_scratch(checkout)
     yield state
-    for command in state["cleanup"]:
+    for command in reversed(state["cleanup"]):
         subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, timeout=120)
-    assert _git_status() == status_before, "the README's commands wrote into the repository"
+    left = _git_status(checkout)
+    assert not left, f"the README's commands left files git would commit (not in .gitignore): {sorted(left)}"
 
 
 def _tail(text: str | bytes | None) -> str:
