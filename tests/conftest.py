@@ -99,3 +99,20 @@ def attack_scene(camvid_unet, data_root):
             _, source, obj = max(candidates, key=lambda item: item[0])
             return twin, image, predicted, obj, source, majority
     pytest.fail("no CamVid val image gives the twin an object of 100-800 pixels")
+
+
+@pytest.fixture(scope="session")
+def shapes_twin(tmp_path_factory) -> Path:
+    """An untrained shapes U-Net checkpoint, for tests of machinery (jobs, reports) rather than attack quality."""
+    import torch
+
+    from segmenters.data import dataset_classes
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import save_twin
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(128, 128), dataset="shapes")
+    path = tmp_path_factory.mktemp("twin") / "shapes_unet.pt"
+    save_twin(path, build_model("unet", spec.num_classes), spec)
+    return path

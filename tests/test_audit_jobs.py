@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 import yaml
 
 from audit.campaign import expand, load_campaign
@@ -23,21 +22,6 @@ from serving.cluster import start_head
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def shapes_twin(tmp_path_factory):
-    """An untrained shapes U-Net: the job machinery, not attack quality, is under test here."""
-    from segmenters.data import dataset_classes
-    from segmenters.models import build_model
-    from segmenters.spec import ModelSpec
-    from segmenters.twin import save_twin
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(128, 128), dataset="shapes")
-    path = tmp_path_factory.mktemp("twin") / "shapes_unet.pt"
-    save_twin(path, build_model("unet", spec.num_classes), spec)
-    return path
 
 
 def campaign_file(folder: Path, twin: Path, steps: int = 4, count: int = 2, sizes=(4, 8)) -> Path:

@@ -30,21 +30,6 @@ CAMPAIGN = {
 }
 
 
-@pytest.fixture(scope="module")
-def shapes_twin(tmp_path_factory):
-    """An untrained shapes U-Net: the report, not attack quality, is under test."""
-    from segmenters.data import dataset_classes
-    from segmenters.models import build_model
-    from segmenters.spec import ModelSpec
-    from segmenters.twin import save_twin
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(128, 128), dataset="shapes")
-    path = tmp_path_factory.mktemp("twin") / "shapes_unet.pt"
-    save_twin(path, build_model("unet", spec.num_classes), spec)
-    return path
-
-
 def stored_run(folder, twin, **changes):
     """A campaign run folder whose every trial ran (in this process) and is stored as the job's driver stores
     it: the campaign as written and as validated, then each trial's files and row."""
