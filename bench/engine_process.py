@@ -107,6 +107,27 @@ def _shutdown(process, conn, segments: dict) -> None:
     segments.clear()
 
 
+class FifoLock:
+    """A lock its waiters get in the order they asked for it (`threading.Lock` lets the thread that just released
+    it take it again first: a monitor's loop would jump ahead of a detector's counterfactual call, then wait for
+    that detector with the engine idle)."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self) -> FifoLock:
+        with self._condition:
+            ticket, self._next = self._next, self._next + 1
+            self._condition.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
+
+
 class ProcessEngine(Engine):
     """`export.load_engine(path, **options)` running in a spawned child process, behind the `Engine` interface.
     `factory`: another module-level function (path, **options) -> Engine to build it with."""
@@ -122,7 +143,7 @@ class ProcessEngine(Engine):
         self._process.start()
         child_conn.close()
         self._segments: dict[str, shared_memory.SharedMemory] = {}  # "in"/"out" -> segment, owned here
-        self._lock = threading.Lock()
+        self._lock = FifoLock()  # calls run in the order they came, as a served engine answers them
         self._closer = weakref.finalize(self, _shutdown, self._process, self._conn, self._segments)
         try:
             if not self._conn.poll(start_timeout):

@@ -1,6 +1,10 @@
 """How much of the engine's throughput the flip monitor keeps, with the engine in this process and in its own
 process (as behind Ray Serve), and where the monitor's time goes (issue 15).
 
+The engine in its own process runs as a Serve replica does: with the ONNX Runtime threads `serving.config.
+ModelConfig` gives a replica of `--replica-cpus` CPUs (default: a replica's default, 1), so on this 2-core machine
+it holds one core and the monitor the other. In process, ONNX Runtime takes every core, as it does in a script.
+
 Per placement, on the same synthetic moving-camera clips (`--streams` of `--frames` each) and the same engine
 object: the engine alone (one batch of one frame per stream at a time), then the whole `monitor.pipeline.Monitor`
 (stream threads, bounded queues filled before the clock starts, batching across streams, one detector per stream
@@ -324,8 +328,18 @@ def open_engines(args) -> dict:
             engines["in_process" + suffix] = onnx_engine(args.engine, **options)
         if "own_process" in args.placements:
             engines["own_process" + suffix] = ProcessEngine(args.engine, transport=args.transport,
-                                                            factory=onnx_engine, **options)
+                                                            factory=onnx_engine, **replica_options(options, args))
     return engines
+
+
+def replica_options(options: dict, args) -> dict:
+    """The engine process as a Serve replica runs it: with the threads `serving.config.ModelConfig` gives a
+    replica of `--replica-cpus` CPUs (unless --engine-threads says otherwise)."""
+    from serving.config import ModelConfig
+
+    given = {"num_cpus": args.replica_cpus} if args.replica_cpus is not None else {}
+    replica = ModelConfig(name="engine", path=args.engine, threads=args.engine_threads, **given)
+    return options | {"threads": replica.engine_threads}
 
 
 def placements_of(engines: dict, args) -> dict:
@@ -362,7 +376,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="alternated rounds")
     parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     parser.add_argument("--transport", choices=("shm", "pipe"), default="shm", help="the engine process's")
-    parser.add_argument("--engine-threads", type=int, default=None, help="ONNX Runtime threads (default: its own)")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="ONNX Runtime threads in both placements (default: its own in process; in its own "
+                        "process, a Serve replica's: see --replica-cpus)")
+    parser.add_argument("--replica-cpus", type=float, default=None,
+                        help="CPUs of the engine process, as a Serve replica's num_cpus (default: a replica's)")
     parser.add_argument("--spin", choices=("on", "off", "both"), default="on",
                         help="ONNX Runtime's spin-waiting threads (on: its default)")
     parser.add_argument("--detect-workers", type=int, default=None, help="default: the monitor's own choice")

@@ -167,7 +167,7 @@ class OnnxRuntimeEngine(Engine):
             return self._frames_session
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.providers}
+        return {**super().describe(), "providers": self.providers, "threads": self.threads or "all cores"}
 
 
 def segment_graph(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:

@@ -51,14 +51,23 @@ class PatchScorer(BaseModel):
     def probability(self, cues: dict[str, float]) -> float:
         return self._sigmoid(self.bias + sum(self.weights[name] * cues[name] for name in CUES))
 
-    def best_case(self, blob_cues: dict[str, float], max_reverted: int) -> float:
-        """The highest probability a blob can reach whatever its counterfactual shows, when at most `max_reverted`
-        pixels can revert (those whose label differs from the reference): below the threshold, the engine call
-        would be wasted. Exact: each effect cue at whichever end of its range its weight favours."""
-        effect = {"log_reverted_pixels": (0.0, math.log1p(max_reverted)), "reverted_share": (0.0, 1.0),
-                  "reverted_stable": (0.0, 1.0), "reverted_near": (0.0, 1.0)}
-        logit = self.bias + sum(self.weights[name] * blob_cues[name] for name in BLOB_CUES)
-        logit += sum(max(self.weights[name] * low, self.weights[name] * high) for name, (low, high) in effect.items())
+    def best_case(self, blob_cues: dict[str, float], stable: np.ndarray, near: np.ndarray,
+                  min_reverted: int = 1) -> float:
+        """The highest probability a blob can reach whatever its counterfactual shows (below the threshold, the
+        engine call would be wasted). Only pixels whose label differs from the reference outside what is restored
+        can revert: `stable` and `near` say, for each of them, whether its label had held `min_stable` frames and
+        whether it lies within `near_px` of the blob, which is all the effect cues ask of a reverted pixel. Exact:
+        for each count of reverted pixels from `min_reverted` up (fewer are not scored), the best set of that size
+        is the one whose pixels weigh most, and the share of the labels that changed at whichever end of (0, 1]
+        its weight favours."""
+        if len(stable) < min_reverted:
+            return 0.0
+        weights = self.weights
+        values = np.sort(weights["reverted_stable"] * stable.astype(float) + weights["reverted_near"] * near)[::-1]
+        count = np.arange(1, len(values) + 1)
+        effect = weights["log_reverted_pixels"] * np.log1p(count) + np.cumsum(values) / count
+        logit = self.bias + sum(weights[name] * blob_cues[name] for name in BLOB_CUES)
+        logit += float(effect[max(min_reverted, 1) - 1:].max()) + max(weights["reverted_share"], 0.0)
         return self._sigmoid(logit)
 
     @staticmethod

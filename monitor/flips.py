@@ -435,14 +435,19 @@ class FlipDetector:
         differs = frame.labels != frame.reference
         promising = []
         for blob in blobs:
-            most = int((differs & ~blob.restored).sum())
-            if most < config.min_reverted_pixels:
+            could_revert = differs & ~blob.restored
+            if could_revert.sum() < config.min_reverted_pixels:
                 continue
             blob.cues = blob_cues(blob, view)
-            if not config.skip_hopeless or config.scorer.best_case(blob.cues, most) >= config.scorer.threshold:
+            if not config.skip_hopeless or self._best_case(blob, could_revert, view) >= config.scorer.threshold:
                 promising.append(blob)
         self.skipped += len(blobs) - len(promising)
         return promising, view
+
+    def _best_case(self, blob: Blob, could_revert: np.ndarray, view: View) -> float:
+        near = cv2.dilate(blob.restored.astype(np.uint8), _disk(view.near_px)).astype(bool)
+        return self.config.scorer.best_case(blob.cues, self._stable[could_revert] >= self.config.min_stable,
+                                            near[could_revert], self.config.min_reverted_pixels)
 
     def _already_alarmed(self, region: np.ndarray) -> bool:
         return any((region & mask).sum() >= self.config.min_pixels // 2 for mask in self.active)

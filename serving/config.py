@@ -62,10 +62,17 @@ class ModelConfig(BaseModel):
     device: str = "auto"
     #: ONNX Runtime CUDA provider options (cudnn_conv_algo_search, gpu_mem_limit, ...); fp32 keeps TF32 off
     provider_options: dict[str, str | int | float] = Field(default_factory=dict)
-    #: ONNX Runtime intra-op threads (default: its own choice)
+    #: ONNX Runtime intra-op threads (default: the replica's CPUs, `engine_threads`)
     threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
     health_check_period_s: float = Field(10.0, gt=0)
+
+    @property
+    def engine_threads(self) -> int:
+        """ONNX Runtime's intra-op threads in a replica: `threads` when set, else the CPUs Ray reserved for it
+        (at least one). ONNX Runtime's own default is every core of the node, which puts a replica granted one CPU
+        on all of them: beside other replicas, the proxy or a monitor, it takes their cores."""
+        return self.threads or max(1, int(self.num_cpus))
 
     @field_validator("path")
     @classmethod

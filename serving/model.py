@@ -103,7 +103,7 @@ class EngineModel:
         device = assigned_device(model.device, gpu_ids)
         options = {}
         if model.path.lower().endswith(".onnx"):
-            options.update(threads=model.threads, provider_options=model.provider_options)
+            options.update(threads=model.engine_threads, provider_options=model.provider_options)
             if model.device == "auto" and device.type == "cuda":
                 device = "auto"  # ONNX Runtime's own auto: its CUDA provider when that loads, else the CPU
         self.engine = load_engine(model.path, device=device, **options)

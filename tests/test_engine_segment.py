@@ -213,6 +213,16 @@ def test_onnx_cuda_segment_and_fp32_gate_with_tf32_off(trained_engines, camvid_u
     assert report.passed, report.text()
 
 
+def test_a_replica_runs_onnx_runtime_on_the_cpus_ray_reserved_for_it():
+    """ONNX Runtime's default (every core) would put a replica granted one CPU on all of them."""
+    from serving.config import ModelConfig
+
+    assert ModelConfig(name="m", path="m.onnx").engine_threads == 1
+    assert ModelConfig(name="m", path="m.onnx", num_cpus=0.5).engine_threads == 1
+    assert ModelConfig(name="m", path="m.onnx", num_cpus=3).engine_threads == 3
+    assert ModelConfig(name="m", path="m.onnx", num_cpus=3, threads=2).engine_threads == 2
+
+
 def test_a_served_model_names_its_device_and_gets_its_gpu_from_ray():
     from pydantic import ValidationError
 

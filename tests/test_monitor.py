@@ -268,16 +268,34 @@ def test_something_big_arriving_is_not_a_sticker():
 
 
 def test_the_best_case_bounds_every_score_it_stands_for():
-    """Skipping a blob whose best case is below the threshold changes no alarm: the bound holds for any effect."""
+    """Skipping a blob whose best case is below the threshold changes no alarm: the bound holds for any set of
+    reverted pixels among those that could revert, and is reached by one of them."""
     from monitor.counterfactual import BLOB_CUES, PatchScorer
 
     scorer, rng = PatchScorer(), np.random.default_rng(0)
     for _ in range(200):
         blob = {c: float(v) for c, v in zip(BLOB_CUES, rng.normal(size=len(BLOB_CUES)))}
-        most = int(rng.integers(0, 5000))
-        effect = {"log_reverted_pixels": float(np.log1p(rng.integers(0, most + 1))),
-                  "reverted_share": rng.random(), "reverted_stable": rng.random(), "reverted_near": rng.random()}
-        assert scorer.probability(blob | effect) <= scorer.best_case(blob, most) + 1e-12
+        could_revert = int(rng.integers(0, 400))
+        stable, near = rng.random(could_revert) < rng.random(), rng.random(could_revert) < rng.random()
+        bound = scorer.best_case(blob, stable, near, min_reverted=10)
+        if could_revert < 10:
+            assert bound == 0.0
+            continue
+        best = 0.0
+        for _ in range(20):
+            reverted = rng.random(could_revert) < rng.random()
+            if reverted.sum() < 10:
+                continue
+            effect = {"log_reverted_pixels": float(np.log1p(reverted.sum())),
+                      "reverted_share": reverted.sum() / (reverted.sum() + rng.integers(0, 50)),
+                      "reverted_stable": float(stable[reverted].mean()), "reverted_near": float(near[reverted].mean())}
+            best = max(best, scorer.probability(blob | effect))
+        assert best <= bound + 1e-12
+        # the bound is attained: every pixel both stable and near, as many as could revert, all that changed
+        everything = {"log_reverted_pixels": float(np.log1p(could_revert)), "reverted_share": 1.0,
+                      "reverted_stable": 1.0, "reverted_near": 1.0}
+        assert scorer.best_case(blob, np.ones(could_revert, bool), np.ones(could_revert, bool), 10) == \
+            pytest.approx(scorer.probability(blob | everything))
 
 
 def test_hopeless_blobs_cost_no_engine_call_and_change_no_alarm():
@@ -482,3 +500,58 @@ def test_page_shows_streams_and_lists_a_real_alarm_in_headless_chromium(tmp_path
         assert 'patchwatch_monitor_stream_events_total{kind="ended",stream="rear"} 1.0' in metrics
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_detectors_lag_the_engine_by_a_bounded_number_of_batches_each_stream_in_order(workers):
+    """Detectors slower than the engine: each stream's frames still reach its detector in order and none is lost
+    (queues hold every frame), and a frame is judged before the engine has started `detector_lag` + 1 batches
+    after its own. Counts, not timings: a loaded machine changes how far behind they run, not these bounds."""
+    import threading
+    import time
+
+    import torch
+
+    from export import TorchEngine
+    from monitor.pipeline import Monitor
+    from monitor.streams import ReplaySource, Stream
+    from segmenters.data import dataset_classes
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import Twin
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=(32, 32), dataset="shapes")
+    engine = TorchEngine(Twin(build_model("unet", spec.num_classes).eval(), spec), device="cpu")
+    batches_started = []  # the loop's engine calls (counterfactual calls come from detector threads)
+    segment = engine.segment
+
+    def counted(frames):
+        if threading.current_thread() is threading.main_thread():
+            batches_started.append(len(frames))
+        return segment(frames)
+
+    engine.segment = counted
+    streams, frames, lag = 3, 12, 2
+    seen: list[tuple[str, int, int]] = []  # stream, frame index, loop batches started when it was judged
+
+    def slow_judge(frame, labels, alarms):
+        # detectors slower than the engine, so the lag fills up; one stream's frames unevenly so (a later frame
+        # judged on another thread would overtake an earlier one, were they not chained)
+        time.sleep(0.03 if frame.stream == "cam0" and frame.index % 2 == 0 else 0.003)
+        seen.append((frame.stream, frame.index, len(batches_started)))
+
+    monitor = Monitor(engine, detect_workers=workers, detector_lag=lag, on_frame=slow_judge)
+    for s in range(streams):
+        clip = [np.full((32, 32, 3), 20 * s + i, np.uint8) for i in range(frames)]
+        monitor.add(Stream(ReplaySource(clip, name=f"cam{s}"), policy="drop_oldest", capacity=frames)).start()
+    while any(len(stream.buffer) < frames for stream in monitor.streams.values()):
+        time.sleep(0.01)
+    monitor.run(duration=120)
+    assert batches_started == [streams] * frames  # every frame of every stream, one batch per step
+    for s in range(streams):
+        assert [index for name, index, _ in seen if name == f"cam{s}"] == list(range(frames))
+    # frame i is in batch i (0-based); while it is judged, the loop has started at most batches 0 .. i + lag
+    assert all(started <= index + lag + 1 for _, index, started in seen)
+    with pytest.raises(ValueError, match="detector_lag"):
+        Monitor(engine, detector_lag=0)
