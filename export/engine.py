@@ -94,6 +94,9 @@ class Engine(ABC):
         """
         return prepare_images(frames, self.spec)
 
+    def release_memory(self) -> None:
+        """Give memory kept from past runs (a runtime's pool) back to the OS; engines that keep none do nothing."""
+
     @property
     def math(self) -> str:
         """The arithmetic the network really runs in here (what a parity report records)."""

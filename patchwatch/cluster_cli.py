@@ -126,8 +126,8 @@ def _describe(head, record, state_dir: Path) -> None:
     env = _job_env(head, state_dir)
     click.echo(f"dashboard: {head.dashboard_url}  (it asks for the token in {env['RAY_AUTH_TOKEN_PATH']})")
     click.echo(f"jobs run with {record.bin} first on their PATH; started from {record.cwd}")
-    click.echo("listening (Ray binds most of its ports on all interfaces; the GCS, the dashboard and its "
-               "agent ask for the token, the metrics ports answer anyone):")
+    click.echo("listening (on loopback, as the head's node is; the GCS, the dashboard and its agent ask for the "
+               "token, the metrics ports answer anyone on this machine):")
     for address, port, what in head.listeners():
         shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         click.echo(f"  {shown:<24} {what}{_reach(address)}")

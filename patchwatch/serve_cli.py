@@ -38,6 +38,7 @@ def _interrupt(signum, frame) -> None:
               help="ServeConfig YAML (or a Serve config file such as deploy/serve_config.yaml) instead of MODELS")
 @click.option("--host", help="address the HTTP proxy listens on [default 127.0.0.1]")
 @click.option("--port", type=int, help="HTTP port [default 8000]")
+@click.option("--grpc-port", type=int, help="also serve the Open Inference Protocol over gRPC here [default off]")
 @click.option("--api-key-env", help="environment variable holding the API key (required off loopback)")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="images per engine run")
 @click.option("--batch-wait-ms", type=float, default=5.0, show_default=True, help="how long a batch waits to fill")
@@ -46,8 +47,8 @@ def _interrupt(signum, frame) -> None:
 @click.option("--gpus", type=float, default=0.0, show_default=True, help="GPUs per replica")
 @click.option("--max-body-mb", type=float, help="largest request body [default 64]")
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Ray's Prometheus port")
-def serve(models, config_path, host, port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads, gpus,
-          max_body_mb, metrics_port) -> None:
+def serve(models, config_path, host, port, grpc_port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads,
+          gpus, max_body_mb, metrics_port) -> None:
     """Serve engines over the Open Inference Protocol (KServe v2 REST) on a local Ray cluster.
 
     MODELS are engine files, each `PATH` or `NAME[:VERSION]=PATH`, e.g.
@@ -60,7 +61,7 @@ def serve(models, config_path, host, port, api_key_env, max_batch_size, batch_wa
 
     if bool(models) == bool(config_path):
         raise click.UsageError("give engine files (MODELS) or --config, one of the two")
-    overrides = {k: v for k, v in {"host": host, "port": port, "api_key_env": api_key_env,
+    overrides = {k: v for k, v in {"host": host, "port": port, "grpc_port": grpc_port, "api_key_env": api_key_env,
                                     "max_body_mb": max_body_mb}.items() if v is not None}
     try:
         if config_path:

@@ -9,6 +9,11 @@ Routes
   POST /v2/models/{name}[/versions/{v}]/infer       inference: JSON tensors or the binary extension
   POST /v2/models/{name}[/versions/{v}]/segment     an image upload -> label PNG, overlay or class areas
   GET  /metrics                                      Prometheus text: the patchwatch and Serve families
+  POST /v2/repository/index                          model repository: every version, READY or UNAVAILABLE
+  POST /v2/repository/models/{name}/load|unload      a model's deployments scaled back up / to zero
+  GET  /v2/systemsharedmemory[/region/{r}]/status     shared-memory regions registered (serving.shared_memory)
+  POST /v2/systemsharedmemory/region/{r}/register     a POSIX shm segment of this node as region r
+  POST /v2/systemsharedmemory[/region/{r}]/unregister one region, or all
 
 Every error is `{"error": "..."}` with a 4xx/5xx status; nothing a client sends can stop the replica.
 """
@@ -31,19 +36,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from segmenters.data.frames import ImageDecodeError, ImageTooLargeError, decode_image
 from segmenters.spec import ModelSpec
 from serving.config import ModelConfig, ServeConfig
-from serving.images import check_upload_type, choose_output, class_areas, label_png, overlay_image
+from serving.images import check_upload_type, choose_output, class_areas, decode_upload, label_png, overlay_image
 from serving.metrics import IngressMetrics, exported_families, node_metrics_url
-from serving.model import INPUTS, OUTPUTS, InferCall, check_call, deployment_for
+from serving.model import INPUTS, OUTPUTS, InferCall, check_call, check_json_outputs, deployment_for, trim_heap
 from serving.protocol import (HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response, error_body,
                               shown)
+from serving.repository import ModelRepository, check_load_request, parse_request
+from serving.shared_memory import SharedMemoryRegistry
 
 logger = logging.getLogger("ray.serve")
 
 SERVER_NAME = "patchwatch"
-EXTENSIONS = ["binary_tensor_data", "patchwatch_segment", "patchwatch_metrics"]
+EXTENSIONS = ["binary_tensor_data", "system_shared_memory", "patchwatch_segment", "patchwatch_metrics"]
 #: the health endpoints answer without the API key, so orchestrators can probe them
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 408: "timeout", 413: "too_large",
@@ -108,6 +114,12 @@ class InferenceServer:
         self.default_versions = config.default_versions()
         self.metrics = IngressMetrics()
         self._metadata: dict[tuple[str, str], dict] = {}
+        self.repository = ModelRepository(self.models)
+        self.shared_memory = SharedMemoryRegistry(config.max_body_bytes)
+        if config.grpc_port is not None:  # the OIP over gRPC, on this replica's event loop
+            from serving.grpc_service import start_grpc_server
+
+            self.grpc_server = start_grpc_server(self, config.host, config.grpc_port, config.max_body_bytes)
 
     # ------------------------------------------------------------------------------------------ routes
 
@@ -148,6 +160,33 @@ class InferenceServer:
     async def prometheus(self, request: Request) -> Response:
         return await self._answer(request, "metrics", None, self._prometheus)
 
+    @api.post("/v2/repository/index")
+    async def repository_index(self, request: Request) -> Response:
+        return await self._answer(request, "repository_index", None, self._repository_index)
+
+    @api.post("/v2/repository/models/{name}/load")
+    async def repository_load(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "repository_load", name, self._repository_load)
+
+    @api.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(self, name: str, request: Request) -> Response:
+        return await self._answer(request, "repository_unload", name, self._repository_unload)
+
+    # The system shared-memory extension; `name` is the region's, never a model's.
+    @api.api_route("/v2/systemsharedmemory/status", methods=READ_METHODS)
+    @api.api_route("/v2/systemsharedmemory/region/{region}/status", methods=READ_METHODS)
+    async def shared_memory_status(self, request: Request) -> Response:
+        return await self._answer(request, "shared_memory_status", None, self._shared_memory_status)
+
+    @api.post("/v2/systemsharedmemory/region/{region}/register")
+    async def shared_memory_register(self, region: str, request: Request) -> Response:
+        return await self._answer(request, "shared_memory_register", None, self._shared_memory_register)
+
+    @api.post("/v2/systemsharedmemory/unregister")
+    @api.post("/v2/systemsharedmemory/region/{region}/unregister")
+    async def shared_memory_unregister(self, request: Request) -> Response:
+        return await self._answer(request, "shared_memory_unregister", None, self._shared_memory_unregister)
+
     # ----------------------------------------------------------------------------------------- handling
 
     async def _answer(self, request: Request, endpoint: str, name: str | None, handler) -> Response:
@@ -158,6 +197,8 @@ class InferenceServer:
         try:
             self._authorize(request)
             response = await handler(request, name, version)
+            if getattr(request.state, "memory_bytes", 0) > self.config.trim_above_bytes:
+                await asyncio.to_thread(trim_heap)  # a large request's freed pages go back to the OS
         except ProtocolError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             response = error_response(exc.message, exc.status, headers)
@@ -174,13 +215,20 @@ class InferenceServer:
     def _authorize(self, request: Request) -> None:
         if self.api_key is None or request.url.path in OPEN_PATHS:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        self.check_api_key(request.headers.get("authorization", ""))
+
+    def check_api_key(self, authorization: str) -> None:
+        """`authorization` (the REST header, or the gRPC metadata of that name) against the API key, if any."""
+        if self.api_key is None:
+            return
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ProtocolError("this server needs an API key: send 'Authorization: Bearer <key>'", status=401)
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise ProtocolError("the API key is not valid", status=401)
 
-    def _model(self, name: str, version: str | None) -> tuple[ModelConfig, DeploymentHandle]:
+    def _model(self, name: str, version: str | None, loaded: bool = True) -> tuple[ModelConfig, DeploymentHandle]:
+        """The model version a request names; with `loaded`, refused (503) while the repository has it unloaded."""
         if name not in self.default_versions:
             known = ", ".join(sorted(self.default_versions)) or "none"
             raise ProtocolError(f"unknown model {name!r} (this server has: {known})", status=404)
@@ -188,6 +236,8 @@ class InferenceServer:
         if (name, version) not in self.models:
             raise ProtocolError(f"model {name!r} has no version {version!r} (versions: "
                                 f"{', '.join(self._versions(name))})", status=404)
+        if loaded:
+            self.repository.check_loaded(self.models[(name, version)][0])
         return self.models[(name, version)]
 
     def _versions(self, name: str) -> list[str]:
@@ -258,7 +308,10 @@ class InferenceServer:
     # ---------------------------------------------------------------------------------------- endpoints
 
     async def _server_metadata(self, request, name, version) -> Response:
-        return JSONResponse({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
+        return JSONResponse(self.describe_server())
+
+    def describe_server(self) -> dict:
+        return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
 
     async def _live(self, request, name, version) -> Response:
         return JSONResponse({"live": True})
@@ -270,25 +323,32 @@ class InferenceServer:
             return False
 
     async def _server_ready(self, request, name, version) -> Response:
-        results = await asyncio.gather(*(self._ping(handle) for _, handle in self.models.values()))
-        waiting = [f"{n}/{v}" for (n, v), ok in zip(self.models, results) if not ok]
+        loaded = {key: handle for key, (model, handle) in self.models.items() if self.repository.is_loaded(model)}
+        results = await asyncio.gather(*(self._ping(handle) for handle in loaded.values()))
+        waiting = [f"{n}/{v}" for (n, v), ok in zip(loaded, results) if not ok]
         if waiting:
             raise ProtocolError(f"not ready: no replica of {', '.join(waiting)} answered", status=400)
         return JSONResponse({"ready": True})
 
     async def _model_ready(self, request, name, version) -> Response:
-        model, handle = self._model(name, version)
+        model, handle = self._model(name, version, loaded=False)
+        if not self.repository.is_loaded(model):  # a 4xx is "not ready" to OIP clients
+            raise ProtocolError(f"model {name!r} version {model.version!r} is not ready: it is unloaded", status=400)
         if not await self._ping(handle):
             raise ProtocolError(f"model {name!r} version {model.version!r} is not ready", status=400)
         return JSONResponse({"name": name, "version": model.version, "ready": True})
 
     async def _model_metadata(self, request, name, version) -> Response:
+        return JSONResponse(await self.describe_model(name, version))
+
+    async def describe_model(self, name: str, version: str | None) -> dict:
+        """A model version's OIP metadata (REST and gRPC), with how to use it and its `ModelSpec`."""
         model, handle = self._model(name, version)
         meta = await self._spec_metadata(model, handle)
         spec = ModelSpec.model_validate(meta["spec"])
         label_type = "UINT8" if spec.num_classes <= 256 else "INT32"
         platform = "tensorrt_plan" if meta["backend"].startswith("tensorrt") else "onnxruntime_onnx"
-        return JSONResponse({
+        return {
             "name": name,
             "versions": self._versions(name),
             "platform": platform,
@@ -305,7 +365,7 @@ class InferenceServer:
                            "device": meta.get("device", "cpu"), "max_batch_size": model.max_batch_size,
                            "inputs": "send exactly one: " + "; ".join(f"{k}: {v['about']}" for k, v in INPUTS.items())},
             "model_spec": meta["spec"],
-        })
+        }
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         model, handle = self._model(name, version)
@@ -315,16 +375,20 @@ class InferenceServer:
             raise ProtocolError(f"Content-Type {content_type!r}: an inference request is JSON (application/json), "
                                 f"or JSON then binary tensors with the {HEADER_LENGTH} header", status=415)
         body = await self._body(request)
-        parsed = await asyncio.to_thread(decode_infer_request, body, header_length)
+        parsed = await asyncio.to_thread(decode_infer_request, body, header_length, self.shared_memory)
         wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else OUTPUTS
-        call = check_call(parsed.inputs, wanted, model.max_batch_size, self.config.max_image_pixels)
+        call = check_call(parsed.inputs, wanted, model, self.config.request_budget_bytes)
+        request.state.memory_bytes = call.memory_bytes(model.bytes_per_pixel)
         result = await self._call(model, handle, call)
         if parsed.outputs is None:
             as_binary = {out: parsed.binary_output for out in OUTPUTS}
         else:
             as_binary = {o.name: o.binary for o in parsed.outputs}
         outputs = [(out, result[out], as_binary[out]) for out in wanted]
-        body, headers = await asyncio.to_thread(encode_infer_response, name, model.version, outputs, parsed.id)
+        in_region = await asyncio.to_thread(self._write_to_regions, parsed.outputs or [], result)
+        check_json_outputs([o for o in outputs if o[0] not in in_region], self.config.request_budget_bytes)
+        body, headers = await asyncio.to_thread(encode_infer_response, name, model.version, outputs, parsed.id,
+                                                in_shared_memory=in_region)
         return Response(body, headers=headers)
 
     async def _segment(self, request: Request, name: str, version: str | None) -> Response:
@@ -332,13 +396,9 @@ class InferenceServer:
         check_upload_type(request.headers.get("content-type"))
         output = choose_output(request.query_params.get("output"), request.headers.get("accept"))
         body = await self._body(request)
-        try:
-            rgb = await asyncio.to_thread(decode_image, body, self.config.max_image_pixels)
-        except ImageTooLargeError as exc:
-            raise ProtocolError(str(exc), status=413) from None
-        except ImageDecodeError as exc:
-            raise ProtocolError(str(exc)) from None
-        call = check_call({"frames": rgb[None]}, ("labels",), model.max_batch_size, self.config.max_image_pixels)
+        rgb = await asyncio.to_thread(decode_upload, body, model, self.config.request_budget_bytes)
+        call = check_call({"frames": rgb[None]}, ("labels",), model, self.config.request_budget_bytes)
+        request.state.memory_bytes = call.memory_bytes(model.bytes_per_pixel)
         labels = (await self._call(model, handle, call))["labels"][0]
         spec = ModelSpec.model_validate((await self._spec_metadata(model, handle))["spec"])
         headers = {"X-Model-Name": name, "X-Model-Version": model.version}
@@ -364,10 +424,50 @@ class InferenceServer:
             raise ProtocolError(f"the node's metrics agent at {url} did not answer: {exc}", status=503) from None
         return PlainTextResponse(exported_families(text), media_type="text/plain; version=0.0.4")
 
+    def _write_to_regions(self, requested: list, result: dict[str, np.ndarray]) -> dict[str, dict]:
+        """Outputs the client placed in shared-memory regions, written there: name -> the answer's parameters."""
+        return {out.name: self.shared_memory.write_output(out.shared_memory, np.ascontiguousarray(
+                    result[out.name]).tobytes(), f"output {out.name!r}")
+                for out in requested if out.shared_memory is not None}
+
+    async def _shared_memory_status(self, request, name, version) -> Response:
+        return JSONResponse(self.shared_memory.status(request.path_params.get("region")))
+
+    async def _shared_memory_register(self, request, name, version) -> Response:
+        if self.config.ingress_replicas > 1:
+            raise ProtocolError("system shared memory needs ingress_replicas: 1 (a region lives in the ingress "
+                                "replica that registered it)")
+        registration = parse_request(await self._body(request), "shared-memory registration")
+        await asyncio.to_thread(self.shared_memory.register, request.path_params["region"], registration)
+        return JSONResponse({})
+
+    async def _shared_memory_unregister(self, request, name, version) -> Response:
+        self.shared_memory.unregister(request.path_params.get("region"))
+        return JSONResponse({})
+
+    async def _repository_request(self, request: Request, what: str) -> dict:
+        """A repository call's JSON body; tritonclient sends the index call with none."""
+        empty = request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers
+        return parse_request(b"" if empty else await self._body(request), what)
+
+    async def _repository_index(self, request, name, version) -> Response:
+        ready_only = (await self._repository_request(request, "index")).get("ready") is True
+        return JSONResponse(await self.repository.index(ready_only))
+
+    async def _repository_load(self, request, name, version) -> Response:
+        check_load_request(await self._repository_request(request, "load"))
+        await self.repository.load(name)
+        return JSONResponse({})
+
+    async def _repository_unload(self, request, name, version) -> Response:
+        await self._repository_request(request, "unload")  # unload_dependents: a model here has none
+        await self.repository.unload(name)
+        return JSONResponse({})
+
 
 def build_app(config: ServeConfig):
     """The Serve application: the ingress bound to one deployment per model version."""
-    models = {model.deployment_name: deployment_for(model) for model in config.models}
+    models = {model.deployment_name: deployment_for(model, config.trim_above_bytes) for model in config.models}
     return InferenceServer.options(num_replicas=config.ingress_replicas).bind(config, models)
 
 

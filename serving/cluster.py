@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from serving.config import ServeConfig
+from serving.config import ServeConfig, is_loopback
 
 APP_NAME = "patchwatch"
 
@@ -35,11 +35,18 @@ class LocalService:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
+    @property
+    def grpc_address(self) -> str | None:
+        """`host:port` of the OIP gRPC service (what `tritonclient.grpc.InferenceServerClient` takes), if on."""
+        return None if self.config.grpc_port is None else f"{self.config.host}:{self.config.grpc_port}"
+
     def urls(self) -> dict[str, str]:
         """What a person needs to reach the service, by purpose."""
         out = {"server metadata": f"{self.url}/v2", "live": f"{self.url}/v2/health/live",
                "ready": f"{self.url}/v2/health/ready", "metrics": f"{self.url}/metrics",
                "metrics (Ray node)": f"http://127.0.0.1:{self.metrics_port}/metrics"}
+        if self.config.grpc_port is not None:
+            out["grpc"] = self.grpc_address
         for name in dict.fromkeys(m.name for m in self.config.models):
             out[f"{name} metadata"] = f"{self.url}/v2/models/{name}"
             out[f"{name} infer"] = f"{self.url}/v2/models/{name}/infer"
@@ -71,25 +78,36 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
                 address: str | None = None) -> LocalService:
     """Start Ray on this machine (or join the cluster at `address`, e.g. a `start_head` head), Serve's proxy on
     `config.host:config.port`, and the application; returns once every model answers."""
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-
     config.api_key()  # a named but unset key variable fails here, before anything starts
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        # a head on loopback (`start_head`'s) is reached as such only by a driver that imported ray the same way
+        with ray_node_on_loopback() if is_loopback(address.rsplit(":", 1)[0]) else contextlib.nullcontext():
+            import ray
+
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(address="local", include_dashboard=False, num_cpus=ray_cpus(config), log_to_driver=False,
-                 _metrics_export_port=metrics_port, configure_logging=False)
+        # a node of its own, on loopback whatever `config.host` is: Serve's proxy binds that host itself, and the
+        # node's metrics export (no key) stays off the network, where the service's `GET /metrics` (key) serves it
+        with ray_node_on_loopback():
+            import ray  # reads LOOPBACK_NODE_VARIABLE when this process first imports it
+
+            ray.init(address="local", include_dashboard=False, num_cpus=ray_cpus(config), log_to_driver=False,
+                     _metrics_export_port=metrics_port, configure_logging=False)
+        _warn_if_node_exposed()
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.repository import external_scaling
+
     if callable(sigterm):
         # ray.init installs a SIGTERM handler that aborts the process; keep the caller's (a clean stop)
         signal.signal(signal.SIGTERM, sigterm)
     try:
         _start_serve({"host": config.host, "port": config.port})
         with _quiet_reconnect():
-            serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False,
+                      external_scaler_enabled=external_scaling(config))  # the repository's load/unload
         _wait_ready(config, timeout_s)
     except BaseException:
         if address:
@@ -98,6 +116,56 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
             ray.shutdown()  # the cluster's end takes whatever was started on it
         raise
     return LocalService(config, metrics_port, owns_cluster=not address)
+
+
+#: Ray 2.60 puts a node it starts on 127.0.0.1, and with it every socket that node binds (GCS, raylet, object
+#: manager, workers, dashboard and runtime env agents, metrics export), only when this variable is false as the
+#: process first imports ray; otherwise the node takes the address that routes off the machine, even when given
+#: `--node-ip-address=127.0.0.1`, and binds its gRPC servers and metrics export on all interfaces. Such a node
+#: cannot be joined from another machine, which is the point for a single-node service or a head for this machine.
+LOOPBACK_NODE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def ray_node_on_loopback():
+    """Sets LOOPBACK_NODE_VARIABLE false while a local Ray node starts (and ray is first imported), then restores
+    it, so that no later `ray start` of this process's children inherits it (a joining node refuses to start
+    with it)."""
+    before = os.environ.get(LOOPBACK_NODE_VARIABLE)
+    os.environ[LOOPBACK_NODE_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(LOOPBACK_NODE_VARIABLE, None)
+        else:
+            os.environ[LOOPBACK_NODE_VARIABLE] = before
+
+
+def _warn_if_node_exposed() -> None:
+    """A local node that did not get loopback: this process imported ray before `start_local` could set
+    LOOPBACK_NODE_VARIABLE, and Ray's ports (its metrics export included) listen on all interfaces."""
+    import ray
+
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        print(f"patchwatch: WARNING: Ray's node is on {node_ip}, not loopback: its ports, the metrics export among "
+              f"them, listen on all interfaces (ray was imported before the service started; set "
+              f"{LOOPBACK_NODE_VARIABLE}=0 before importing it)", file=sys.stderr)
+
+
+def service_process_ids() -> dict[str, int]:
+    """The processes serving the application on the connected cluster, by Serve actor name: the HTTP proxy, the
+    ingress and the model replicas (each asked for its own PID; for memory and socket checks)."""
+    import ray
+
+    pids = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if actor["namespace"] == "serve" and name.startswith((f"SERVE_REPLICA::{APP_NAME}#", "SERVE_PROXY_ACTOR")):
+            handle = ray.get_actor(name, namespace="serve")
+            pids[name] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+    return pids
 
 
 class _DropReconnect(logging.Filter):
@@ -348,7 +416,9 @@ def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None 
         log = tempfile.NamedTemporaryFile("w", prefix="ray-head-", suffix=".log", delete=False)
         how = {"preexec_fn": _terminate_with_parent()}
     with log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, **how)
+        # on loopback for real (see LOOPBACK_NODE_VARIABLE); `env`, which drivers and joining nodes take, goes without
+        process = subprocess.Popen(command, env={**env, LOOPBACK_NODE_VARIABLE: "0"}, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True, **how)
     head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env, ports)
     _wait_for_jobs(head, Path(log.name), timeout_s)
     return head

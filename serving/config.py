@@ -12,10 +12,9 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from segmenters.data.frames import MAX_IMAGE_PIXELS
-
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 ENGINE_SUFFIXES = (".onnx", ".plan", ".engine")
+MIB = 1024 * 1024
 
 
 class ServeConfigError(ValueError):
@@ -66,6 +65,13 @@ class ModelConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
     health_check_period_s: float = Field(10.0, gt=0)
+    #: memory the engine works in per input pixel: the float32 input (12 B), the network's activations and its
+    #: logits (4 B a class). Peaks measured on CamVid (11 classes) through ONNX Runtime on the CPU: U-Net 271 B,
+    #: LR-ASPP 134 B; the request and batch budgets count it
+    bytes_per_pixel: int = Field(320, ge=1)
+    #: memory one engine run of a replica may hold (its calls' tensors plus `bytes_per_pixel` for their pixels);
+    #: a batch over it runs in parts, one after another
+    batch_budget_mb: float = Field(2048.0, gt=0)
 
     @property
     def engine_threads(self) -> int:
@@ -113,12 +119,20 @@ class ServeConfig(BaseModel):
     #: where the Serve HTTP proxy listens (must agree with Serve's http_options when deployed from YAML)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    #: the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on `host:grpc_port`, served by the
+    #: ingress replicas; off unless set, so a service opens no port it was not asked for (Triton's is 8001)
+    grpc_port: int | None = Field(None, ge=1, le=65535)
     #: environment variable holding the API key; requests then need `Authorization: Bearer <key>`
     api_key_env: str | None = None
     #: request bodies above this are refused with 413 before they are read
     max_body_mb: float = Field(64.0, gt=0)
-    #: images (uploads and tensors) above this many pixels are refused with 413
-    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=64)
+    #: memory one request may need: its decoded image or tensors plus the engine's `bytes_per_pixel` for their
+    #: pixels. Over it, 413 before anything is decoded (an image's size is read from its header). The default
+    #: takes a 2048x1536 upload for a U-Net-class model and refuses 4K (see `memory_bound_bytes`)
+    request_budget_mb: float = Field(1024.0, gt=0)
+    #: after a request that needed more memory than this, the ingress and the replica give freed memory back to
+    #: the OS (ONNX Runtime's arena shrunk, then glibc's free lists trimmed)
+    trim_above_mb: float = Field(64.0, ge=0)
     #: an inference that takes longer is answered 503
     request_timeout_s: float = Field(30.0, gt=0)
     #: a request body that has not fully arrived this long after the request began is answered 408 (a stalled or
@@ -134,6 +148,12 @@ class ServeConfig(BaseModel):
             if key in seen:
                 raise ValueError(f"model {model.name!r} version {model.version!r} is listed twice")
             seen.add(key)
+        for model in self.models:
+            if model.batch_budget_mb < self.request_budget_mb:
+                raise ValueError(f"model {model.name!r}: batch_budget_mb {model.batch_budget_mb} is below "
+                                 f"request_budget_mb {self.request_budget_mb}: one request must fit one batch")
+        if self.grpc_port == self.port:
+            raise ValueError(f"grpc_port {self.grpc_port} is the HTTP port: give gRPC a port of its own")
         if not is_loopback(self.host) and not self.api_key_env:
             raise ValueError(f"host {self.host!r} is not loopback: set api_key_env (the environment variable that "
                              "holds the API key); an open inference endpoint is refused")
@@ -141,7 +161,22 @@ class ServeConfig(BaseModel):
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
+        return int(self.max_body_mb * MIB)
+
+    @property
+    def request_budget_bytes(self) -> int:
+        return int(self.request_budget_mb * MIB)
+
+    @property
+    def trim_above_bytes(self) -> int:
+        return int(self.trim_above_mb * MIB)
+
+    def memory_bound_bytes(self, concurrent: int) -> int:
+        """How far the service's memory (proxy, ingress and replicas together) can rise above its idle RSS with
+        `concurrent` requests in flight: each holds at most its body and its request budget (decoded image or
+        tensors plus the engine's memory for its pixels; a batch's engine memory is its calls'). With the
+        defaults, 8 worst-case uploads: 8 x (64 + 1024) MiB = 8.5 GiB."""
+        return concurrent * (self.max_body_bytes + self.request_budget_bytes)
 
     def api_key(self) -> str | None:
         """The API key from the environment, or None when auth is off. Raises if the variable is named but empty."""

@@ -1,6 +1,7 @@
-"""The image endpoint's answers: a label-map PNG (palette PNG whose pixel values are class indices and whose
-palette is the spec's colours), a colour overlay, or class areas as JSON. The client chooses with `?output=`
-or, failing that, with its Accept header."""
+"""The image endpoint: an upload checked against the request's memory budget from its header alone, then
+decoded; and its answers: a label-map PNG (palette PNG whose pixel values are class indices and whose palette is
+the spec's colours), a colour overlay, or class areas as JSON. The client chooses with `?output=` or, failing
+that, with its Accept header."""
 
 from __future__ import annotations
 
@@ -9,13 +10,54 @@ import io
 import numpy as np
 from PIL import Image
 
+from segmenters.data.frames import ImageDecodeError, decode_image
 from segmenters.spec import ModelSpec
 from segmenters.visualize import label_image, overlay
+from serving.config import ModelConfig
+from serving.model import check_budget
 from serving.protocol import ProtocolError
 
 IMAGE_OUTPUTS = ("labels", "overlay", "areas")
 UPLOAD_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/tiff",
                 "application/octet-stream")
+#: bytes a pixel of PIL's decoded image (every multi-band mode is 4 bytes a pixel inside PIL)
+PIL_BYTES_PER_PIXEL = 4
+#: the ingress's peak while decoding an upload, a pixel: PIL's decoded image, its EXIF-rotated copy and its RGB
+#: conversion (PIL's 4 bytes each), then the (H, W, 3) uint8 array handed on (3 bytes)
+DECODE_BYTES_PER_PIXEL = 3 * PIL_BYTES_PER_PIXEL + 3
+#: the uint8 RGB frame sent to the replica, a pixel
+FRAME_BYTES_PER_PIXEL = 3
+
+
+def upload_memory_bytes(width: int, height: int, model: ModelConfig) -> int:
+    """What an upload of width x height pixels needs: decoding it, its frame, and the engine's run on it."""
+    return width * height * (DECODE_BYTES_PER_PIXEL + FRAME_BYTES_PER_PIXEL + model.bytes_per_pixel)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an encoded image's header; no pixel is decoded (PIL reads sizes lazily)."""
+    if not data:
+        raise ProtocolError("empty image: 0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError as exc:  # PIL's own refusal, past twice its MAX_IMAGE_PIXELS
+        raise ProtocolError(f"image refused before decoding: {exc}", status=413) from None
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad bytes
+        reason = "not a recognised image format" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+        raise ProtocolError(f"cannot decode image ({len(data)} bytes): {reason}") from None
+
+
+def decode_upload(data: bytes, model: ModelConfig, budget_bytes: int) -> np.ndarray:
+    """An uploaded image -> (H, W, 3) uint8 RGB, or a 413 naming its size and the budget when decoding and
+    running it would need more than `budget_bytes` (judged from the header, before any pixel is decoded)."""
+    width, height = image_size(data)
+    check_budget(f"image {width}x{height} ({width * height} pixels)", upload_memory_bytes(width, height, model),
+                 budget_bytes)
+    try:
+        return decode_image(data, max_pixels=width * height)
+    except ImageDecodeError as exc:
+        raise ProtocolError(str(exc)) from None
 
 
 def choose_output(output: str | None, accept: str | None) -> str:

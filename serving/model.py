@@ -8,6 +8,7 @@ the outputs asked for: logits and/or the label map.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ray import serve
 
 from export.engine import Engine, EngineError, label_dtype
 from segmenters.spec import ModelSpec
-from serving.config import ModelConfig
+from serving.config import MIB, ModelConfig
 from serving.metrics import ModelMetrics
 from serving.protocol import ProtocolError, datatype_of
 
@@ -41,10 +42,50 @@ class InferCall:
     def images(self) -> int:
         return int(self.array.shape[0])
 
+    @property
+    def pixels(self) -> int:
+        """Input pixels over the batch: what the engine's working memory scales with."""
+        return tensor_pixels(self.input_name, self.array.shape)
 
-def check_call(inputs: dict[str, np.ndarray], outputs: tuple[str, ...], max_batch_size: int,
-               max_pixels: int) -> InferCall:
-    """Named request tensors -> an `InferCall`, or a `ProtocolError` naming what does not fit the model."""
+    def memory_bytes(self, bytes_per_pixel: int) -> int:
+        """What running this call holds: its tensor plus the engine's memory for its pixels."""
+        return self.array.nbytes + self.pixels * bytes_per_pixel
+
+
+def tensor_pixels(input_name: str, shape: tuple[int, ...]) -> int:
+    """N x H x W of an `images` (NCHW) or `frames` (NHWC) shape, as a Python integer (never overflows)."""
+    batch, height, width = (shape[0], shape[2], shape[3]) if input_name == "images" else shape[:3]
+    return int(batch) * int(height) * int(width)
+
+
+def check_budget(what: str, needed: int, budget: int) -> None:
+    """A 413 naming the request's memory and the budget when the one is over the other."""
+    if needed > budget:
+        raise ProtocolError(f"{what} needs {needed / MIB:.1f} MiB to decode and run ({needed} bytes), over the "
+                            f"limit of {budget / MIB:.1f} MiB a request may need (request_budget_mb)", status=413)
+
+
+#: memory one tensor element takes while an answer is encoded as JSON (a Python float in a list, then its text)
+JSON_BYTES_PER_VALUE = 64
+
+
+def check_json_outputs(outputs: list[tuple[str, np.ndarray, bool]], budget: int) -> None:
+    """Outputs asked for as JSON go through Python lists and text: refused (413) when that would need more than
+    a request's budget (a 2-megapixel frame's logits would take gigabytes); binary answers cost their bytes."""
+    for name, array, binary in outputs:
+        needed = 0 if binary else array.size * JSON_BYTES_PER_VALUE
+        if needed > budget:
+            raise ProtocolError(f"output {name!r} of shape {list(array.shape)} as JSON would need "
+                                f"{needed / MIB:.1f} MiB to encode, over the limit of {budget / MIB:.1f} MiB a "
+                                "request may need (request_budget_mb): ask for it as binary (binary_data: true)",
+                                status=413)
+
+
+def check_call(inputs: dict[str, np.ndarray], outputs: tuple[str, ...], model: ModelConfig,
+               budget_bytes: int) -> InferCall:
+    """Named request tensors -> an `InferCall`, or a `ProtocolError` naming what does not fit the model: over
+    `budget_bytes` (the tensor plus the engine's `bytes_per_pixel` for its pixels) is a 413."""
+    max_batch_size = model.max_batch_size
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
         raise ProtocolError(f"unknown input(s) {unknown}: this model takes one of {sorted(INPUTS)}")
@@ -75,9 +116,8 @@ def check_call(inputs: dict[str, np.ndarray], outputs: tuple[str, ...], max_batc
                             "request")
     if min(height, width) < MIN_SIDE:
         raise ProtocolError(f"input {name!r}: images are {height}x{width}, smaller than {MIN_SIDE} pixels a side")
-    if height * width > max_pixels:
-        raise ProtocolError(f"input {name!r}: images are {height}x{width} = {height * width} pixels, over the "
-                            f"limit of {max_pixels}", status=413)
+    check_budget(f"input {name!r} of shape {list(array.shape)}",
+                 array.nbytes + tensor_pixels(name, array.shape) * model.bytes_per_pixel, budget_bytes)
     if name == "images" and not np.isfinite(array).all():
         raise ProtocolError("input 'images' contains NaN or infinite values")
     return InferCall(name, np.ascontiguousarray(array), tuple(outputs) or OUTPUTS)
@@ -87,17 +127,44 @@ def _images_in(calls: list[InferCall]) -> int:
     return sum(call.images for call in calls)
 
 
+def budget_parts(indices: list[int], calls: list[InferCall], bytes_per_pixel: int,
+                 budget_bytes: int) -> list[list[int]]:
+    """`indices` of `calls` (in order) split into engine runs that each hold at most `budget_bytes`; a call alone
+    over it still runs alone (the ingress's request budget, never above a batch's, keeps that from happening)."""
+    parts: list[list[int]] = []
+    held = 0
+    for index in indices:
+        needed = calls[index].memory_bytes(bytes_per_pixel)
+        if parts and held + needed <= budget_bytes:
+            parts[-1].append(index)
+            held += needed
+        else:
+            parts.append([index])
+            held = needed
+    return parts
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap pages back to the OS: Python and NumPy free into malloc's lists, which keep a
+    large request's pages otherwise."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class EngineModel:
     """A replica that owns one `Engine` (ONNX Runtime or TensorRT) and batches requests into it."""
 
-    def __init__(self, model: ModelConfig):
+    def __init__(self, model: ModelConfig, trim_above_bytes: int):
         import ray
 
         from export import load_engine
         from segmenters.device import assigned_device
 
         self.config = model
+        self.trim_above_bytes = trim_above_bytes
         # the GPU Ray gave this replica (CUDA_VISIBLE_DEVICES names it cuda:0 here), or the CPU when it gave none
         gpu_ids = ray.get_gpu_ids()
         device = assigned_device(model.device, gpu_ids)
@@ -134,17 +201,36 @@ class EngineModel:
             size = call.array.shape[2:] if call.input_name == "images" else call.array.shape[1:3]
             groups.setdefault((call.input_name, tuple(size)), []).append(index)
         results: list[dict[str, np.ndarray]] = [{} for _ in calls]
+        budget = int(self.config.batch_budget_mb * MIB)
         for indices in groups.values():
-            group = [calls[i] for i in indices]
-            started = time.perf_counter()
-            outputs = await asyncio.to_thread(self._run, group)
-            self.metrics.observe_batch(sum(c.images for c in group), (time.perf_counter() - started) * 1000.0)
-            start = 0
-            for i, call in zip(indices, group):
-                results[i] = {name: value[start:start + call.images] for name, value in outputs.items()
-                              if name in call.outputs}
-                start += call.images
+            for part in budget_parts(indices, calls, self.config.bytes_per_pixel, budget):
+                await self._run_part(part, calls, results)
+        if max(call.memory_bytes(self.config.bytes_per_pixel) for call in calls) > self.trim_above_bytes:
+            await asyncio.to_thread(self._give_memory_back)
         return results
+
+    async def _run_part(self, indices: list[int], calls: list[InferCall],
+                        results: list[dict[str, np.ndarray]]) -> None:
+        """One engine run over `calls[i]` for `i` in `indices`; each call's slice of the outputs into `results`."""
+        group = [calls[i] for i in indices]
+        started = time.perf_counter()
+        outputs = await asyncio.to_thread(self._run, group)
+        self.metrics.observe_batch(sum(c.images for c in group), (time.perf_counter() - started) * 1000.0)
+        start = 0
+        for i, call in zip(indices, group):
+            results[i] = {name: value[start:start + call.images] for name, value in outputs.items()
+                          if name in call.outputs}
+            start += call.images
+
+    def _give_memory_back(self) -> None:
+        """After a large batch: the engine's pool (ONNX Runtime's arena) shrunk, then the C heap trimmed. A failure
+        here costs memory, never the batch's answers."""
+        try:
+            self.engine.release_memory()
+        except EngineError as exc:
+            logging.getLogger("ray.serve").warning("%s: could not give memory back: %s", self.config.deployment_name,
+                                                   exc)
+        trim_heap()
 
     def _run(self, group: list[InferCall]) -> dict[str, np.ndarray]:
         """One group's engine batch. Labels alone come from `segment` (argmax on the engine's device, only uint8
@@ -169,7 +255,7 @@ class EngineModel:
             raise RuntimeError(f"engine {self.engine.backend} returned non-finite logits on the health probe")
 
 
-def deployment_for(model: ModelConfig):
+def deployment_for(model: ModelConfig, trim_above_bytes: int):
     """The bound deployment of one model version, with its replicas, autoscaling and resources."""
     actor_options = {"num_cpus": model.num_cpus}
     if model.num_gpus > 0:
@@ -185,7 +271,7 @@ def deployment_for(model: ModelConfig):
         options["autoscaling_config"] = model.autoscaling.model_dump()
     else:
         options["num_replicas"] = model.num_replicas
-    return EngineModel.options(**options).bind(model)
+    return EngineModel.options(**options).bind(model, trim_above_bytes)
 
 
 

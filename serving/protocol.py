@@ -47,6 +47,8 @@ class ProtocolError(Exception):
 class RequestedOutput:
     name: str
     binary: bool
+    #: its parameters, when they place it in a shared-memory region (`serving.shared_memory`)
+    shared_memory: dict | None = None
 
 
 @dataclass
@@ -78,8 +80,9 @@ def datatype_of(array: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------- requests
 
 
-def decode_infer_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
-    """An HTTP body (and its `Inference-Header-Content-Length` header, if any) -> named input arrays."""
+def decode_infer_request(body: bytes, header_length: str | int | None = None, shared_memory=None) -> InferRequest:
+    """An HTTP body (and its `Inference-Header-Content-Length` header, if any) -> named input arrays.
+    `shared_memory`: the `serving.shared_memory.SharedMemoryRegistry` inputs placed in a region are read from."""
     json_part, binary = _split_body(body, header_length)
     try:
         header = _parse_json(json_part, "inference request")
@@ -112,7 +115,9 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None) ->
         parameters = item.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ProtocolError(f"{what}: 'parameters' must be an object")
-        if "binary_data_size" in parameters:
+        if "shared_memory_region" in parameters:
+            inputs[name] = _from_shared_memory(item, parameters, shape, datatype, what, shared_memory)
+        elif "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError(f"{what}: binary_data_size must be a non-negative integer, got {shown(size)}")
@@ -143,6 +148,16 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None) ->
         raise ProtocolError(f"request 'id' must be a string, got {shown(request_id)}")
     return InferRequest(inputs, _requested_outputs(header.get("outputs"), binary_output), request_id,
                         parameters, binary_output)
+
+
+def _from_shared_memory(item: dict, parameters: dict, shape: tuple[int, ...], datatype: str, what: str,
+                        shared_memory) -> np.ndarray:
+    if shared_memory is None:
+        raise ProtocolError(f"{what} names a shared-memory region, which this endpoint does not read: send its data")
+    if "data" in item or "binary_data_size" in parameters:
+        raise ProtocolError(f"{what} has its data both in a shared-memory region and in the request")
+    expected = None if datatype == "BYTES" else math.prod(shape) * DATATYPES[datatype].itemsize
+    return _from_binary(shared_memory.read_input(parameters, expected, what), shape, datatype, what)
 
 
 def _split_body(body: bytes, header_length: str | int | None) -> tuple[bytes, bytes]:
@@ -292,7 +307,8 @@ def _requested_outputs(value: Any, binary_default: bool) -> list[RequestedOutput
         binary = parameters.get("binary_data", binary_default) if isinstance(parameters, dict) else None
         if not isinstance(binary, bool):
             raise ProtocolError(f"output {item['name']!r}: binary_data must be true or false")
-        outputs.append(RequestedOutput(item["name"], binary))
+        in_region = parameters if isinstance(parameters, dict) and "shared_memory_region" in parameters else None
+        outputs.append(RequestedOutput(item["name"], binary, in_region))
     return outputs
 
 
@@ -320,9 +336,10 @@ def encode_infer_request(inputs: dict[str, np.ndarray], outputs: dict[str, bool]
 
 
 def encode_infer_response(model_name: str, model_version: str, outputs: list[tuple[str, np.ndarray, bool]],
-                          request_id: str | None = None,
-                          parameters: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
-    """(name, array, as_binary) outputs -> (body, headers): JSON alone, or JSON then binary blobs."""
+                          request_id: str | None = None, parameters: dict[str, Any] | None = None,
+                          in_shared_memory: dict[str, dict] | None = None) -> tuple[bytes, dict[str, str]]:
+    """(name, array, as_binary) outputs -> (body, headers): JSON alone, or JSON then binary blobs. Outputs named in
+    `in_shared_memory` were written to a region: their entry carries its parameters and no data."""
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         header["id"] = request_id
@@ -331,6 +348,10 @@ def encode_infer_response(model_name: str, model_version: str, outputs: list[tup
     header["outputs"] = []
     blobs = []
     for name, array, binary in outputs:
+        if name in (in_shared_memory or {}):
+            header["outputs"].append({"name": name, "datatype": datatype_of(array), "shape": list(array.shape),
+                                      "parameters": in_shared_memory[name]})
+            continue
         entry, blob = _tensor_entry(name, array, binary)
         header["outputs"].append(entry)
         if blob is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import socket
 import threading
 import zlib
@@ -28,7 +29,8 @@ from serving.protocol import HEADER_LENGTH, encode_infer_request
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 MAX_BODY_MB = 4
-MAX_PIXELS = 640 * 640
+#: takes the 360x480 CamVid upload, refuses a 700x700 frame (the default engine bytes a pixel)
+REQUEST_BUDGET_MB = 128
 BODY_TIMEOUT_S = 2.0
 
 
@@ -49,7 +51,7 @@ def service(engines):
              "max_batch_size": 8, "threads": 1, "health_check_period_s": 2},
             {"name": "camvid", "version": "2", "path": str(engines["2"]), "threads": 1},
         ],
-        port=free_port(), max_body_mb=MAX_BODY_MB, max_image_pixels=MAX_PIXELS, body_timeout_s=BODY_TIMEOUT_S,
+        port=free_port(), max_body_mb=MAX_BODY_MB, request_budget_mb=REQUEST_BUDGET_MB, body_timeout_s=BODY_TIMEOUT_S,
     )
     service = start_local(config, metrics_port=free_port())
     yield service
@@ -428,3 +430,97 @@ def test_a_replica_killed_under_load_is_replaced_and_requests_succeed(service, v
         time.sleep(1)
     after = [client.infer("camvid", {"frames": frames[:1]}, {"labels": True}, version="1") for _ in range(4)]
     assert all(out["labels"].shape == (1, 96, 128) for out in after)
+
+
+@pytest.fixture()
+def shm_regions():
+    """POSIX shared-memory segments made by the stock tritonclient helper, destroyed after the test."""
+    shm = pytest.importorskip("tritonclient.utils.shared_memory")
+    made = []
+
+    def make(name: str, size: int):
+        made.append(shm.create_shared_memory_region(name, f"/patchwatch-test-{os.getpid()}-{name}", size))
+        return made[-1], f"/patchwatch-test-{os.getpid()}-{name}"
+
+    yield make
+    for region in made:
+        shm.destroy_shared_memory_region(region)
+
+
+def _triton_http(service):
+    tritonhttp = pytest.importorskip("tritonclient.http")
+    return tritonhttp, tritonhttp.InferenceServerClient(service.url.split("://", 1)[1])
+
+
+def test_frames_in_and_labels_out_through_system_shared_memory(service, local, val_frames, shm_regions):
+    """Stock tritonclient.http and tritonclient.utils.shared_memory, unchanged: frames are read from a region that
+    starts 64 bytes into its segment, labels written into another; the answer carries no tensor bytes."""
+    from tritonclient.utils import shared_memory as shm
+
+    tritonhttp, client = _triton_http(service)
+    batch = np.ascontiguousarray(small(val_frames[0][:2]))
+    expected = local["1"].labels(local["1"].prepare(batch))
+    frames_segment, frames_key = shm_regions("frames", 64 + batch.nbytes)
+    labels_segment, labels_key = shm_regions("labels", expected.nbytes + 100)
+    shm.set_shared_memory_region(frames_segment, [batch], offset=64)
+    client.register_system_shared_memory("frames", frames_key, batch.nbytes, offset=64)
+    client.register_system_shared_memory("labels", labels_key, expected.nbytes + 100)
+    try:
+        assert {r["name"]: r["byte_size"] for r in client.get_system_shared_memory_status()} == {
+            "frames": batch.nbytes, "labels": expected.nbytes + 100}
+        frames_input = tritonhttp.InferInput("frames", list(batch.shape), "UINT8")
+        frames_input.set_shared_memory("frames", batch.nbytes)
+        labels_output = tritonhttp.InferRequestedOutput("labels")
+        labels_output.set_shared_memory("labels", expected.nbytes + 100)
+        result = client.infer("camvid", [frames_input], model_version="1", outputs=[labels_output])
+        answer = result.get_output("labels")
+        assert "data" not in answer and answer["parameters"] == {"shared_memory_region": "labels",
+                                                                  "shared_memory_byte_size": expected.nbytes}
+        labels = shm.get_contents_as_numpy(labels_segment, np.uint8, answer["shape"])
+        np.testing.assert_array_equal(labels, expected)
+    finally:
+        client.unregister_system_shared_memory()
+    assert client.get_system_shared_memory_status() == []
+
+
+def _shm_refusal(client, call) -> str:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as refused:
+        call()
+    assert refused.value.status() in ("400", "404"), refused.value
+    return refused.value.message()
+
+
+def test_shared_memory_regions_are_checked_and_never_read_past(service, local, val_frames, shm_regions):
+    """Every misuse of a region is a 4xx naming the problem, and the service answers a good request after."""
+    tritonhttp, client = _triton_http(service)
+    batch = np.ascontiguousarray(small(val_frames[0][:1]))
+    from tritonclient.utils import shared_memory as shm
+
+    segment, key = shm_regions("bad", batch.nbytes)
+    shm.set_shared_memory_region(segment, [batch])
+    register = client.register_system_shared_memory
+    assert "no shared-memory segment" in _shm_refusal(client, lambda: register("r", key + "-gone", 8))
+    assert "runs past the end of segment" in _shm_refusal(client, lambda: register("r", key, batch.nbytes, 1))
+    register("r", key, batch.nbytes)
+    try:
+        assert "already registered" in _shm_refusal(client, lambda: register("r", key, 8))
+
+        def infer(region="r", size=batch.nbytes, offset=0, shape=batch.shape):
+            frames_input = tritonhttp.InferInput("frames", list(shape), "UINT8")
+            frames_input.set_shared_memory(region, size, offset=offset)
+            return client.infer("camvid", [frames_input], model_version="1")
+
+        assert "no shared-memory region 'elsewhere'" in _shm_refusal(client, lambda: infer(region="elsewhere"))
+        assert "need" in _shm_refusal(client, lambda: infer(size=batch.nbytes - 1))
+        assert "runs past the end of region" in _shm_refusal(client, lambda: infer(offset=1))
+        labels_output = tritonhttp.InferRequestedOutput("labels")
+        labels_output.set_shared_memory("r", 10)
+        frames_input = tritonhttp.InferInput("frames", list(batch.shape), "UINT8")
+        frames_input.set_data_from_numpy(batch)
+        assert "more than its shared_memory_byte_size" in _shm_refusal(
+            client, lambda: client.infer("camvid", [frames_input], model_version="1", outputs=[labels_output]))
+        np.testing.assert_array_equal(infer().as_numpy("labels"), local["1"].labels(local["1"].prepare(batch)))
+    finally:
+        client.unregister_system_shared_memory("r")

@@ -3,7 +3,6 @@ deploy files. The served application itself is tested over HTTP in test_serving.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import re
@@ -17,14 +16,18 @@ from PIL import Image
 from segmenters.data import dataset_classes
 from segmenters.data.frames import ImageDecodeError, ImageTooLargeError, decode_image
 from segmenters.spec import ModelSpec
-from serving.config import ServeConfig, load_serve_config
+from serving.config import ModelConfig, ServeConfig, load_serve_config
 from serving.images import choose_output, class_areas, label_png
 from serving.model import check_call
+from serving.fuzzing import deep, mutated_request
 from serving.protocol import (HEADER_LENGTH, ProtocolError, decode_infer_request, decode_infer_response,
                               encode_infer_request, encode_infer_response)
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
+#: a served model at the defaults (8 images a request, the default engine bytes a pixel), and the default budget
+MODEL = ModelConfig(name="camvid", path="camvid.onnx")
+REQUEST_BUDGET = ServeConfig(models=[MODEL]).request_budget_bytes
 
 
 def _request(inputs, **kw):
@@ -153,10 +156,6 @@ def _json_tensor(**fields) -> bytes:
                                    **fields}]}).encode()
 
 
-def _deep(depth: int) -> str:
-    return "[" * depth + "1" + "]" * depth
-
-
 # Each of these answered 500 once (issue 17's fuzz run): shapes whose element count overflowed int64 to 0, a
 # 65-dimension shape, a datatype that is not a string, JSON nested ~1000 or 100000 deep; and ragged data was taken.
 @pytest.mark.parametrize("case, message", [
@@ -193,11 +192,11 @@ def test_hostile_shapes_and_nesting_are_refused_without_a_crash(case, message):
     elif case == "datatype is an object":
         body = _json_tensor(datatype={})
     elif case == "data nested 900 deep":
-        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", _deep(900).encode())
+        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", deep(900).encode())
     elif case == "body nested 100000 deep":
-        body = _deep(100000).encode()
+        body = deep(100000).encode()
     elif case == "data nested 100000 deep":
-        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", _deep(100000).encode())
+        body = _json_tensor(shape=[1]).replace(b"[0, 0, 0, 0, 0, 0]", deep(100000).encode())
     elif case == "ragged data of the right count":
         body = _json_tensor(shape=[1, 3, 32, 32], data=[[0.0] * 3000, [0.0] * 72])
     elif case == "nested other than the shape":
@@ -247,12 +246,12 @@ def test_bytes_may_be_nested_as_the_shape():
 ])
 def test_calls_that_do_not_fit_the_model(inputs, outputs, message, status):
     with pytest.raises(ProtocolError, match=message) as info:
-        check_call(inputs, outputs, max_batch_size=8, max_pixels=1024 * 1024)
+        check_call(inputs, outputs, MODEL, REQUEST_BUDGET)
     assert info.value.status == status
 
 
 def test_a_good_call_defaults_to_every_output():
-    call = check_call({"frames": np.zeros((2, 40, 50, 3), np.uint8)}, (), 8, 1 << 20)
+    call = check_call({"frames": np.zeros((2, 40, 50, 3), np.uint8)}, (), MODEL, REQUEST_BUDGET)
     assert call.outputs == ("logits", "labels") and call.images == 2
 
 
@@ -330,45 +329,31 @@ def test_image_answers():
         choose_output("mask", None)
 
 
-GARBAGE = [None, True, -1, 0, 2**31, 2**63, 2**64 + 1, 1.5, "", "FP32", "x" * 300, [], [None], [[1, 2], [3]], {},
-           {"a": 1}, [2**62, 4], [1] * 70, ["FP32"], [-1, 3], _deep(50)]
-FIELDS = [("inputs",), ("inputs", 0), ("inputs", 0, "name"), ("inputs", 0, "shape"), ("inputs", 0, "shape", 0),
-          ("inputs", 0, "datatype"), ("inputs", 0, "data"), ("inputs", 0, "data", 0), ("inputs", 0, "parameters"),
-          ("inputs", 0, "parameters", "binary_data_size"), ("outputs",), ("outputs", 0), ("outputs", 0, "name"),
-          ("outputs", 0, "parameters"), ("outputs", 0, "parameters", "binary_data"), ("parameters",),
-          ("parameters", "binary_data_output"), ("id",)]
-
-
-def _mutated(rng: np.random.Generator) -> dict:
-    request = {"id": "r", "parameters": {"binary_data_output": False},
-               "inputs": [{"name": "frames", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": [0] * 3072,
-                           "parameters": {}}],
-               "outputs": [{"name": "labels", "parameters": {"binary_data": False}}]}
-    for _ in range(int(rng.integers(1, 4))):
-        path = FIELDS[int(rng.integers(len(FIELDS)))]
-        target = request
-        try:
-            for key in path[:-1]:
-                target = target[key]
-            value = copy.deepcopy(GARBAGE[int(rng.integers(len(GARBAGE)))])
-            target[path[-1]] = json.loads(value) if isinstance(value, str) and value.startswith("[[[") else value
-        except (KeyError, IndexError, TypeError):
-            pass  # the path was already mutated away
-    return request
-
-
 def test_mutated_requests_get_a_protocol_error_or_an_answer_never_a_crash():
     """2000 requests, each a valid one with 1-3 fields replaced by garbage: decoding and checking them against
     the model either works or raises `ProtocolError` (a 4xx), nothing else (the server's 500)."""
     rng = np.random.default_rng(17)
     refused = 0
     for _ in range(2000):
-        request = _mutated(rng)
+        request = mutated_request(rng)
         try:
             parsed = decode_infer_request(json.dumps(request).encode())
             wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else ()
-            check_call(parsed.inputs, wanted, max_batch_size=8, max_pixels=1 << 20)
+            check_call(parsed.inputs, wanted, MODEL, REQUEST_BUDGET)
         except ProtocolError as exc:
             assert 400 <= exc.status < 500, exc.message
             refused += 1
     assert refused > 1500  # the garbage really was garbage
+
+
+def test_json_answers_are_held_to_the_request_budget():
+    """Logits as JSON cost Python objects and text per value: a frame whose binary answer is fine is refused as
+    JSON when that would pass the budget, with a 413 saying to ask for binary."""
+    from serving.model import JSON_BYTES_PER_VALUE, check_json_outputs
+
+    logits = np.zeros((1, 12, 512, 512), np.float32)
+    budget = logits.size * JSON_BYTES_PER_VALUE - 1
+    check_json_outputs([("logits", logits, True), ("labels", np.zeros((1, 512, 512), np.uint8), False)], budget)
+    with pytest.raises(ProtocolError, match="'logits' of shape \\[1, 12, 512, 512\\] as JSON.*binary_data: true") as info:
+        check_json_outputs([("logits", logits, False)], budget)
+    assert info.value.status == 413

@@ -1,0 +1,218 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (ServerLive, ServerReady, ModelReady,
+ServerMetadata, ModelMetadata, ModelInfer with typed `contents` or `raw_input_contents`), served by a grpc.aio
+server inside each ingress replica, on `ServeConfig.host:grpc_port`.
+
+The protocol's own generated code is the one the stock client ships (`tritonclient.grpc.service_pb2[_grpc]`), so
+`tritonclient.grpc.InferenceServerClient` works unchanged. Requests go through the same checks as the REST route
+(`serving.protocol`'s shape and binary-size checks, `serving.model.check_call`, the ingress's model lookup, API
+key and replica calls); a `ProtocolError` becomes the gRPC status of its HTTP status, with the same message.
+
+Why not Ray Serve's gRPC proxy (`serve.start(grpc_options=...)`, tried on Ray 2.60): it pickles each request
+message to the replica, and tritonclient's generated messages name their module `grpc_service_pb2`, which does not
+import, so every RPC fails with UNKNOWN "Can't pickle <class 'grpc_service_pb2.ServerLiveRequest'>"; it binds
+`[::]:port` (every interface, `ray.serve._private.grpc_util.start_grpc_server`) whatever `http_options.host` says,
+so a service kept on 127.0.0.1 without an API key would answer from the network; and it adds a proxy -> ingress hop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from serving.model import OUTPUTS, check_call
+from serving.protocol import DATATYPES, ProtocolError, _from_binary, _shape, datatype_of, shown
+
+logger = logging.getLogger("ray.serve")
+
+#: a `ProtocolError`'s HTTP status -> the gRPC status a client gets
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
+                503: grpc.StatusCode.UNAVAILABLE}
+#: the typed `InferTensorContents` field that carries each datatype (FP16 travels only as raw bytes)
+CONTENTS_FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+                   "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+                   "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+                   "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+#: the RPCs that answer without the API key, as the REST health routes do
+OPEN_METHODS = ("ServerLive", "ServerReady")
+#: the request metadata that carries the API key: the REST header's name (gRPC metadata keys are lower case)
+AUTH_METADATA = "authorization"
+#: gRPC's own limit, -1: none (an answer is as large as the request's batch makes it)
+UNLIMITED = -1
+
+
+def grpc_status(error: ProtocolError) -> grpc.StatusCode:
+    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+def decode_grpc_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """A ModelInferRequest's tensors -> named arrays, each checked as the REST route checks its own: name, datatype,
+    shape (rank and dimension limits before anything is sized from it), and a payload of exactly the shape's size;
+    a tensor comes either in `raw_input_contents` (one entry per input, in order) or in its typed `contents`."""
+    if not request.inputs:
+        raise ProtocolError("inference request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: send one "
+                            "per input, in order, or none")
+    inputs: dict[str, np.ndarray] = {}
+    for position, tensor in enumerate(request.inputs):
+        if not tensor.name:
+            raise ProtocolError(f"inputs[{position}] needs a name")
+        what = f"input {shown(tensor.name)}"
+        if tensor.name in inputs:
+            raise ProtocolError(f"{what} is given twice")
+        if tensor.datatype not in DATATYPES and tensor.datatype != "BYTES":
+            raise ProtocolError(f"{what}: unknown datatype {shown(tensor.datatype)} (one of "
+                                f"{', '.join([*DATATYPES, 'BYTES'])})")
+        if "shared_memory_region" in tensor.parameters:
+            raise ProtocolError(f"{what}: shared memory is not served over gRPC; send the tensor's data")
+        shape = _shape(list(tensor.shape), what)
+        if raw:
+            if tensor.HasField("contents"):
+                raise ProtocolError(f"{what} has both contents and raw_input_contents")
+            inputs[tensor.name] = _from_binary(raw[position], shape, tensor.datatype, what)
+        else:
+            inputs[tensor.name] = _from_contents(tensor, shape, what)
+    return inputs
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A tensor's typed contents: only the field its datatype uses, holding exactly the shape's element count."""
+    field = CONTENTS_FIELDS.get(tensor.datatype)
+    if field is None:
+        raise ProtocolError(f"{what}: {tensor.datatype} travels only in raw_input_contents (contents has no field "
+                            "for it)")
+    present = [f.name for f, _ in tensor.contents.ListFields()]
+    if any(name != field for name in present):
+        raise ProtocolError(f"{what}: {tensor.datatype} data goes in contents.{field}, got {', '.join(present)}")
+    values = getattr(tensor.contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise ProtocolError(f"{what}: contents.{field} has {len(values)} elements, shape {list(shape)} needs {count}")
+    if tensor.datatype == "BYTES":
+        return np.array(list(values), dtype=object).reshape(shape)
+    try:
+        # from a list: NumPy refuses a Python int out of the dtype's range, but wraps it from protobuf's container
+        return np.array(list(values), dtype=DATATYPES[tensor.datatype]).reshape(shape)
+    except OverflowError as exc:
+        raise ProtocolError(f"{what}: a value does not fit {tensor.datatype} ({exc})") from None
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    """The outputs a request names (every output when it names none), each once."""
+    names = [output.name for output in request.outputs]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"an output is requested twice: {[shown(n) for n in names]}")
+    return tuple(names) or OUTPUTS
+
+
+def infer_response(name: str, version: str, request_id: str, outputs: list[tuple[str, np.ndarray]]
+                   ) -> pb.ModelInferResponse:
+    """Output arrays as Triton's gRPC server answers them: shapes and datatypes in `outputs`, little-endian bytes
+    in `raw_output_contents` (what `tritonclient.grpc`'s `InferResult.as_numpy` reads)."""
+    response = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for output_name, array in outputs:
+        response.outputs.add(name=output_name, datatype=datatype_of(array), shape=list(array.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    return response
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService on one ingress replica: every RPC is the REST route's handler with the
+    protobuf in place of JSON (`server` is the `serving.app.InferenceServer` that holds the models)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def _answer(self, method: str, name: str | None, context: grpc.aio.ServicerContext, handler):
+        """Authorise, run `handler`, turn a `ProtocolError` into its gRPC status (any other failure into
+        INTERNAL, costing one request), and count it in the ingress metrics as REST requests are."""
+        started, code, reason = time.perf_counter(), 200, None
+        try:
+            if method not in OPEN_METHODS:
+                metadata = dict(context.invocation_metadata() or ())
+                self.server.check_api_key(metadata.get(AUTH_METADATA, ""))
+            return await handler()
+        except ProtocolError as exc:
+            code, reason = exc.status, f"grpc_{grpc_status(exc).name.lower()}"
+            status, message = grpc_status(exc), exc.message
+        except Exception as exc:  # a bug must cost one request, never the replica
+            logger.exception("gRPC %s failed", method)
+            code, reason = 500, "internal"
+            status, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            label = name if name in self.server.default_versions else ("unknown" if name else None)
+            self.server.metrics.record(label, f"grpc_{method}", code, (time.perf_counter() - started) * 1000.0,
+                                       reason)
+        await context.abort(status, message)
+
+    async def ServerLive(self, request, context):
+        return await self._answer("ServerLive", None, context, lambda: _value(pb.ServerLiveResponse(live=True)))
+
+    async def ServerReady(self, request, context):
+        async def ready():
+            answers = [await self.server._ping(handle) for _, handle in self.server.models.values()]
+            return pb.ServerReadyResponse(ready=all(answers))
+        return await self._answer("ServerReady", None, context, ready)
+
+    async def ModelReady(self, request, context):
+        async def ready():
+            _, handle = self.server._model(request.name, request.version or None)
+            return pb.ModelReadyResponse(ready=await self.server._ping(handle))
+        return await self._answer("ModelReady", request.name, context, ready)
+
+    async def ServerMetadata(self, request, context):
+        async def metadata():
+            return pb.ServerMetadataResponse(**self.server.describe_server())
+        return await self._answer("ServerMetadata", None, context, metadata)
+
+    async def ModelMetadata(self, request, context):
+        async def metadata():
+            meta = await self.server.describe_model(request.name, request.version or None)
+            return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                            inputs=_tensor_metadata(meta["inputs"]),
+                                            outputs=_tensor_metadata(meta["outputs"]))
+        return await self._answer("ModelMetadata", request.name, context, metadata)
+
+    async def ModelInfer(self, request, context):
+        async def infer():
+            model, handle = self.server._model(request.model_name, request.model_version or None)
+            wanted = requested_outputs(request)
+            call = check_call(decode_grpc_inputs(request), wanted, model, self.server.config.request_budget_bytes)
+            result = await self.server._call(model, handle, call)
+            return infer_response(request.model_name, model.version, request.id,
+                                  [(out, result[out]) for out in wanted])
+        return await self._answer("ModelInfer", request.model_name, context, infer)
+
+
+async def _value(value):
+    return value
+
+
+def _tensor_metadata(tensors: list[dict]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            for t in tensors]
+
+
+def start_grpc_server(server, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+    """Bind `host:port` now (a port in use fails here, in the replica's constructor) and start serving on the
+    running event loop. SO_REUSEPORT lets several ingress replicas, and a replacement started before the replica it
+    replaces stops, share the port; requests larger than `max_message_bytes` get RESOURCE_EXHAUSTED from gRPC."""
+    import asyncio
+
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                           ("grpc.max_send_message_length", UNLIMITED),
+                                           ("grpc.so_reuseport", 1)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server), grpc_server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    grpc_server.add_insecure_port(address)  # raises RuntimeError when it cannot bind
+    asyncio.get_running_loop().create_task(grpc_server.start())
+    return grpc_server
