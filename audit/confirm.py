@@ -28,7 +28,8 @@ class VGattConfirmer:
         total = float(positive.sum())
         if total <= 0:
             return {"window_share": float("nan"), "concentrated": False,
-                    "completeness_error": float(result.completeness_error), "exact": bool(result.exact)}
+                    "completeness_error": float(result.completeness_error_vs_contributions),
+                    "completeness_error_vs_score": float(result.completeness_error), "exact": bool(result.exact)}
         size = min(self.window, *positive.shape)
         # sum of positive evidence in every size x size box, anchored at its top-left corner
         boxes = cv2.boxFilter(positive.astype(np.float64), -1, (size, size), normalize=False, anchor=(0, 0),
@@ -37,7 +38,8 @@ class VGattConfirmer:
         share = float(boxes[top, left] / total)
         evidence = {"window": [int(top), int(left), int(top + size), int(left + size)], "window_share": round(share, 4),
                     "window_area_share": round(size * size / positive.size, 4),
-                    "completeness_error": float(result.completeness_error), "exact": bool(result.exact)}
+                    "completeness_error": float(result.completeness_error_vs_contributions),
+                    "completeness_error_vs_score": float(result.completeness_error), "exact": bool(result.exact)}
         if trigger is not None and trigger.any():
             on_trigger = float(positive[trigger].sum() / total)
             area = float(trigger.mean())

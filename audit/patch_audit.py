@@ -81,14 +81,15 @@ def audit_trial(campaign_json: str, row: dict, run_dir: str, device: torch.devic
 def _attributions(vgatt, twin, pictures: dict[str, torch.Tensor], target: int, region: np.ndarray,
                   inside: np.ndarray, metrics: dict) -> dict[str, np.ndarray]:
     """VGatt maps (host arrays) of each named picture; their inside-patch shares, bias ratios and completeness
-    errors go into `metrics`."""
+    errors (the miss relative to the contributions, the headline, and to the score) go into `metrics`."""
     maps = {}
     for name, picture in pictures.items():
         result = vgatt.attribute(twin.spec.normalization.normalize(picture), target, region)
         maps[name] = result.map
         metrics.update({f"inside_share_{name}": positive_share_inside(result.map, inside),
                         f"bias_ratio_{name}": result.bias_ratio,
-                        f"completeness_error_{name}": result.completeness_error})
+                        f"completeness_error_{name}": result.completeness_error,
+                        f"completeness_error_vs_contributions_{name}": result.completeness_error_vs_contributions})
     metrics["non_affine_layers"] = len(result.non_affine_layers)
     return maps
 
@@ -140,16 +141,33 @@ def _audit_task(campaign_json: str, row: dict, run_dir: str, device: str, thread
 
 
 def summarise_audits(rows: list[dict], audits: dict[str, dict], success: float = 0.5) -> dict:
-    """Inside-patch attribution shares for successful attacks (trial success >= `success`), attacked vs clean."""
+    """Inside-patch attribution shares for successful attacks (trial success >= `success`), attacked vs clean,
+    and the completeness of every VGatt map the audits made (`completeness_summary`)."""
     chosen = [audits[r["id"]] for r in rows if r["id"] in audits and audits[r["id"]].get("target_class") is not None
               and not _nan(r["metrics"]["success"]) and r["metrics"]["success"] >= success]
     attacked = [a["inside_share_attacked"] for a in chosen if not _nan(a["inside_share_attacked"])]
     clean = [a["inside_share_clean"] for a in chosen if not _nan(a["inside_share_clean"])]
-    return {"successful_trials": len(chosen),
+    return {"successful_trials": len(chosen), **completeness_summary(audits),
             "inside_share_attacked_mean": float(np.mean(attacked)) if attacked else float("nan"),
             "inside_share_clean_mean": float(np.mean(clean)) if clean else float("nan"),
             "patch_area_share_mean": float(np.mean([a["patch_area_share"] for a in chosen])) if chosen else float("nan"),
             "attacked": attacked, "clean": clean}
+
+
+#: the completeness figures an audit stores per picture, headline first
+COMPLETENESS = ("completeness_error_vs_contributions", "completeness_error")
+
+
+def completeness_summary(audits: dict[str, dict]) -> dict:
+    """The worst completeness error of every VGatt map the audits made (both pictures, every trial that had flips),
+    relative to the contributions and to the score, and whether every gate that counts was piecewise affine."""
+    ran = [a for a in audits.values() if a.get("target_class") is not None]
+    worst = {}
+    for figure in COMPLETENESS:
+        values = [a[f"{figure}_{name}"] for a in ran for name in ("attacked", "clean")
+                  if not _nan(a.get(f"{figure}_{name}"))]  # audits stored before a figure existed lack it
+        worst[f"{figure}_max"] = float(max(values)) if values else float("nan")
+    return {"vgatt_maps": 2 * len(ran), **worst, "exact": all(a.get("non_affine_layers") == 0 for a in ran)}
 
 
 def _nan(value) -> bool:

@@ -189,7 +189,7 @@ def _attribution_section(attribution: dict | None, audited: int, run: Path) -> s
                 f"<code>audit vgatt {html.escape(shlex.quote(str(run)))}</code> (it refreshes this report).</p>")
     if not attribution["successful_trials"]:
         return (f"<h2>Why the pixels flipped (VGatt)</h2><p>{audited} trials audited; none succeeded "
-                "(success &ge; 0.5), so there are no flips to explain.</p>")
+                "(success &ge; 0.5), so there are no flips to explain.</p>" + _completeness_paragraph(attribution))
     return f"""<h2>Why the pixels flipped (VGatt)</h2>
 <p>{audited} trials audited; {attribution['successful_trials']} successful (success &ge; 0.5). Share of the positive
 VGatt attribution of the flipped pixels that lies inside the patch:
@@ -197,7 +197,25 @@ VGatt attribution of the flipped pixels that lies inside the patch:
 <b>{_number(attribution['inside_share_clean_mean'])}</b> on the clean images (same pixels, same class); the patch
 covers {_number(attribution['patch_area_share_mean'], 4)} of the image. Trial pictures: attribution.png = clean map
 | attacked map | attacked image.</p>
+{_completeness_paragraph(attribution)}
 <img src="inside_patch_attribution.png">"""
+
+
+def _completeness_paragraph(attribution: dict) -> str:
+    """How far contributions + frozen-gate bias miss the score, worst over the audit's maps: relative to the
+    contributions first (the headline: a bias near the whole score makes the miss relative to the score small)."""
+    if not attribution.get("vgatt_maps"):
+        return ""
+
+    def figure(key: str) -> str:
+        value = attribution.get(key)
+        return NOT_MEASURED if value is None or _isnan(value) else f"{value:.1e}"
+
+    verdict = ("exact: the twin is piecewise affine" if attribution["exact"]
+               else "approximate: gates that move with the input (x*g(x), sigmoid, products) are frozen")
+    return (f"<p>Completeness, worst of {attribution['vgatt_maps']} maps ({verdict}): contributions + bias miss the "
+            f"score by <b>{figure('completeness_error_vs_contributions_max')}</b> of the contributions' sum "
+            f"(headline) and {figure('completeness_error_max')} of the score.</p>")
 
 
 def _replay_section(rows: list[dict]) -> str:
@@ -217,7 +235,7 @@ def _trial_row(row: dict, run: Path, pictures: list[str], with_replay: bool) -> 
     cells = [f"<code>{row['id'][:10]}</code>", html.escape(Path(row["model"]).name), str(row["image_index"]),
              html.escape(describe_target(row)), str(row["size"]), _number(m["success"]),
              _number(m.get("success_with_patch")), _number(m["intended_flipped"]), _number(m["changed"]),
-             _number(m["area_of_effect"], 1), _number(m["eot_success_mean"])]
+             _number(m["area_of_effect"], 1), _number(m["eot_success_mean"]), html.escape(row.get("node") or "-")]
     if with_replay:
         cells.append(replay)
     cells.append(images)
@@ -232,11 +250,25 @@ def _trials_section(rows: list[dict], run: Path) -> str:
     pictures = [name for name in TRIAL_PICTURES if any((run / "trials" / r["id"] / name).exists() for r in rows)]
     with_replay = any(r["replay"] for r in rows)
     header = ["id", "model", "image", "target", "size", "success outside patch", "incl. patch", "intended px",
-              "changed px", "area of effect", "EOT success"] + (["engine replay"] if with_replay else []) + ["pictures"]
+              "changed px", "area of effect", "EOT success", "node"] + (["engine replay"] if with_replay else []) + [
+              "pictures"]
     ordered = sorted(rows, key=lambda r: (-_or_minus_one(r["metrics"]["success"]), r["size"]))
     return (f"<h2>Trials (best first): {' | '.join(TRIAL_PICTURES[p] for p in pictures)}</h2>\n<table><tr>"
             + "".join(f"<th>{h}</th>" for h in header) + "</tr>\n"
             + "".join(_trial_row(r, run, pictures, with_replay) for r in ordered) + "</table>")
+
+
+def nodes_summary(rows: list[dict]) -> list[dict]:
+    """Per Ray node: how many trials it ran and their mean seconds (a campaign spread over a cluster)."""
+    by_node: dict[str, list[float]] = {}
+    for row in rows:
+        by_node.setdefault(row.get("node") or "unknown", []).append(row.get("seconds") or float("nan"))
+    return [{"node": node, "trials": len(seconds), "seconds_mean": _mean(seconds)}
+            for node, seconds in sorted(by_node.items())]
+
+
+def _nodes_section(rows: list[dict]) -> str:
+    return "<h2>By node</h2>" + _table(nodes_summary(rows), ["node", "trials", "seconds_mean"]) if rows else ""
 
 
 def _failures_section(failures: list[dict]) -> str:
@@ -268,7 +300,8 @@ def write_report(run_dir: str | Path) -> Path:
         plot_inside_shares(attribution, out / "inside_patch_attribution.png")
     atomic_write_text(out / "index.html", _page(run, rows, failures, summary, attribution, len(audits)))
     brief = {k: v for k, v in (attribution or {}).items() if k not in ("attacked", "clean")}
-    document = {"by_size": summary, "replay": replay_summary(rows), "attribution": brief, "trials": len(rows),
+    document = {"by_size": summary, "by_node": nodes_summary(rows), "replay": replay_summary(rows),
+                "attribution": brief, "trials": len(rows),
                 "failures": len(failures)}
     atomic_write_text(out / "summary.json", json.dumps(strict_json(document), indent=2, allow_nan=False))
     return out / "index.html"
@@ -280,7 +313,7 @@ def _page(run: Path, rows: list[dict], failures: list[dict], summary: list[dict]
     figures = _plots(rows, run / "report") if rows else []
     by_size = ("<h2>By model and patch size</h2>\n" + _table(summary, list(summary[0]))
                + "".join(f'<img src="{f}">' for f in figures)) if summary else ""
-    sections = [by_size, _replay_section(rows), _attribution_section(attribution, audited, run),
+    sections = [by_size, _nodes_section(rows), _replay_section(rows), _attribution_section(attribution, audited, run),
                 _trials_section(rows, run), _failures_section(failures),
                 f"<h2>Campaign file</h2><pre>{html.escape(campaign)}</pre>" if campaign else ""]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>patchwatch campaign report</title>

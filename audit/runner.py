@@ -33,6 +33,8 @@ GPU_WAIT_S = 300.0
 GPU_POLL_S = 2.0
 #: how many of the attacked images the driver runs each twin on for the one-class check
 HEALTH_CHECK_IMAGES = 8
+#: the resource Ray gives the head node alone
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def run_campaign(config_path: str | Path, out: str | Path, *, address: str | None = None, num_cpus: float = 1.0,
@@ -55,7 +57,7 @@ def run_campaign(config_path: str | Path, out: str | Path, *, address: str | Non
 
         def stored(trial, result) -> None:
             store.record(trial.as_dict(), result["metrics"], result["artefacts"], result["replay"],
-                         result["worker"], result["seconds"])
+                         result["worker"], result["seconds"], node=result.get("node"))
 
         def failed(trial, error: str) -> None:
             store.record_failure(trial.as_dict(), error)
@@ -65,6 +67,7 @@ def run_campaign(config_path: str | Path, out: str | Path, *, address: str | Non
                            total=len(trials), done=summary["already_stored"], label=f"campaign {config.name}",
                            address=address, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
                            local_cpus=local_cpus, progress=progress, device=config.device, gpu_wait_s=gpu_wait_s)
+        summary["nodes"] = store.trials_by_node()
     return {**summary, **counts}
 
 
@@ -210,7 +213,18 @@ def task_device(device: str, threads: int) -> torch.device:
     return assigned_device(device, ray.get_gpu_ids())
 
 
+def task_node() -> str:
+    """Inside a Ray task: the node it runs on, as `head|worker ADDRESS ID8` (the node id's first 8 hex digits tell
+    apart two nodes of one machine, which share an address)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), {})
+    role = "head" if HEAD_RESOURCE in node.get("Resources", {}) else "worker"
+    return f"{role} {node.get('NodeManagerAddress', '?')} {node_id[:8]}"
+
+
 def _run_trial(campaign_json: str, trial, device: str, threads: int) -> dict:
     from audit.trial import execute_trial
 
-    return execute_trial(campaign_json, trial, task_device(device, threads))
+    return {**execute_trial(campaign_json, trial, task_device(device, threads)), "node": task_node()}

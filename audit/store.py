@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS trials (
     replay TEXT NOT NULL DEFAULT '{}',
     worker TEXT,
     seconds REAL,
-    finished REAL NOT NULL
+    finished REAL NOT NULL,
+    node TEXT
 );
 CREATE TABLE IF NOT EXISTS audits (
     id TEXT NOT NULL,
@@ -51,6 +52,10 @@ CREATE TABLE IF NOT EXISTS failures (
 """
 
 
+#: columns added to `trials` after runs were first stored, and their SQL types
+ADDED_TRIAL_COLUMNS = {"node": "TEXT"}
+
+
 class TrialStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
@@ -59,6 +64,14 @@ class TrialStore:
         self.db = sqlite3.connect(self.root / "trials.sqlite", timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A run stored before a column existed gets it, empty (the node column came with multi-node campaigns)."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(trials)")}
+        for name, kind in ADDED_TRIAL_COLUMNS.items():
+            if name not in present:
+                self.db.execute(f"ALTER TABLE trials ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -88,16 +101,23 @@ class TrialStore:
         return self.root / "trials" / trial_id
 
     def record(self, trial: dict, metrics: dict, artefacts: dict[str, np.ndarray | bytes],
-               replay: dict | None = None, worker: str | None = None, seconds: float | None = None) -> bool:
-        """Write the trial's files, then its row, in one transaction. False if the id was already stored."""
+               replay: dict | None = None, worker: str | None = None, seconds: float | None = None,
+               node: str | None = None) -> bool:
+        """Write the trial's files, then its row, in one transaction. False if the id was already stored.
+        `worker` is the process (host:pid), `node` the Ray node it ran on (`audit.runner.task_node`)."""
         self._write_artefacts(trial["id"], artefacts)
         cursor = self.db.execute(
             "INSERT OR IGNORE INTO trials (id, model, image_index, target, object_id, source_class, to_class, size, "
-            "seed, metrics, replay, worker, seconds, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "seed, metrics, replay, worker, seconds, finished, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (trial["id"], trial["model"], trial["image_index"], trial["target"], trial["object_id"],
              trial["source_class"], trial["to_class"], trial["size"], trial["seed"],
-             json.dumps(metrics, allow_nan=True), json.dumps(replay or {}), worker, seconds, time.time()))
+             json.dumps(metrics, allow_nan=True), json.dumps(replay or {}), worker, seconds, time.time(), node))
         return cursor.rowcount == 1
+
+    def trials_by_node(self) -> dict[str, int]:
+        """How many stored trials ran on each node ("unknown" for trials stored without one)."""
+        return {node or "unknown": count for node, count in
+                self.db.execute("SELECT node, COUNT(*) FROM trials GROUP BY node ORDER BY node")}
 
     def record_audit(self, trial_id: str, kind: str, metrics: dict, artefacts: dict[str, np.ndarray | bytes]) -> bool:
         """An audit of a stored trial (e.g. kind "attribution"): files first, then the row; exactly once."""

@@ -11,9 +11,19 @@ bias a second, independent way: the response to a zero input (or a zeroed layer 
 with every gate frozen as it was on X — ReLU masks, ReLU6/hardtanh clamps, hardsigmoid pieces, max-pool
 argmax, the gate g of x*g(x) activations (hardswish, SiLU, GELU), sigmoid/tanh outputs, and the broadcast
 factor of products of activations (squeeze-excitation, LR-ASPP attention). For a piecewise-affine network the
-frozen network *is* F's affine piece at X, so |sum(S) + b_frozen - F| / |F| is round-off. Where a layer is not
+frozen network *is* F's affine piece at X, so the miss |sum(S) + b_frozen - F| is round-off. Where a layer is not
 piecewise affine its gate moves with the input, the gradient carries a term the frozen network lacks, and the
-error says by how much the decomposition misses; those layers are named in `non_affine_layers`.
+miss says by how much the decomposition fails; those layers are named in `non_affine_layers`.
+
+The miss is reported relative to |sum(S)| (the headline) and to |F|. Relative to the score it flatters a model
+whose bias carries most of the score (LR-ASPP: b ~ 100 % of F), where a miss several times the whole
+contributions reads as ~1e-3; relative to the contributions it says how wrong the map itself is.
+
+Only gates that depend on the attributed tensor count against exactness: at an inner layer, a gate on a branch
+that does not read the layer's data (LR-ASPP's attention branch, computed from the backbone beside
+`classifier.cbr`) is the same in the frozen pass, so it cannot break the decomposition. Dependency is autograd's:
+the attributed tensor is the only tensor of the pass that requires grad, so a gate depends on it exactly when the
+gate's input requires grad (a path the model itself detaches is not seen; the miss would show it).
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ class _Entry:
     indices: torch.Tensor | None = None
     frozen: torch.Tensor | None = None  # mul: the frozen factor
     frozen_arg: int = 1
+    depends: bool = True  # the gate moves with the attributed tensor (its input requires grad from it)
 
 
 def _is_activation(value) -> bool:
@@ -91,9 +102,12 @@ class _GateTape(TorchFunctionMode):
     def __init__(self, tape: list[_Entry], replay: bool, context: list[str]):
         super().__init__()
         self.tape, self.replay, self.context, self.position = tape, replay, context, 0
+        self.train_norms: list[str] = []  # train-mode batch norms run on data from the attributed tensor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.batch_norm and not self.replay:
+            self._note_norm(args, kwargs)
         kind = _OPS.get(func)
         if kind is None or (kind == "mul" and not (len(args) == 2 and all(_is_activation(a) for a in args))):
             return func(*args, **kwargs)
@@ -112,39 +126,55 @@ class _GateTape(TorchFunctionMode):
         self.position += 1
         return self._frozen(entry, args, kwargs)
 
+    def _note_norm(self, args, kwargs) -> None:
+        """F.batch_norm(input, running_mean, running_var, weight, bias, training, ...)"""
+        training = args[5] if len(args) > 5 else kwargs.get("training", False)
+        if training and args[0].requires_grad:
+            self.train_norms.append(self.context[-1] if self.context else "(model)")
+
     def _record(self, kind: str, func, args, kwargs) -> tuple[torch.Tensor, _Entry]:
         where = self.context[-1] if self.context else "(model)"
         if kind == "max_pool2d":
             bound = _MAX_POOL.bind(*args, **{k: v for k, v in kwargs.items() if k != "return_indices"})
             result, indices = F.max_pool2d_with_indices(*bound.args, **bound.kwargs)
-            return result, _Entry(kind, where, indices=indices)
+            return result, _Entry(kind, where, indices=indices, depends=args[0].requires_grad)
         if kind == "mul":
-            a, b = args
-            frozen_arg = 0 if a.numel() < b.numel() else 1  # freeze the broadcast factor: the gate
-            return func(*args, **kwargs), _Entry(kind, where, frozen=args[frozen_arg].detach().clone(),
-                                                  frozen_arg=frozen_arg)
+            return func(*args, **kwargs), self._mul_entry(where, *args)
         x = args[0].detach().clone()
+        depends = args[0].requires_grad
         result = func(*args, **kwargs)
         y = result.detach()
         if kind == "relu":
-            return result, _Entry(kind, where, slope=(x > 0).to(x.dtype))
+            return result, _Entry(kind, where, slope=(x > 0).to(x.dtype), depends=depends)
         if kind in ("hardtanh", "clamp"):
             p = _activation_kwargs(kind, args, kwargs)
             slope = ((x > p["low"]) & (x < p["high"])).to(x.dtype)
             zero = torch.zeros((), dtype=x.dtype, device=x.device)
             intercept = torch.where(x <= p["low"], p["low"], zero) + torch.where(x >= p["high"], p["high"], zero)
-            return result, _Entry(kind, where, slope=slope, intercept=intercept)
+            return result, _Entry(kind, where, slope=slope, intercept=intercept, depends=depends)
         if kind == "leaky_relu":
             p = _activation_kwargs(kind, args, kwargs)
-            return result, _Entry(kind, where, slope=torch.where(x > 0, 1.0, p["negative_slope"]).to(x.dtype))
+            return result, _Entry(kind, where, slope=torch.where(x > 0, 1.0, p["negative_slope"]).to(x.dtype),
+                                  depends=depends)
         if kind == "hardsigmoid":  # relu6(x + 3) / 6: three affine pieces
             middle = (x > -3) & (x < 3)
             intercept = torch.where(middle, 0.5, (x >= 3).to(x.dtype)).to(x.dtype)
-            return result, _Entry(kind, where, slope=middle.to(x.dtype) / 6, intercept=intercept)
+            return result, _Entry(kind, where, slope=middle.to(x.dtype) / 6, intercept=intercept, depends=depends)
         if kind == "gate":  # x * g(x): g frozen (g(0) = 1/2 for hardswish, SiLU and GELU alike)
             gate = torch.where(x != 0, y / torch.where(x != 0, x, 1.0), 0.5)
-            return result, _Entry(kind, where, slope=gate)
-        return result, _Entry(kind, where, intercept=y.clone())  # constant: the output itself
+            return result, _Entry(kind, where, slope=gate, depends=depends)
+        return result, _Entry(kind, where, intercept=y.clone(), depends=depends)  # constant: the output itself
+
+    @staticmethod
+    def _mul_entry(where: str, a: torch.Tensor, b: torch.Tensor) -> _Entry:
+        """A product is affine in the attributed tensor unless both factors depend on it; the factor frozen is the
+        one that does not (it is the same in the frozen pass), else the broadcast one: the gate."""
+        if a.requires_grad != b.requires_grad:
+            frozen_arg = 1 if a.requires_grad else 0
+        else:
+            frozen_arg = 0 if a.numel() < b.numel() else 1
+        return _Entry("mul", where, frozen=(a, b)[frozen_arg].detach().clone(), frozen_arg=frozen_arg,
+                      depends=a.requires_grad and b.requires_grad)
 
     @staticmethod
     def _frozen(entry: _Entry, args, kwargs) -> torch.Tensor:
@@ -165,13 +195,17 @@ class _GateTape(TorchFunctionMode):
         return out
 
 
-def non_affine_layers(model: nn.Module, tape: list[_Entry] | None = None) -> list[str]:
-    """Where the network stops being piecewise affine: train-mode batch norm, and (from a recorded pass) the
-    layers with x*g(x) activations, sigmoid/tanh, or products of activations."""
-    found = [f"{name} (batch norm in train mode)" for name, module in model.named_modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
+def non_affine_layers(model: nn.Module, tape: list[_Entry] | None = None,
+                      train_norms: list[str] | None = None) -> list[str]:
+    """Where the network stops being piecewise affine in the attributed tensor: train-mode batch norms (the
+    `train_norms` a recorded pass met on the tensor's data; every one in `model` when None), and (from a recorded
+    pass) the layers whose x*g(x) activations, sigmoid/tanh or products of activations depend on the tensor."""
+    if train_norms is None:
+        train_norms = [name for name, module in model.named_modules()
+                       if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training]
+    found = [f"{name} (batch norm in train mode)" for name in dict.fromkeys(train_norms)]
     for entry in tape or []:
-        label = f"{entry.where} ({_NON_AFFINE[entry.kind]})" if entry.kind in _NON_AFFINE else None
+        label = f"{entry.where} ({_NON_AFFINE[entry.kind]})" if entry.kind in _NON_AFFINE and entry.depends else None
         if label and label not in found:
             found.append(label)
     return found
@@ -205,9 +239,21 @@ def segment_score(logits: torch.Tensor, target: int, mask: torch.Tensor) -> torc
     return (logits[:, target] * mask.to(logits.device, logits.dtype)).sum(dim=(1, 2))
 
 
+def relative_miss(miss: float, reference: float) -> float:
+    """miss / |reference|; a miss against a zero reference is infinitely large (0 when there is no miss)."""
+    if reference == 0:
+        return 0.0 if miss == 0 else math.inf
+    return miss / abs(reference)
+
+
 @dataclass
 class VGattResult:
-    """score = contributions.sum() + bias, decomposed at `layer` ("input" = the network's own input tensor)."""
+    """score = contributions.sum() + bias, decomposed at `layer` ("input" = the network's own input tensor).
+
+    Completeness is the miss |sum(contributions) + bias_frozen - score| twice over: relative to
+    |sum(contributions)|, the headline (`completeness_error_vs_contributions`: how wrong the map is), and relative
+    to |score| (`completeness_error`), which a dominant bias makes look small: on LR-ASPP the bias is ~100 % of the
+    score, and a miss of several times the contributions reads as ~1e-3 of it."""
 
     layer: str
     target: int
@@ -216,6 +262,7 @@ class VGattResult:
     bias: float  # eq. 4.12: F - W X
     bias_frozen: float  # the bias computed independently, by the frozen-gate network at zero
     completeness_error: float  # |sum(contributions) + bias_frozen - score| / |score|
+    completeness_error_vs_contributions: float  # the same miss / |sum(contributions)|: the headline
     non_affine_layers: list[str] = field(default_factory=list)
     dtype: str = "float64"
 
@@ -231,6 +278,7 @@ class VGattResult:
 
     @property
     def exact(self) -> bool:
+        """No gate that depends on the attributed tensor moves with it: the decomposition is exact."""
         return not self.non_affine_layers
 
 
@@ -277,7 +325,6 @@ class VGatt:
                 # A_l as a leaf: the score's gradient w.r.t. it is W_l; later in-place ops (ReLU(inplace=True))
                 # act on the clone handed downstream, never on A_l itself
                 captured["activation"] = output.detach().requires_grad_(True)
-                captured["after"] = len(tape)  # gates recorded from here on lie downstream of the layer
                 return captured["activation"].clone()
 
             handles.append(self._module.register_forward_hook(capture))
@@ -285,7 +332,8 @@ class VGatt:
             with torch.enable_grad():
                 if self._module is None:
                     x.requires_grad_(True)
-                with _GateTape(tape, replay=False, context=context):
+                recorder = _GateTape(tape, replay=False, context=context)
+                with recorder:
                     logits = self.model(x)
                 mask = region_mask(region, tuple(logits.shape[-2:])).to(logits.device)
                 score = self._score(logits, target, mask)
@@ -298,13 +346,18 @@ class VGatt:
                 handle.remove()
         contributions = (weights * activation).detach()[0]
         bias_frozen = self._frozen_bias(x, tape, target, mask)
-        score_value = float(score.detach())
+        return self._result(target, float(score.detach()), contributions, bias_frozen,
+                            non_affine_layers(self.model, tape, recorder.train_norms))
+
+    def _result(self, target: int, score: float, contributions: torch.Tensor, bias_frozen: float,
+                non_affine: list[str]) -> VGattResult:
         total = float(contributions.sum())
+        miss = abs(total + bias_frozen - score)
         return VGattResult(
-            layer=self.layer or "input", target=target, score=score_value,
-            contributions=contributions.cpu().numpy(), bias=score_value - total, bias_frozen=bias_frozen,
-            completeness_error=abs(total + bias_frozen - score_value) / max(abs(score_value), 1e-300),
-            non_affine_layers=non_affine_layers(self.model, tape[captured.get("after", 0):]), dtype=str(self.dtype).replace("torch.", ""))
+            layer=self.layer or "input", target=target, score=score, contributions=contributions.cpu().numpy(),
+            bias=score - total, bias_frozen=bias_frozen, completeness_error=relative_miss(miss, score),
+            completeness_error_vs_contributions=relative_miss(miss, total), non_affine_layers=non_affine,
+            dtype=str(self.dtype).replace("torch.", ""))
 
     @torch.no_grad()
     def _frozen_bias(self, x: torch.Tensor, tape: list[_Entry], target: int, mask: torch.Tensor) -> float:

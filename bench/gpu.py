@@ -700,7 +700,8 @@ def vgatt_row(bench: Bench, arch: str, image: np.ndarray) -> None:
     bench.add("vgatt", arch, f"{ATTACK_SIZE[0]}x{ATTACK_SIZE[1]} float64", value=seconds, unit="s/image",
               baseline=base, baseline_of=f"cpu {BASELINE_THREADS} threads" if base else "",
               ratio=base / seconds if base else None,
-              note=f"completeness error {result.completeness_error:.1e}"
+              note=f"completeness error {result.completeness_error_vs_contributions:.1e} of the contributions "
+                   f"({result.completeness_error:.1e} of the score)"
                    + (f"; not piecewise affine: {', '.join(result.non_affine_layers[:3])}"
                       if result.non_affine_layers else ""))
 

@@ -47,8 +47,10 @@ def _interrupt(signum, frame) -> None:
 @click.option("--gpus", type=float, default=0.0, show_default=True, help="GPUs per replica")
 @click.option("--max-body-mb", type=float, help="largest request body [default 64]")
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Ray's Prometheus port")
+@click.option("--address", help="join the Ray cluster at this GCS address (e.g. `patchwatch cluster up`'s head; its "
+              "RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment) instead of starting one [default: a local cluster]")
 def serve(models, config_path, host, port, grpc_port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads,
-          gpus, max_body_mb, metrics_port) -> None:
+          gpus, max_body_mb, metrics_port, address) -> None:
     """Serve engines over the Open Inference Protocol (KServe v2 REST) on a local Ray cluster.
 
     MODELS are engine files, each `PATH` or `NAME[:VERSION]=PATH`, e.g.
@@ -78,7 +80,7 @@ def serve(models, config_path, host, port, grpc_port, api_key_env, max_batch_siz
     signal.signal(signal.SIGTERM, _interrupt)
     click.echo(f"starting Ray and Serve for {len(config.models)} model(s) ...", err=True)
     try:
-        service = start_local(config, metrics_port=metrics_port)
+        service = start_local(config, metrics_port=metrics_port, address=address)
     except KeyboardInterrupt:
         click.echo("stopped while starting", err=True)
         return

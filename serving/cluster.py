@@ -104,7 +104,7 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
         # ray.init installs a SIGTERM handler that aborts the process; keep the caller's (a clean stop)
         signal.signal(signal.SIGTERM, sigterm)
     try:
-        _start_serve({"host": config.host, "port": config.port})
+        _start_serve({"host": config.host, "port": config.port}, config.proxy_location)
         with _quiet_reconnect():
             serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False,
                       external_scaler_enabled=external_scaling(config))  # the repository's load/unload
@@ -186,7 +186,7 @@ def _quiet_reconnect():
         serve_logger.removeFilter(quiet)
 
 
-def _start_serve(http_options: dict) -> None:
+def _start_serve(http_options: dict, proxy_location: str) -> None:
     """`serve.start`, and once more when its proxy was replaced while starting: on a loaded machine Serve's controller
     restarts a proxy that is slow to come up, and the first call's wait for it fails with the old one. The second
     call joins the running controller; `_wait_ready` then waits for the new proxy within the caller's timeout."""
@@ -194,11 +194,11 @@ def _start_serve(http_options: dict) -> None:
     from ray.exceptions import ActorDiedError
 
     try:
-        serve.start(http_options=http_options)
+        serve.start(http_options=http_options, proxy_location=proxy_location)
     except (ActorDiedError, TimeoutError) as exc:
         print(f"patchwatch: Serve's proxy was not up in time ({type(exc).__name__}); waiting for its replacement",
               file=sys.stderr)
-        serve.start(http_options=http_options)
+        serve.start(http_options=http_options, proxy_location=proxy_location)
 
 
 def _wait_ready(config: ServeConfig, timeout_s: float) -> None:
@@ -248,6 +248,8 @@ HEAD_PORTS = {"port": "GCS", "dashboard-port": "dashboard", "dashboard-agent-lis
               "node-manager-port": "raylet", "object-manager-port": "object manager"}
 #: ports Ray takes from the environment instead (fixed defaults otherwise: 44217, 44227, shared by every head)
 HEAD_PORT_VARIABLES = {"AUTOSCALER_METRIC_PORT": "autoscaler metrics", "DASHBOARD_METRIC_PORT": "dashboard metrics"}
+#: the most entries one state-API listing returns (nodes, actors): more than a test's or a small cluster's
+STATE_API_LIMIT = 10_000
 #: what `record_head` writes into its state folder
 HEAD_RECORD, TOKEN_FILE, HEAD_LOG = "head.json", "auth_token", "head.log"
 
@@ -291,6 +293,27 @@ class RayHead:
             return False
         return answer.status_code == 200
 
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes as the head's state API lists them (`node_id`, `node_ip`, `state`, `is_head_node`,
+        `resources_total`...), dead ones included; [] while it does not answer."""
+        return self._state("nodes")
+
+    def actors(self) -> list[dict]:
+        """The cluster's actors as the state API lists them (`class_name`, `state`, `node_id`, `pid`...)."""
+        return self._state("actors")
+
+    def _state(self, kind: str) -> list[dict]:
+        import requests
+
+        try:
+            answer = requests.get(f"{self.dashboard_url}/api/v0/{kind}", params={"limit": STATE_API_LIMIT, "detail": "true"},
+                                  headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        except requests.RequestException:
+            return []
+        if answer.status_code != 200:
+            return []
+        return answer.json().get("data", {}).get("result", {}).get("result", [])
+
     def listeners(self) -> list[tuple[str, int, str]]:
         """(address, port, what) for every socket the head's processes listen on now, as the OS reports them."""
         import psutil
@@ -310,18 +333,22 @@ class RayHead:
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM to `ray start --block`, which tears down what it started; whatever of its process tree still
         runs `timeout` s later is killed (a detached head has no starter left to end its processes)."""
-        import psutil
+        _stop_tree(self.process, timeout)
 
-        family = _process_tree(self.process)
-        if family:
+
+def _stop_tree(process, timeout: float) -> None:
+    import psutil
+
+    family = _process_tree(process)
+    if family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family[0].send_signal(signal.SIGTERM)
+        for proc in _wait_gone(family, timeout):
             with contextlib.suppress(psutil.NoSuchProcess):
-                family[0].send_signal(signal.SIGTERM)
-            for proc in _wait_gone(family, timeout):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            _wait_gone(family, timeout)
-        if isinstance(self.process, subprocess.Popen):
-            self.process.poll()  # reap it
+                proc.kill()
+        _wait_gone(family, timeout)
+    if isinstance(process, subprocess.Popen):
+        process.poll()  # reap it
 
 
 def _process_tree(process) -> list:
@@ -384,19 +411,26 @@ def ray_command() -> str:
 
 
 def _free_head_ports() -> dict[str, int]:
-    names = [*HEAD_PORTS, *HEAD_PORT_VARIABLES]
+    return _distinct_free_ports([*HEAD_PORTS, *HEAD_PORT_VARIABLES])
+
+
+def _distinct_free_ports(names: list[str]) -> dict[str, int]:
     chosen: set[int] = set()
     while len(chosen) < len(names):  # a port freed by one probe can come back from the next: Ray wants them distinct
         chosen.add(free_port())
     return dict(zip(names, sorted(chosen)))
 
 
-def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None = None) -> RayHead:
+def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None = None,
+               resources: dict[str, float] | None = None, joinable: bool = False) -> RayHead:
     """Start a local head for jobs (`ray job submit --address RayHead.dashboard_url`) and drivers
     (`ray.init(address=RayHead.gcs_address)`, with `RayHead.env`'s RAY_AUTH_* in the environment before Ray is
     first imported: Ray reads its auth mode at import). It ends with its starter; with `detach_log` it runs in a
     session of its own until stopped (`patchwatch cluster up`), its output in that file. Jobs without a working
-    dir run in the folder it was started from."""
+    dir run in the folder it was started from. `resources`: custom Ray resources of the node (`--resources`).
+    `joinable` lets other nodes join it (`start_node`): Ray then puts the head on the address that routes off the
+    machine, its gRPC servers on all interfaces (token-authenticated), because a joining `ray start` turns
+    127.0.0.1 into that address whatever it is given; otherwise the head is on loopback only."""
     import secrets
     import tempfile
 
@@ -409,7 +443,7 @@ def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None 
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     command = [ray_command(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                f"--num-cpus={num_cpus}", "--include-dashboard=true", "--disable-usage-stats",
-               *(f"--{name}={ports[name]}" for name in HEAD_PORTS)]
+               *(f"--{name}={ports[name]}" for name in HEAD_PORTS), *_resources_option(resources)]
     if detach_log:
         log, how = open(detach_log, "w"), {"start_new_session": True, "stdin": subprocess.DEVNULL}
     else:
@@ -417,10 +451,13 @@ def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None 
         how = {"preexec_fn": _terminate_with_parent()}
     with log:
         # on loopback for real (see LOOPBACK_NODE_VARIABLE); `env`, which drivers and joining nodes take, goes without
-        process = subprocess.Popen(command, env={**env, LOOPBACK_NODE_VARIABLE: "0"}, stdout=log,
+        process = subprocess.Popen(command, env=env if joinable else {**env, LOOPBACK_NODE_VARIABLE: "0"}, stdout=log,
                                    stderr=subprocess.STDOUT, text=True, **how)
     head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env, ports)
     _wait_for_jobs(head, Path(log.name), timeout_s)
+    if joinable:  # drivers must name the address the head's raylet took, or they look for a raylet on 127.0.0.1
+        head_ip = next(n["node_ip"] for n in head.nodes() if n["is_head_node"])
+        head.gcs_address = f"{head_ip}:{ports['port']}"
     return head
 
 
@@ -444,6 +481,74 @@ def _wait_for_jobs(head: RayHead, log: Path, timeout_s: float) -> None:
         time.sleep(0.5)
     head.stop()
     raise TimeoutError(f"the Ray head's dashboard and job agent did not answer within {timeout_s:.0f} s (log: {log})")
+
+
+def _resources_option(resources: dict[str, float] | None) -> list[str]:
+    import json
+
+    return [f"--resources={json.dumps(resources)}"] if resources else []
+
+
+#: the ports a node joining a head is given, each chosen free: two nodes on one machine must not meet on Ray's
+#: fixed defaults (the dashboard agent's 52365, the metrics export's 8080...)
+NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
+@dataclass
+class RayNode:
+    """A second node joined to a `RayHead` with `ray start --address --block`, on 127.0.0.1 beside it: a cluster of
+    two nodes on one machine, for tests and benchmarks of what happens when a node goes. `kill_raylet()` loses the
+    node as a crashed machine would; `stop()` ends it and only it."""
+
+    process: subprocess.Popen
+    node_id: str  # Ray's hex node id, as `ray.get_runtime_context().get_node_id()` gives it on the node
+    ports: dict
+
+    def raylet(self):
+        """The node's raylet process (psutil), or None once it has ended."""
+        return next((p for p in _process_tree(self.process) if p.name() == "raylet"), None)
+
+    def kill_raylet(self) -> None:
+        """SIGKILL the raylet: the head sees the node die (its workers and actors go with it) and reschedules."""
+        import psutil
+
+        raylet = self.raylet()
+        if raylet is None:
+            raise RuntimeError(f"node {self.node_id[:8]} has no raylet running")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            raylet.kill()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        _stop_tree(self.process, timeout)
+
+
+def start_node(head: RayHead, num_cpus: int, resources: dict[str, float] | None = None,
+               timeout_s: float = 120.0) -> RayNode:
+    """Join a node with `num_cpus` CPUs (and custom `resources`) to `head`, on 127.0.0.1; returns once the head
+    lists it alive. It ends with its starter, like `start_head`'s head."""
+    import tempfile
+
+    known = {node["node_id"] for node in head.nodes()}
+    ports = _distinct_free_ports(list(NODE_PORTS))
+    command = [ray_command(), "start", f"--address={head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={num_cpus}", "--disable-usage-stats", *(f"--{name}={ports[name]}" for name in NODE_PORTS),
+               *_resources_option(resources)]
+    log = tempfile.NamedTemporaryFile("w", prefix="ray-node-", suffix=".log", delete=False)
+    with log:
+        # head.env carries the token and no LOOPBACK_NODE_VARIABLE, which would make `ray start` refuse to join
+        process = subprocess.Popen(command, env=head.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                   preexec_fn=_terminate_with_parent())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start (joining {head.gcs_address}) failed: {Path(log.name).read_text()[-2000:]}")
+        joined = [n for n in head.nodes() if n["node_id"] not in known and n["state"] == "ALIVE"]
+        if joined:
+            return RayNode(process, joined[0]["node_id"], ports)
+        time.sleep(0.5)
+    _stop_tree(process, 30)
+    raise TimeoutError(f"the node did not join {head.gcs_address} within {timeout_s:.0f} s (log: {log.name})")
 
 
 class HeadRecordError(RuntimeError):

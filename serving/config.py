@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -54,6 +54,9 @@ class ModelConfig(BaseModel):
     #: when set, replaces num_replicas
     autoscaling: Autoscaling | None = None
     num_cpus: float = Field(1.0, ge=0)
+    #: custom Ray resources each replica needs (`ray start --resources`): places replicas on the nodes that offer
+    #: them, e.g. one replica per node that has {"model_slot": 1}
+    resources: dict[str, float] = Field(default_factory=dict)
     #: > 0 gives each replica (a share of) a GPU; fractions let replicas share one
     num_gpus: float = Field(0.0, ge=0)
     #: where the engine runs inside its replica: auto (the GPU Ray gave it, else the CPU), cpu, or cuda
@@ -139,6 +142,10 @@ class ServeConfig(BaseModel):
     #: trickled upload must not hold the ingress)
     body_timeout_s: float = Field(10.0, gt=0)
     ingress_replicas: int = Field(1, ge=1)
+    #: where Serve runs its HTTP proxies: on every node (a load balancer in front spreads clients over them), or on
+    #: the head alone (the nodes share one machine and cannot all bind `port`, or clients reach only the head).
+    #: A Serve config file's own `proxy_location` is taken when its args name none
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -215,7 +222,10 @@ def load_serve_config(path: str | Path) -> ServeConfig:
 
     data = yaml.safe_load(Path(path).read_text())
     if isinstance(data, dict) and "applications" in data:
+        location = data.get("proxy_location")
         data = data["applications"][0].get("args", {})
+        if location is not None and isinstance(data, dict):
+            data = {"proxy_location": location, **data}
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:

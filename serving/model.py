@@ -260,6 +260,8 @@ def deployment_for(model: ModelConfig, trim_above_bytes: int):
     actor_options = {"num_cpus": model.num_cpus}
     if model.num_gpus > 0:
         actor_options["num_gpus"] = model.num_gpus
+    if model.resources:
+        actor_options["resources"] = dict(model.resources)
     options = {
         "name": model.deployment_name,
         "ray_actor_options": actor_options,

@@ -150,3 +150,74 @@ def test_a_killed_job_resubmitted_repeats_nothing(shapes_twin, tmp_path):
         rows = store.rows()
     assert sorted(r["id"] for r in rows) == sorted(t.id for t in trials)  # every trial, once
     assert all(r["finished"] == before[r["id"]] for r in rows if r["id"] in before)  # nothing redone
+
+
+def _running_trial(node) -> bool:
+    """Whether a trial task runs on `node` now (its worker's process title names the task)."""
+    for process in node_processes(node):
+        try:
+            if "_run_trial" in process.name() + " ".join(process.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def node_processes(node) -> list:
+    try:
+        return psutil.Process(node.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stored_nodes(run: Path) -> dict[str, str]:
+    if not (run / "trials.sqlite").exists():  # the job has not started its driver yet
+        return {}
+    with sqlite3.connect(run / "trials.sqlite") as db:
+        try:
+            return dict(db.execute("SELECT id, node FROM trials"))
+        except sqlite3.OperationalError:  # schema not written yet
+            return {}
+
+
+def test_a_lost_node_loses_no_trial(shapes_twin, tmp_path):
+    """A campaign over a head and a second node; the second node's raylet is killed while it runs a trial. Every
+    trial ends stored exactly once (the lost one retried on the head) and the report names each trial's node."""
+    from serving.cluster import start_node
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    config = campaign_file(job_dir, shapes_twin, steps=40, count=3, sizes=(4, 8))
+    trials = expand(load_campaign(config))
+    run = tmp_path / "run"
+    head = start_head(num_cpus=1, joinable=True)
+    try:
+        node = start_node(head, num_cpus=1)
+        try:
+            job: dict = {}
+            submit = threading.Thread(target=lambda: job.update(done=head.submit(
+                ["audit", "campaign", "campaign.yaml", "--out", str(run), "--quiet"], working_dir=job_dir)))
+            submit.start()
+            # no deadline of its own: the job's end (or its timeout) ends the wait
+            while submit.is_alive() and not (any(node.node_id[:8] in (n or "") for n in stored_nodes(run).values())
+                                             and _running_trial(node)):
+                time.sleep(0.2)
+            assert submit.is_alive(), "the campaign ended before a trial ran on the second node"
+            node.kill_raylet()
+            submit.join()
+        finally:
+            node.stop()
+        done = job["done"]
+        assert done.returncode == 0 and "succeeded" in done.stdout + done.stderr, done.stdout[-3000:]
+        assert '"failed": 0' in done.stdout, done.stdout[-3000:]
+        nodes = stored_nodes(run)
+        assert sorted(nodes) == sorted(t.id for t in trials)  # every trial, once (the id is the table's key)
+        on_second = [t for t, n in nodes.items() if node.node_id[:8] in n]
+        on_head = [t for t, n in nodes.items() if n.startswith("head ")]
+        assert on_second and len(on_second) + len(on_head) == len(trials), nodes
+        report = subprocess.run([str(BIN / "audit"), "report", str(run)], capture_output=True, text=True, timeout=300)
+        assert report.returncode == 0, report.stderr[-2000:]
+        page = (run / "report" / "index.html").read_text()
+        assert "By node" in page and node.node_id[:8] in page
+    finally:
+        head.stop()

@@ -10,7 +10,7 @@ from torch import nn
 
 from audit.attribution import GradCam, OcclusionMap, VGattMap, pixel_removal, upsample
 from audit.seeds import UNKNOWN, attribution_seeds, seed_quality
-from audit.vgatt import VGatt, region_mask
+from audit.vgatt import VGatt, region_mask, relative_miss
 from segmenters.models import build_model
 
 
@@ -31,6 +31,10 @@ def with_random_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
             model(torch.randn(4, 3, 64, 64, generator=generator))
     return model.eval()
 
+
+#: a per-pixel offset on LR-ASPP's high-resolution classifier: the bias then carries nearly all of the score, as
+#: on the trained CamVid twin (bias ~100 % of the score)
+HEAD_BIAS = 50.0
 
 # input and two inner layers per piecewise-affine architecture
 EXACT = {
@@ -66,6 +70,76 @@ def test_mobilenet_twins_are_reported_as_approximate(arch):
     assert result.completeness_error > 1e-6
 
 
+def test_lraspp_is_exact_where_only_its_attention_branch_is_not():
+    """At `classifier.cbr` LR-ASPP is piecewise affine: the attention branch (sigmoid) beside it reads the backbone,
+    not cbr, and the product cbr * attention is linear in cbr; one stage up, the same branch depends on the layer."""
+    torch.manual_seed(0)
+    model = with_random_statistics(build_model("lraspp_mobilenetv3", 5))
+    image, box = torch.randn(3, 64, 64), (8, 8, 40, 56)
+    at_cbr = VGatt(model, "model.classifier.cbr").attribute(image, target=1, region=box)
+    assert at_cbr.exact and not at_cbr.non_affine_layers
+    assert at_cbr.completeness_error_vs_contributions <= 1e-12 and at_cbr.completeness_error <= 1e-12
+    assert at_cbr.bias == pytest.approx(at_cbr.bias_frozen, rel=1e-9)
+    at_input = VGatt(model).attribute(image, target=1, region=box)
+    assert not at_input.exact and at_input.completeness_error_vs_contributions > 1e-6
+    # the backbone's last stage feeds both cbr and the attention branch: its sigmoid and the product now count,
+    # the hardswish gates upstream of the stage do not
+    at_backbone = VGatt(model, "model.backbone.16").attribute(image, target=1, region=box)
+    assert set(at_backbone.non_affine_layers) == {"model.classifier.scale.2 (sigmoid/tanh)",
+                                                  "model.classifier (product of two activations)"}
+
+
+def lraspp_with_dominant_bias(classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = with_random_statistics(build_model("lraspp_mobilenetv3", classes))
+    with torch.no_grad():
+        model.model.classifier.high_classifier.bias += HEAD_BIAS
+    return model
+
+
+def test_completeness_is_reported_against_the_contributions_when_the_bias_dominates():
+    model = lraspp_with_dominant_bias(5)
+    result = VGatt(model).attribute(torch.randn(3, 64, 64), target=1, region=(8, 8, 40, 56))
+    total = result.contributions.sum()
+    assert abs(total) < abs(result.score)
+    # one miss, two scales: against the contributions it is the larger figure, and the one that says how wrong
+    # the map is
+    assert result.completeness_error_vs_contributions >= result.completeness_error > 0
+    assert result.completeness_error_vs_contributions * abs(total) == pytest.approx(
+        result.completeness_error * abs(result.score), rel=1e-9)
+    assert relative_miss(0.0, 0.0) == 0.0 and relative_miss(1e-3, 0.0) == float("inf")
+
+
+def test_an_audit_stores_and_reports_both_completeness_figures():
+    """What `audit vgatt` stores per trial, summarises and shows on the report page: the miss against the
+    contributions (the headline) and against the score, worst over the maps, on the bias-dominated LR-ASPP."""
+    from pathlib import Path
+
+    from audit.patch_audit import _attributions, summarise_audits
+    from audit.report import _attribution_section
+    from segmenters.data import dataset_classes
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import Twin
+
+    spec = ModelSpec(arch="lraspp_mobilenetv3", classes=dataset_classes("camvid"), input_size=(64, 64),
+                     dataset="camvid")
+    model = lraspp_with_dominant_bias(spec.num_classes)
+    generator = torch.Generator().manual_seed(1)
+    pictures = {name: torch.rand(1, 3, 64, 64, generator=generator) for name in ("attacked", "clean")}
+    region, inside = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    region[8:40, 8:56], inside[:8, :8] = True, True
+    metrics = {"target_class": 1, "patch_area_share": float(inside.mean())}
+    _attributions(VGatt(model), Twin(model, spec), pictures, 1, region, inside, metrics)
+    worst = max(metrics[f"completeness_error_vs_contributions_{name}"] for name in pictures)
+    summary = summarise_audits([{"id": "trial", "metrics": {"success": 1.0}}], {"trial": metrics})
+    assert summary["completeness_error_vs_contributions_max"] == worst > 0
+    assert summary["completeness_error_max"] == max(metrics[f"completeness_error_{name}"] for name in pictures) > 0
+    assert summary["vgatt_maps"] == 2 and not summary["exact"]
+    page = _attribution_section(summary, 1, Path("run"))
+    assert f"<b>{worst:.1e}</b> of the contributions' sum (headline)" in page and "approximate" in page
+    assert f"{summary['completeness_error_max']:.1e} of the score" in page
+
+
 def test_vgatt_matches_a_network_worked_by_hand():
     """1x1 conv -> ReLU -> 1x1 conv: contributions and bias follow from the active units alone."""
     first, second = nn.Conv2d(3, 2, 1), nn.Conv2d(2, 2, 1)
@@ -99,6 +173,9 @@ def test_train_mode_batch_norm_is_named_and_breaks_exactness():
     result = VGatt(model).attribute(torch.randn(1, 3, 32, 32), target=0)
     assert any("batch norm in train mode" in name for name in result.non_affine_layers)
     assert result.completeness_error > 1e-6
+    # at an inner layer only the norms that run on its data count, not the encoder's before it
+    named = VGatt(model, "decoders.0.1").attribute(torch.randn(1, 3, 32, 32), target=0).non_affine_layers
+    assert "decoders.1.1 (batch norm in train mode)" in named and not any(n.startswith("encoders") for n in named)
 
 
 def test_clear_errors():
