@@ -231,10 +231,10 @@ class InferenceServer:
         """The model version a request names; with `loaded`, refused (503) while the repository has it unloaded."""
         if name not in self.default_versions:
             known = ", ".join(sorted(self.default_versions)) or "none"
-            raise ProtocolError(f"unknown model {name!r} (this server has: {known})", status=404)
+            raise ProtocolError(f"unknown model {shown(name)} (this server has: {known})", status=404)
         version = version or self.default_versions[name]
         if (name, version) not in self.models:
-            raise ProtocolError(f"model {name!r} has no version {version!r} (versions: "
+            raise ProtocolError(f"model {name!r} has no version {shown(version)} (versions: "
                                 f"{', '.join(self._versions(name))})", status=404)
         if loaded:
             self.repository.check_loaded(self.models[(name, version)][0])

@@ -5,7 +5,9 @@ server inside each ingress replica, on `ServeConfig.host:grpc_port`.
 The protocol's own generated code is the one the stock client ships (`tritonclient.grpc.service_pb2[_grpc]`), so
 `tritonclient.grpc.InferenceServerClient` works unchanged. Requests go through the same checks as the REST route
 (`serving.protocol`'s shape and binary-size checks, `serving.model.check_call`, the ingress's model lookup, API
-key and replica calls); a `ProtocolError` becomes the gRPC status of its HTTP status, with the same message.
+key and replica calls); a `ProtocolError` becomes the gRPC status of its HTTP status, with the same message (cut
+to `MAX_ERROR_CHARS`: a status's message travels in metadata, which clients cap). Request bytes are parsed in the
+RPC, not by gRPC, so bytes that are no message get INVALID_ARGUMENT saying so rather than UNKNOWN.
 
 Why not Ray Serve's gRPC proxy (`serve.start(grpc_options=...)`, tried on Ray 2.60): it pickles each request
 message to the replica, and tritonclient's generated messages name their module `grpc_service_pb2`, which does not
@@ -19,14 +21,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from serving.model import OUTPUTS, check_call
-from serving.protocol import DATATYPES, ProtocolError, _from_binary, _shape, datatype_of, shown
+from serving.config import ModelConfig
+from serving.model import OUTPUTS, InferCall, check_call
+from serving.protocol import DATATYPES, ProtocolError, _from_binary, _shape, _shaped, datatype_of, error_text, shown
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,6 +51,19 @@ OPEN_METHODS = ("ServerLive", "ServerReady")
 AUTH_METADATA = "authorization"
 #: gRPC's own limit, -1: none (an answer is as large as the request's batch makes it)
 UNLIMITED = -1
+#: the service, as the protocol's own descriptor defines it
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+#: the RPCs served (the others, e.g. shared memory and the repository, answer UNIMPLEMENTED from gRPC itself)
+SERVED_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Request bytes that are not their method's message: the RPC answers INVALID_ARGUMENT saying so (gRPC's own
+    deserializer would fail the call with UNKNOWN, a server error)."""
+
+    message_type: str
+    error: str
 
 
 def grpc_status(error: ProtocolError) -> grpc.StatusCode:
@@ -78,7 +96,8 @@ def decode_grpc_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if raw:
             if tensor.HasField("contents"):
                 raise ProtocolError(f"{what} has both contents and raw_input_contents")
-            inputs[tensor.name] = _from_binary(raw[position], shape, tensor.datatype, what)
+            inputs[tensor.name] = _from_binary(raw[position], shape, tensor.datatype, what,
+                                               source=f"raw_input_contents[{position}]")
         else:
             inputs[tensor.name] = _from_contents(tensor, shape, what)
     return inputs
@@ -98,20 +117,33 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
     if len(values) != count:
         raise ProtocolError(f"{what}: contents.{field} has {len(values)} elements, shape {list(shape)} needs {count}")
     if tensor.datatype == "BYTES":
-        return np.array(list(values), dtype=object).reshape(shape)
+        return _shaped(np.array(list(values), dtype=object), shape, what)
     try:
         # from a list: NumPy refuses a Python int out of the dtype's range, but wraps it from protobuf's container
-        return np.array(list(values), dtype=DATATYPES[tensor.datatype]).reshape(shape)
+        array = np.array(list(values), dtype=DATATYPES[tensor.datatype])
     except OverflowError as exc:
         raise ProtocolError(f"{what}: a value does not fit {tensor.datatype} ({exc})") from None
+    return _shaped(array, shape, what)  # an empty tensor NumPy cannot describe is refused, not a crash
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    """The outputs a request names (every output when it names none), each once."""
+    """The outputs a request names (every output when it names none), each once, none in shared memory."""
+    for output in request.outputs:
+        if "shared_memory_region" in output.parameters:
+            raise ProtocolError(f"output {shown(output.name)}: shared memory is not served over gRPC; its bytes "
+                                "come in raw_output_contents (REST serves shared memory)")
     names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"an output is requested twice: {[shown(n) for n in names]}")
     return tuple(names) or OUTPUTS
+
+
+def check_infer_request(request: pb.ModelInferRequest, model: ModelConfig,
+                        budget_bytes: int) -> tuple[tuple[str, ...], InferCall]:
+    """A ModelInferRequest for `model`, decoded and checked as the REST route checks its own: (the outputs it asks
+    for, the call to run). Anything wrong raises `ProtocolError`."""
+    wanted = requested_outputs(request)
+    return wanted, check_call(decode_grpc_inputs(request), wanted, model, budget_bytes)
 
 
 def infer_response(name: str, version: str, request_id: str, outputs: list[tuple[str, np.ndarray]]
@@ -143,11 +175,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await handler()
         except ProtocolError as exc:
             code, reason = exc.status, f"grpc_{grpc_status(exc).name.lower()}"
-            status, message = grpc_status(exc), exc.message
+            status, message = grpc_status(exc), error_text(exc.message)
         except Exception as exc:  # a bug must cost one request, never the replica
             logger.exception("gRPC %s failed", method)
             code, reason = 500, "internal"
-            status, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            status, message = grpc.StatusCode.INTERNAL, error_text(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             label = name if name in self.server.default_versions else ("unknown" if name else None)
             self.server.metrics.record(label, f"grpc_{method}", code, (time.perf_counter() - started) * 1000.0,
@@ -185,16 +217,56 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         async def infer():
             model, handle = self.server._model(request.model_name, request.model_version or None)
-            wanted = requested_outputs(request)
-            call = check_call(decode_grpc_inputs(request), wanted, model, self.server.config.request_budget_bytes)
+            wanted, call = check_infer_request(request, model, self.server.config.request_budget_bytes)
             result = await self.server._call(model, handle, call)
             return infer_response(request.model_name, model.version, request.id,
                                   [(out, result[out]) for out in wanted])
         return await self._answer("ModelInfer", request.model_name, context, infer)
 
+    async def refuse_undecodable(self, method: str, request: Undecodable, context: grpc.aio.ServicerContext):
+        return await self._answer(method, None, context, _refusal(
+            f"the request is not a valid {request.message_type} message: {request.error}"))
+
 
 async def _value(value):
     return value
+
+
+def _refusal(message: str):
+    async def refuse():
+        raise ProtocolError(message)
+    return refuse
+
+
+def lenient_parser(message_type):
+    """A deserializer that answers `Undecodable` for bytes that are not a `message_type`, rather than raising."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc))
+    return parse
+
+
+def _checked(servicer: InferenceServicer, method: str):
+    """`servicer`'s RPC `method`, refusing requests that did not decode."""
+    async def behavior(request, context):
+        if isinstance(request, Undecodable):
+            return await servicer.refuse_undecodable(method, request, context)
+        return await getattr(servicer, method)(request, context)
+    return behavior
+
+
+def add_servicer(servicer: InferenceServicer, grpc_server: grpc.aio.Server) -> None:
+    """`SERVED_METHODS` on `grpc_server`, as the generated `add_GRPCInferenceServiceServicer_to_server` adds them,
+    but with request bytes parsed where a malformed message can be answered (INVALID_ARGUMENT, not UNKNOWN)."""
+    handlers = {method.name: grpc.unary_unary_rpc_method_handler(
+                    _checked(servicer, method.name),
+                    request_deserializer=lenient_parser(getattr(pb, method.input_type.name)),
+                    response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+                for method in SERVICE.methods if method.name in SERVED_METHODS}
+    grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    grpc_server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def _tensor_metadata(tensors: list[dict]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
@@ -211,7 +283,7 @@ def start_grpc_server(server, host: str, port: int, max_message_bytes: int) -> g
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                            ("grpc.max_send_message_length", UNLIMITED),
                                            ("grpc.so_reuseport", 1)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(server), grpc_server)
+    add_servicer(InferenceServicer(server), grpc_server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     grpc_server.add_insecure_port(address)  # raises RuntimeError when it cannot bind
     asyncio.get_running_loop().create_task(grpc_server.start())

@@ -20,7 +20,7 @@ from export.engine import Engine, EngineError, label_dtype
 from segmenters.spec import ModelSpec
 from serving.config import MIB, ModelConfig
 from serving.metrics import ModelMetrics
-from serving.protocol import ProtocolError, datatype_of
+from serving.protocol import ProtocolError, datatype_of, shown
 
 #: the OIP inputs a model takes; a request carries exactly one of them
 INPUTS = {
@@ -88,13 +88,13 @@ def check_call(inputs: dict[str, np.ndarray], outputs: tuple[str, ...], model: M
     max_batch_size = model.max_batch_size
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
-        raise ProtocolError(f"unknown input(s) {unknown}: this model takes one of {sorted(INPUTS)}")
+        raise ProtocolError(f"unknown input(s) {shown(unknown)}: this model takes one of {sorted(INPUTS)}")
     if len(inputs) != 1:
         raise ProtocolError(f"give exactly one input, 'images' (FP32 NCHW) or 'frames' (UINT8 NHWC); got "
-                            f"{sorted(inputs)}")
+                            f"{shown(sorted(inputs))}")
     unknown = sorted(set(outputs) - set(OUTPUTS))
     if unknown:
-        raise ProtocolError(f"unknown output(s) {unknown}: this model has {list(OUTPUTS)}")
+        raise ProtocolError(f"unknown output(s) {shown(unknown)}: this model has {list(OUTPUTS)}")
     (name, array), = inputs.items()
     expected = INPUTS[name]["datatype"]
     wanted_dtype = np.float32 if expected == "FP32" else np.uint8

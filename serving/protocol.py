@@ -32,6 +32,9 @@ MAX_RANK = 16
 MAX_DIMENSION = 2**31 - 1
 #: characters of a client's string (a name, a datatype) repeated in an error message
 ECHO_LIMIT = 64
+#: the longest error message sent: a bound on what a client's values make it (gRPC carries it in metadata, which
+#: clients cap at 8 KiB by default)
+MAX_ERROR_CHARS = 1024
 
 
 class ProtocolError(Exception):
@@ -66,6 +69,13 @@ def shown(value: Any) -> str:
     """A client's value as an error message repeats it: its repr, cut to `ECHO_LIMIT` characters."""
     text = repr(value)
     return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
+
+
+def error_text(message: str) -> str:
+    """An error message as sent: cut to `MAX_ERROR_CHARS`, saying so."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... (cut from {len(message)} characters)"
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -208,7 +218,9 @@ def _shaped(array: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         raise ProtocolError(f"{what}: shape {list(shape)} cannot be held ({exc})") from None
 
 
-def _from_binary(data: bytes, shape: tuple[int, ...], datatype: str, what: str) -> np.ndarray:
+def _from_binary(data: bytes, shape: tuple[int, ...], datatype: str, what: str,
+                 source: str = "binary_data_size") -> np.ndarray:
+    """`data` as a tensor of `shape` and `datatype`; `source`: where the bytes came from, as a message names it."""
     count = math.prod(shape)
     if datatype == "BYTES":
         items, offset = [], 0
@@ -226,7 +238,7 @@ def _from_binary(data: bytes, shape: tuple[int, ...], datatype: str, what: str) 
         return _shaped(np.array(items, dtype=object), shape, what)
     dtype = DATATYPES[datatype]
     if len(data) != count * dtype.itemsize:
-        raise ProtocolError(f"{what}: binary_data_size is {len(data)} bytes, but shape {list(shape)} of "
+        raise ProtocolError(f"{what}: {source} is {len(data)} bytes, but shape {list(shape)} of "
                             f"{datatype} needs {count * dtype.itemsize}")
     return _shaped(np.frombuffer(data, dtype=dtype), shape, what).astype(dtype.newbyteorder("="), copy=False)
 
@@ -409,4 +421,4 @@ def _assemble(header: dict, blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
 
 
 def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+    return json.dumps({"error": error_text(message)}).encode()

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import socket
 import threading
 import zlib
@@ -524,3 +525,54 @@ def test_shared_memory_regions_are_checked_and_never_read_past(service, local, v
         np.testing.assert_array_equal(infer().as_numpy("labels"), local["1"].labels(local["1"].prepare(batch)))
     finally:
         client.unregister_system_shared_memory("r")
+
+
+#: distinct malformed shared-memory requests the fuzz test sends: registrations and inferences, each catalog form
+#: once (fewer than the catalog holds: each kind in turn), then combinations
+SHM_FUZZ_CASES = 150
+#: a label no CamVid class has: what the labels region holds before each good request writes it
+NO_CLASS = 255
+
+
+def test_fuzzed_shared_memory_requests_get_a_4xx_naming_the_problem(service, local, shm_regions):
+    """`serving.fuzzing`'s malformed shared-memory requests (registrations: missing, unknown or bad keys, offsets
+    and sizes of the wrong type, negative, overflowing or past the segment; inferences: regions unregistered or
+    too small, sizes that are not the tensor's, offsets past the region, parameters of the wrong type): each gets
+    the 4xx and words its case names, none a 500; after each, a good request reads its frame from one region and
+    writes the right labels into the other; the regions registered are the two the test made."""
+    from tritonclient.utils import shared_memory as shm
+
+    from serving.fuzzing import FRAME_BYTES, SIDE, ShmSetup, good_shm_infer, infer_http, malformed_shm_requests
+
+    frames_segment, frames_key = shm_regions("fuzz-frames", FRAME_BYTES)
+    labels_segment, labels_key = shm_regions("fuzz-labels", SIDE * SIDE)
+    setup = ShmSetup("camvid", frames_key, labels_key)
+    frame = np.zeros((1, SIDE, SIDE, 3), np.uint8)
+    shm.set_shared_memory_region(frames_segment, [frame])
+    expected = local["2"].labels(local["2"].prepare(frame))  # version 2: what a request naming none gets
+    session = requests.Session()
+    for region, key, size in setup.registrations():
+        registered = session.post(f"{service.url}/v2/systemsharedmemory/region/{region}/register",
+                                  json={"key": key, "byte_size": size}, timeout=60)
+        assert registered.status_code == 200, registered.text
+    try:
+        failures = []
+        for case in malformed_shm_requests(setup, SHM_FUZZ_CASES, seed=17):
+            request = case.request
+            answer = session.request(request.method, service.url + request.path, data=request.body,
+                                     headers=dict(request.headers), timeout=60)
+            error = answer.json().get("error", "") if answer.status_code != 200 else ""
+            if answer.status_code not in case.statuses or not re.search(case.says, error):
+                failures.append(f"{case.name}: {answer.status_code} {error[:200]!r}")
+            shm.set_shared_memory_region(labels_segment, [np.full(expected.shape, NO_CLASS, np.uint8)])
+            good = infer_http(setup.model, good_shm_infer(setup))
+            answered = session.post(service.url + good.path, data=good.body, timeout=60)
+            labels = shm.get_contents_as_numpy(labels_segment, np.uint8, expected.shape)
+            if answered.status_code != 200 or not np.array_equal(labels, expected):
+                failures.append(f"after {case.name}: a good request got {answered.status_code} or other labels")
+        names = sorted(r["name"] for r in session.get(f"{service.url}/v2/systemsharedmemory/status").json())
+        assert names == sorted(region for region, _, _ in setup.registrations())
+        assert not failures, f"{len(failures)} of {SHM_FUZZ_CASES}:\n" + "\n".join(failures[:20])
+    finally:
+        for region, _, _ in setup.registrations():
+            session.post(f"{service.url}/v2/systemsharedmemory/region/{region}/unregister", timeout=60)

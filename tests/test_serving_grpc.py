@@ -6,6 +6,8 @@ service answers a good request after each."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from segmenters.data.frames import decode_image
 from serving.client import OipClient
 from serving.cluster import free_port
 from serving.config import ServeConfig
+from serving.fuzzing import MODEL_INFER, SIDE, good_grpc_request, malformed_grpc_requests
 
 tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc  # noqa: E402
@@ -269,3 +272,29 @@ def test_unknown_model_ready_and_metadata_are_not_found(client):
         with pytest.raises(InferenceServerException) as caught:
             call()
         assert caught.value.status() == "StatusCode.NOT_FOUND", caught.value
+
+
+#: distinct malformed ModelInferRequests the fuzz test sends: every catalog form once (145), then combinations
+GRPC_FUZZ_CASES = 160
+
+
+def test_fuzzed_requests_get_a_status_naming_the_problem_and_the_service_answers_on(service, stub, engine):
+    """`serving.fuzzing`'s malformed requests, as bytes (some are no message at all): none gets INTERNAL or
+    UNKNOWN (the 500 of gRPC); each gets the status and words its case names; a good request after each is
+    answered with the engine's labels."""
+    expected = engine.labels(engine.prepare(np.zeros((1, SIDE, SIDE, 3), np.uint8)))
+    failures = []
+    with grpc.insecure_channel(service.grpc_address) as channel:
+        send = channel.unary_unary(MODEL_INFER)  # bytes in, bytes out
+        for case in malformed_grpc_requests("camvid", GRPC_FUZZ_CASES, seed=17):
+            try:
+                send(case.request, metadata=tuple(AUTH.items()), timeout=60)
+                failures.append(f"{case.name}: answered OK")
+            except grpc.RpcError as error:
+                if error.code().name not in case.statuses or not re.search(case.says, error.details() or ""):
+                    failures.append(f"{case.name}: {error.code().name} {(error.details() or '')[:200]!r}")
+            answer = stub.ModelInfer(good_grpc_request("camvid"), metadata=tuple(AUTH.items()), timeout=60)
+            labels = np.frombuffer(answer.raw_output_contents[0], np.uint8).reshape(expected.shape)
+            if not np.array_equal(labels, expected):
+                failures.append(f"after {case.name}: a good request got other labels")
+    assert not failures, f"{len(failures)} of {GRPC_FUZZ_CASES}:\n" + "\n".join(failures[:20])

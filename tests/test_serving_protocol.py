@@ -346,6 +346,30 @@ def test_mutated_requests_get_a_protocol_error_or_an_answer_never_a_crash():
     assert refused > 1500  # the garbage really was garbage
 
 
+def test_malformed_grpc_requests_get_a_protocol_error_naming_the_problem():
+    """2000 distinct malformed ModelInferRequests (`serving.fuzzing`'s catalog, then combinations), decoded and
+    checked as the gRPC service does: each is refused with the status and words its case names, none crashes."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from serving.fuzzing import malformed_grpc_requests
+    from serving.grpc_service import lenient_parser, Undecodable, check_infer_request, grpc_status
+
+    failures = []
+    for case in malformed_grpc_requests(MODEL.name, 2000, seed=17):
+        request = lenient_parser(pb.ModelInferRequest)(case.request)
+        try:
+            if isinstance(request, Undecodable):
+                raise ProtocolError(f"the request is not a valid {request.message_type} message: {request.error}")
+            if request.model_name != MODEL.name or request.model_version not in ("", MODEL.version):
+                continue  # the served model's lookup, tested against the service in test_serving_grpc.py
+            check_infer_request(request, MODEL, REQUEST_BUDGET)
+            failures.append(f"{case.name}: accepted")
+        except ProtocolError as exc:
+            if grpc_status(exc).name not in case.statuses or not re.search(case.says, exc.message):
+                failures.append(f"{case.name}: {grpc_status(exc).name} {exc.message[:200]!r}")
+    assert not failures, "\n".join(failures[:20])
+
+
 def test_json_answers_are_held_to_the_request_budget():
     """Logits as JSON cost Python objects and text per value: a frame whose binary answer is fine is refused as
     JSON when that would pass the budget, with a 413 saying to ask for binary."""
