@@ -17,6 +17,23 @@ layer-l units whose receptive field meets the patch — the rest cannot change):
     arrangement sum, which can only loosen the bound).
 Everything is in log10: the numbers run to thousands of digits.
 
+Seed 000's own computation (its Table 1; `seed_bound_log10`, the `seed` mode of `audit bounds`, with the table's
+networks and published cells in `audit.seed_table`). The seed applies Xiong et al.'s product to the patch; its
+equations and the numbers in its worked example did not survive in our copy, so the reading below is the one its
+text and surviving numbers pin down:
+        B_seed(s) = prod_{l=1}^{L} sum_{i=0}^{D_0} C(d_l n_l^(1) n_l^(2), i),   D_0 = s^2,   n_l^(k) = min(s, h_l^(k))
+  * D_0 = n_0^(1) n_0^(2) = s^2, one input value per patch pixel. The worked example: five "typical
+    convolutional layer[s] (containing 128 or 256 channels)" over a patch of "around" N x N pixels give the count
+    behind "A has to be smaller than 1500" (ten classes), so one layer multiplies the regions by at most 10^300.
+    With D_0 = s^2 a 10x10 patch gives 10^252.6 (128 channels) and 10^282.8 (256); with 3 s^2, 10^616 and 10^707,
+    under 10^300 only up to 6x6. Table 1's FCN8 column settles it: D_0 = s^2 gives 11/29/59/118 against the
+    published 11/30/60/118, D_0 = 3 s^2 gives 18/46/94/188;
+  * n_l = the patch side s in every layer ("the spatial dimensions are determined by the receptive field of the
+    neurons in which the original patch is present, but these are typically small numbers, since the patch has
+    to be small"), capped by the layer's own map (a squeeze-excitation vector has one position);
+  * L = every piecewise-linear gate (ReLU family) of the network, d_l = its channels;
+  * side = floor(sqrt(floor(log B / log K))), K = 19 Cityscapes classes ("1500 pixels (38x38)": the floor).
+
 `patch_reach` finds N_l for a real zoo model by forward-mode differentiation of a structural copy of the
 network (ReLU-like gates as identity, max-pool as average-pool, so no unit is dropped by the input at hand),
 with a random tangent on the patch pixels: a unit is reached iff its tangent is non-zero.
@@ -65,6 +82,16 @@ def conv_bound_log10(input_dim: int, units: list[int]) -> float:
     return float(sum(log10_binomial_sum(n, input_dim) for n in units))
 
 
+SEED_VALUES_PER_PIXEL = 1  # seed 000's D_0 = n_0^(1) n_0^(2): one input value per patch pixel (see the docstring)
+
+
+def seed_bound_log10(patch: int, gate_shapes: list[tuple[int, int, int]]) -> float:
+    """Seed 000's bound for an s x s patch: prod_l sum_{i=0}^{D_0} C(d_l min(s, h_l) min(s, w_l), i), D_0 = s^2,
+    over the gate layers' (channels, height, width)."""
+    input_dim = SEED_VALUES_PER_PIXEL * patch * patch
+    return conv_bound_log10(input_dim, [c * min(patch, h) * min(patch, w) for c, h, w in gate_shapes])
+
+
 def arbitrary_map_side(bound_log10: float, classes: int) -> int:
     """The largest s such that a K-class s x s region has no more maps than the bound allows: K^(s^2) <= B."""
     if classes < 2:
@@ -102,6 +129,32 @@ class _Structural(TorchFunctionMode):
         padding = args[3] if len(args) > 3 else kwargs.get("padding", 0)
         ceil_mode = args[5] if len(args) > 5 else kwargs.get("ceil_mode", False)
         return F.avg_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=False)
+
+
+class _GateShapes(TorchFunctionMode):
+    """Records the (channels, height, width) of every gate's input, in forward order; runs nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _STRUCTURAL.get(func) == "identity":
+            channels, height, width = args[0].shape[1:]
+            self.shapes.append((int(channels), int(height), int(width)))
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def gate_shapes(builder, size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of each gate layer of `builder()` on a `size` image: built and run on the meta
+    device, so a full Cityscapes frame through VGG16 costs no memory and no arithmetic."""
+    with torch.device("meta"):
+        model = builder().eval()
+        mode = _GateShapes()
+        with mode:
+            model(torch.empty((1, 3, *size)))
+    return mode.shapes
 
 
 def _reach(x: torch.Tensor) -> tuple[int, int]:
@@ -206,14 +259,17 @@ def bounds_table(archs: list[str], patch_sizes: list[int], classes: int = 19, si
     rows = []
     for arch in tqdm(archs, desc="bounds", disable=not progress):
         model = build_model(arch, classes)
-        for patch in patch_sizes:
-            reach = patch_reach(model, patch, size, arch)
-            conv, dense = conv_bound_log10(reach.input_dim, reach.units), dense_bound_log10(reach.input_dim, reach.units)
-            rows.append({"arch": arch, "patch": patch, "gate_layers": len(reach.units),
-                         "units_reached": int(sum(reach.units)), "conv_bound_log10": conv,
-                         "dense_bound_log10": dense, "conv_side": arbitrary_map_side(conv, classes),
-                         "dense_side": arbitrary_map_side(dense, classes), "classes": classes})
+        rows.extend(refined_row(model, arch, patch, classes, size) for patch in patch_sizes)
     return rows
+
+
+def refined_row(model: nn.Module, arch: str, patch: int, classes: int, size: tuple[int, int]) -> dict:
+    """The project's bound for one architecture and patch: both bounds on the units the patch really reaches."""
+    reach = patch_reach(model, patch, size, arch)
+    conv, dense = conv_bound_log10(reach.input_dim, reach.units), dense_bound_log10(reach.input_dim, reach.units)
+    return {"arch": arch, "patch": patch, "gate_layers": len(reach.units), "units_reached": int(sum(reach.units)),
+            "conv_bound_log10": conv, "dense_bound_log10": dense, "conv_side": arbitrary_map_side(conv, classes),
+            "dense_side": arbitrary_map_side(dense, classes), "classes": classes}
 
 
 def bounds_markdown(rows: list[dict]) -> str:

@@ -97,7 +97,9 @@ def vgatt(run_dir, address, cpus_per_trial, gpus_per_trial, device, gpu_wait, lo
 
 
 @audit.command()
-@click.option("--arch", "archs", multiple=True, help="zoo architectures (default: all)")
+@click.option("--arch", "archs", multiple=True,
+              help="zoo architectures (default: all); with --mode seed, Table 1's: unet_ronneberger, fcn8s_vgg16, "
+                   "deeplabv3_resnet18, lraspp_mobilenetv3")
 @click.option("--patch", "patches", type=int, multiple=True, help="patch sides (default 2 5 10 20)")
 @click.option("--classes", type=int, default=19, show_default=True, help="classes per pixel (19: Cityscapes)")
 @click.option("--size", default="256x256", show_default=True, help="HEIGHTxWIDTH of the image the patch sits in")
@@ -108,10 +110,33 @@ def vgatt(run_dir, address, cpus_per_trial, gpus_per_trial, device, gpu_wait, lo
 @click.option("--out", type=click.Path(file_okay=False), help="write bounds.json and bounds.md here")
 @click.option("--device", default="auto", show_default=True,
               help=f"where the twin runs for --twin's regions: {DEVICE_HELP}")
-def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> None:
+@click.option("--mode", type=click.Choice(["refined", "seed"]), default="refined", show_default=True,
+              help="refined: the project's bound for zoo architectures; seed: seed 000's Table 1 computed the seed's "
+                   "way for its four networks, beside its published cells and the refined bound")
+@click.option("--skip-refined", is_flag=True, help="--mode seed without the refined bound beside it (seconds)")
+def bounds(archs, patches, classes, size, twin, lines, samples, out, device, mode, skip_refined) -> None:
     """Seed 000's complexity bound: how large a region a patch could force arbitrary maps on, per architecture."""
     from pathlib import Path
 
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError as exc:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 256x256, got {size!r}") from exc
+    if mode == "seed":
+        if twin:
+            raise click.UsageError("--twin goes with --mode refined")
+        table, result = _seed_bounds(archs, patches, classes, (height, width), refined=not skip_refined)
+    else:
+        table, result = _refined_bounds(archs, patches, classes, (height, width), twin, lines, samples, device)
+    click.echo(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bounds.json").write_text(json.dumps(result, indent=2))
+        (folder / "bounds.md").write_text(table)
+
+
+def _refined_bounds(archs, patches, classes, size, twin, lines, samples, device) -> tuple[str, dict]:
     from audit.bounds import bounds_markdown, bounds_table, empirical_regions
     from segmenters.device import resolve_device
     from segmenters.models import MODELS
@@ -123,13 +148,9 @@ def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> 
     unknown = sorted(set(archs) - set(MODELS))
     if unknown:
         raise click.ClickException(f"unknown architecture(s) {unknown}; the zoo has {sorted(MODELS)}")
-    try:
-        height, width = (int(v) for v in size.lower().split("x"))
-    except ValueError as exc:
-        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 256x256, got {size!r}") from exc
-    rows = bounds_table(list(archs) or sorted(MODELS), list(patches) or [2, 5, 10, 20], classes, (height, width))
+    rows = bounds_table(list(archs) or sorted(MODELS), list(patches) or [2, 5, 10, 20], classes, size)
     table = bounds_markdown(rows)
-    result = {"bounds": rows}
+    result = {"mode": "refined", "bounds": rows}
     if twin:
         table += _architecture_note(twin)
         result["empirical"] = empirical_regions(twin, list(patches) or [2, 5, 10, 20], lines=lines, samples=samples,
@@ -137,12 +158,21 @@ def bounds(archs, patches, classes, size, twin, lines, samples, out, device) -> 
         table += "\nLinear regions met along random lines through the patch subspace (" + twin + "):\n\n"
         table += "\n".join(f"- {r['patch']}x{r['patch']}: {r['regions']} (per line)" for r in result["empirical"])
         table += "\n"
-    click.echo(table)
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bounds.json").write_text(json.dumps(result, indent=2))
-        (folder / "bounds.md").write_text(table)
+    return table, result
+
+
+def _seed_bounds(archs, patches, classes, size, refined: bool) -> tuple[str, dict]:
+    """Seed 000's Table 1: its columns chosen by architecture (default all four)."""
+    from audit.seed_table import SEED_ASSUMPTIONS, SEED_COLUMNS, SEED_PATCHES, seed_markdown, seed_table
+
+    by_arch = {arch: column for column, (arch, _) in SEED_COLUMNS.items()}
+    unknown = sorted(set(archs) - set(by_arch))
+    if unknown:
+        raise click.ClickException(f"unknown Table 1 architecture(s) {unknown}; --mode seed has {sorted(by_arch)}")
+    rows = seed_table(list(patches) or SEED_PATCHES, classes, size, refined=refined,
+                      columns=[by_arch[a] for a in archs] or None)
+    assumptions = [dict(zip(("what", "seed", "refined"), a)) for a in SEED_ASSUMPTIONS]
+    return seed_markdown(rows), {"mode": "seed", "table_1": rows, "assumptions": assumptions}
 
 
 def _architecture_note(twin_path: str) -> str:
