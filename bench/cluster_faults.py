@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "bench")]
 
-from serving.cluster import free_port, start_head, start_node  # noqa: E402
+from serving.cluster import free_port, start_head, start_node, wait_ready  # noqa: E402
 from serving.probe import LoadProbe  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -71,18 +71,6 @@ def stored_nodes(run: Path) -> list[tuple[str, str]]:
             return []
 
 
-def running_trial(node) -> bool:
-    import psutil
-
-    for process in psutil.Process(node.process.pid).children(recursive=True):
-        try:
-            if "_run_trial" in process.name() + " ".join(process.cmdline()):
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
 def campaign_part(folder: Path) -> dict:
     from audit.campaign import expand, load_campaign
 
@@ -103,7 +91,7 @@ def campaign_part(folder: Path) -> dict:
             ["audit", "campaign", "campaign.yaml", "--out", str(run), "--quiet"], working_dir=folder)))
         submit.start()
         while submit.is_alive() and not (any(node.node_id[:8] in (n or "") for _, n in stored_nodes(run))
-                                         and running_trial(node)):
+                                         and node.runs("_run_trial")):
             time.sleep(0.2)
         killed_after = time.monotonic() - started
         node.kill_raylet()
@@ -139,20 +127,6 @@ def onnx_engine(folder: Path) -> Path:
     return path
 
 
-def wait_ready(url: str, service: subprocess.Popen, timeout_s: float = 600) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while service.poll() is None and time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError("patchwatch serve did not become ready")
-
-
 def node_dead(head, node_id: str) -> bool:
     return any(n["node_id"] == node_id and n["state"] == "DEAD" for n in head.nodes())
 
@@ -167,7 +141,7 @@ def serve_part(folder: Path) -> tuple[dict, list]:
             folder, onnx_engine(folder), port)), "--address", head.gcs_address], env=head.env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_ready(url, service)
+            wait_ready(url, timeout_s=600, running=lambda: service.poll() is None)
             frames = np.random.default_rng(0).integers(0, 256, (1, *FRAME_SIZE, 3), dtype=np.uint8)
             with LoadProbe(url, "shapes", frames) as probe:
                 probe.wait_for(STREAK)

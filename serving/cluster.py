@@ -108,7 +108,7 @@ def start_local(config: ServeConfig, metrics_port: int = 8080, timeout_s: float 
         with _quiet_reconnect():
             serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False,
                       external_scaler_enabled=external_scaling(config))  # the repository's load/unload
-        _wait_ready(config, timeout_s)
+        wait_ready(f"http://{config.host}:{config.port}", timeout_s)
     except BaseException:
         if address:
             stop_local(owns_cluster=False)
@@ -189,7 +189,7 @@ def _quiet_reconnect():
 def _start_serve(http_options: dict, proxy_location: str) -> None:
     """`serve.start`, and once more when its proxy was replaced while starting: on a loaded machine Serve's controller
     restarts a proxy that is slow to come up, and the first call's wait for it fails with the old one. The second
-    call joins the running controller; `_wait_ready` then waits for the new proxy within the caller's timeout."""
+    call joins the running controller; `wait_ready` then waits for the new proxy within the caller's timeout."""
     from ray import serve
     from ray.exceptions import ActorDiedError
 
@@ -201,22 +201,26 @@ def _start_serve(http_options: dict, proxy_location: str) -> None:
         serve.start(http_options=http_options, proxy_location=proxy_location)
 
 
-def _wait_ready(config: ServeConfig, timeout_s: float) -> None:
+def wait_ready(url: str, timeout_s: float, running=lambda: True) -> None:
+    """Returns once the service at `url` answers `GET /v2/health/ready` with 200; raises TimeoutError after
+    `timeout_s`, or RuntimeError as soon as `running()` says the process serving it has ended."""
     import requests
 
-    url = f"http://{config.host}:{config.port}/v2/health/ready"
+    ready = f"{url}/v2/health/ready"
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
+        if not running():
+            raise RuntimeError(f"the service at {url} ended before it was ready: {last}")
         try:
-            answer = requests.get(url, timeout=5)
+            answer = requests.get(ready, timeout=5)
             if answer.status_code == 200:
                 return
             last = answer.text
         except requests.RequestException as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise TimeoutError(f"the service at {url} was not ready within {timeout_s:.0f} s: {last}")
+    raise TimeoutError(f"the service at {ready} was not ready within {timeout_s:.0f} s: {last}")
 
 
 def stop_local(owns_cluster: bool = True) -> None:
@@ -518,6 +522,18 @@ class RayNode:
             raise RuntimeError(f"node {self.node_id[:8]} has no raylet running")
         with contextlib.suppress(psutil.NoSuchProcess):
             raylet.kill()
+
+    def runs(self, task: str) -> bool:
+        """Whether a worker of this node runs `task` now (a Ray worker's process title names its task)."""
+        import psutil
+
+        for process in _process_tree(self.process):
+            try:
+                if task in process.name() + " ".join(process.cmdline()):
+                    return True
+            except psutil.Error:  # ended meanwhile
+                continue
+        return False
 
     def stop(self, timeout: float = 60.0) -> None:
         _stop_tree(self.process, timeout)

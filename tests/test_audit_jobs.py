@@ -152,24 +152,6 @@ def test_a_killed_job_resubmitted_repeats_nothing(shapes_twin, tmp_path):
     assert all(r["finished"] == before[r["id"]] for r in rows if r["id"] in before)  # nothing redone
 
 
-def _running_trial(node) -> bool:
-    """Whether a trial task runs on `node` now (its worker's process title names the task)."""
-    for process in node_processes(node):
-        try:
-            if "_run_trial" in process.name() + " ".join(process.cmdline()):
-                return True
-        except psutil.Error:
-            continue
-    return False
-
-
-def node_processes(node) -> list:
-    try:
-        return psutil.Process(node.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
 def stored_nodes(run: Path) -> dict[str, str]:
     if not (run / "trials.sqlite").exists():  # the job has not started its driver yet
         return {}
@@ -200,7 +182,7 @@ def test_a_lost_node_loses_no_trial(shapes_twin, tmp_path):
             submit.start()
             # no deadline of its own: the job's end (or its timeout) ends the wait
             while submit.is_alive() and not (any(node.node_id[:8] in (n or "") for n in stored_nodes(run).values())
-                                             and _running_trial(node)):
+                                             and node.runs("_run_trial")):
                 time.sleep(0.2)
             assert submit.is_alive(), "the campaign ended before a trial ran on the second node"
             node.kill_raylet()

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import yaml
 
-from serving.cluster import free_port, start_head, start_node
+from serving.cluster import free_port, start_head, start_node, wait_ready
 from serving.probe import LoadProbe
 
 pytestmark = pytest.mark.slow
@@ -50,19 +49,6 @@ def serve_config(folder: Path, engine: Path, port: int) -> Path:
     return path
 
 
-def wait_ready(url: str, service: subprocess.Popen, log: Path, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert service.poll() is None, f"patchwatch serve ended: {log.read_text()[-3000:]}"
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"not ready in {timeout_s} s: {log.read_text()[-3000:]}")
-
-
 def replica_nodes(head) -> list[str]:
     return [a["node_id"] for a in head.actors() if a["state"] == "ALIVE" and "ServeReplica" in a["class_name"]
             and "shapes_v1" in a["class_name"]]
@@ -84,7 +70,10 @@ def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
                                         str(serve_config(tmp_path, shapes_engine, port)), "--address",
                                         head.gcs_address], env=head.env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(url, service, log)
+            try:
+                wait_ready(url, timeout_s=600, running=lambda: service.poll() is None)
+            except (RuntimeError, TimeoutError) as exc:
+                raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from exc
             placed = replica_nodes(head)
             assert len(set(placed)) == 2 and node.node_id in placed, placed  # a replica on each node
             with LoadProbe(url, "shapes", frames_for()) as probe:
