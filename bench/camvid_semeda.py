@@ -1,74 +1,309 @@
-"""PPCE vs SEMEDA (and optionally the Sobel baseline) on CamVid, the same model and budget for each.
+"""PPCE vs SEMEDA (and the Sobel baseline) on CamVid, the same model and budget for each.
 
-Trains `--arch` (default LR-ASPP MobileNetV3-Large, from scratch) on CamVid train at `--size` with each loss,
-same seed, epochs and schedule, then evaluates the final weights on CamVid val: mIoU, F1, E-measure and
-boundary / non-boundary trimap mIoU. Prints a table with SEMEDA - PPCE differences and writes
-`comparison.json`, `trimap.png` (thesis Fig. 3.5 style) and each run's eval folder under `--out`.
+Two plans (`--plan`), each run in its own folder under `--out`, skipped when finished and continued when partly
+done (bench/camvid_runs.py), so a long budget can be spent in pieces (`--only NAME`, `--max-runs N`,
+`--stop-after MIN`); `--list` prints the plan and each run's state, `--report-only` reports what is finished.
+
+* `losses` (default; what this script always did): `--arch` (LR-ASPP) at 180x240 with each of `--losses` at one
+  `--seed`, runs named by loss (bench/results/camvid/semeda/best.pt is the twin the audit benches read).
+* `fair` (issue 18, item 2): the thesis' protocol (seed 002, section 3.4) as far as it transfers to CamVid:
+  DeepLabV3-ResNet-18 at full resolution 360x480, Algorithm 3.1 (g_phi pretrained on masks, then frozen);
+  PPCE at every `--seeds`; SEMEDA at each `--lambda-sweep` setting (Table 3.1's three best on Cityscapes) and the
+  Sobel baseline (lambda_1 = 4, Table 3.1's best) at the first seed; then the sweep's best lambda (final val
+  mIoU of the first seed) at the other seeds.
+
+The report compares final weights (last.pt: the same budget for every run) on CamVid val: per run mIoU, trimap
+boundary / non-boundary mIoU, mean F1 and E-measure; mean +- std over seeds per group; SEMEDA (best lambda) vs
+PPCE paired by seed (paired t-test and exact sign-flip test) and per image (Wilcoxon signed-rank on per-image
+mIoU, every seed both have); the convergence curves of every run (curves.png) and the trimap plot (trimap.png).
+Writes comparison.json and index.html under `--out`.
+
+Why DeepLabV3-ResNet-18 for `fair`: it is the stronger of the two zoo models that fit (output stride 8 and ASPP
+against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used); at
+360x480 batch 8 it needs a few GB, and on a GPU it costs minutes a run, not hours.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from functools import partial
 from pathlib import Path
 
-from segmenters.data import build_dataset
-from segmenters.evaluate import evaluate, plot_trimap
-from segmenters.training import TrainConfig, train
-from segmenters.twin import load_twin
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `bench.camvid_runs` importable
+    sys.path.insert(0, str(REPO))
+
+from bench.camvid_runs import (  # noqa: E402
+    PlannedRun, RunMismatch, add_budget_arguments, announce_device, convergence, execute, final_evaluation, html_table,
+    mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, read_pieces, run_state,
+    run_styles, summary_metrics, table_keys, train_config, val_dataset, write_page,
+)
+from segmenters.evaluate import plot_trimap  # noqa: E402
+from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
+
+#: per plan, the defaults of the options it reads differently (None in argparse: "the plan's")
+PLAN_DEFAULTS = {
+    "losses": {"arch": "lraspp_mobilenetv3", "size": "180x240", "epochs": 30, "eval_every": 5,
+               "out": "bench/results/camvid"},
+    "fair": {"arch": "deeplabv3_resnet18", "size": "360x480", "epochs": 200, "eval_every": 10,
+             "out": "bench/results/camvid_fair"},
+}
+#: Table 3.1's three best SEMEDA settings on Cityscapes (77.3, 76.9, 76.9 % mIoU), the driving scenes CamVid is like
+FAIR_LAMBDA_SWEEP = "4,2,0;2,4,0;0.5,0.5,0.5"
+#: the group the report compares SEMEDA's best lambda with
+BASELINE = "ppce"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", choices=sorted(PLAN_DEFAULTS), default="losses")
+    parser.add_argument("--arch", default=None, help="zoo model (default: the plan's)")
+    parser.add_argument("--out", default=None, help="runs and report (default: the plan's)")
+    parser.add_argument("--losses", default="ppce,semeda", help="plan losses: the losses, one run each")
+    parser.add_argument("--lambdas", default="4,2,0", help="plan losses: SEMEDA lambda_1..3")
+    parser.add_argument("--seed", type=int, default=0, help="plan losses: the seed")
+    parser.add_argument("--seeds", default="0,1,2", help="plan fair: PPCE and the best lambda at each")
+    parser.add_argument("--lambda-sweep", default=FAIR_LAMBDA_SWEEP, help="plan fair: ';'-separated settings")
+    parser.add_argument("--sobel-lambda", type=float, default=DEFAULT_LAMBDAS["sobel"][0], help="plan fair")
+    add_budget_arguments(parser, size=None, epochs=None, eval_every=None)
+    args = parser.parse_args()
+    for key, value in PLAN_DEFAULTS[args.plan].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def lambdas_text(lambdas: tuple[float, ...] | None, sep: str = ",") -> str:
+    return sep.join(f"{v:g}" for v in lambdas or ())
+
+
+def losses_plan(args: argparse.Namespace) -> list[PlannedRun]:
+    lambdas = tuple(float(v) for v in args.lambdas.split(","))
+    return [PlannedRun(loss, args.arch, loss, lambdas if loss == "semeda" else None, args.seed, loss)
+            for loss in args.losses.split(",")]
+
+
+def semeda_run(args: argparse.Namespace, lambdas: tuple[float, ...], seed: int) -> PlannedRun:
+    return PlannedRun(f"semeda_{lambdas_text(lambdas, '-')}_s{seed}", args.arch, "semeda", lambdas, seed,
+                      f"semeda {lambdas_text(lambdas)}")
+
+
+def fair_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
+    """PPCE at the first seed, the lambda sweep and Sobel there, PPCE at the other seeds, then (once the sweep is
+    finished) the best lambda at the other seeds."""
+    seeds = [int(v) for v in args.seeds.split(",")]
+    ppce = [PlannedRun(f"ppce_s{s}", args.arch, "ppce", None, s, "ppce") for s in seeds]
+    sweep = [semeda_run(args, tuple(float(v) for v in text.split(",")), seeds[0])
+             for text in args.lambda_sweep.split(";")]
+    sobel = PlannedRun(f"sobel_{args.sobel_lambda:g}_s{seeds[0]}", args.arch, "sobel", (args.sobel_lambda,),
+                       seeds[0], f"sobel {args.sobel_lambda:g}")
+    best = best_lambdas(sweep, configs)
+    later = [] if best is None else [semeda_run(args, best, s) for s in seeds[1:]]
+    return [ppce[0], *sweep, sobel, *ppce[1:], *later]
+
+
+def best_lambdas(sweep: list[PlannedRun], configs) -> tuple[float, ...] | None:
+    """The sweep's setting with the highest final val mIoU, once every sweep run is finished (else None)."""
+    if any(run_state(configs(run)) != "done" for run in sweep):
+        return None
+    final = {run.lambdas: read_history(Path(configs(run).out))[-1].get("val_miou") or -1.0 for run in sweep}
+    return max(final, key=final.get)
+
+
+def build_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
+    return losses_plan(args) if args.plan == "losses" else fair_plan(args, configs)
+
+
+def comparison_group(plan: list[PlannedRun], configs) -> str | None:
+    """The SEMEDA group compared with PPCE: the best lambda's (fair), the one SEMEDA run's (losses)."""
+    semeda = [run for run in plan if run.loss == "semeda"]
+    if not semeda:
+        return None
+    if len({run.lambdas for run in semeda}) == 1:
+        return semeda[0].group
+    best = best_lambdas([run for run in semeda if run.seed == semeda[0].seed], configs)
+    return None if best is None else f"semeda {lambdas_text(best)}"
+
+
+# ------------------------------------------------------------------------------------------------ report
+def collect(plan: list[PlannedRun], args: argparse.Namespace, configs, device) -> dict[str, dict]:
+    """Per run: its history and convergence; for a finished run also the final evaluation and pieces."""
+    val = val_dataset(args)
+    results = {}
+    for run in plan:
+        config = configs(run)
+        folder = Path(config.out)
+        state = run_state(config)
+        if state == "new":
+            continue
+        history = read_history(folder)
+        entry = {"run": run, "state": state, "history": history, "convergence": convergence(history),
+                 "pieces": read_pieces(folder)}
+        if state == "done":
+            evaluation = final_evaluation(folder, val, device, args.batch_size, args.val_limit)
+            entry.update(report=evaluation["report"], metrics=summary_metrics(evaluation["report"]),
+                         per_image=evaluation["per_image_miou"])
+        results[run.name] = entry
+    return results
+
+
+def group_statistics(results: dict[str, dict]) -> dict[str, dict]:
+    """Per group of finished runs: mean +- std over its seeds of every summary metric."""
+    groups: dict[str, list[dict]] = {}
+    for entry in results.values():
+        if "metrics" in entry:
+            groups.setdefault(entry["run"].group, []).append(entry)
+    return {group: {"seeds": [e["run"].seed for e in entries],
+                    **{key: mean_std([e["metrics"][key] for e in entries]) for key in entries[0]["metrics"]}}
+            for group, entries in groups.items()}
+
+
+def paired_tests(results: dict[str, dict], compared: str | None) -> dict:
+    """SEMEDA (compared group) - PPCE by seed for every summary metric; per image for every finished run against
+    the PPCE run of its seed."""
+    finished = [e for e in results.values() if "metrics" in e]
+    baseline = {e["run"].seed: e for e in finished if e["run"].group == BASELINE}
+    tests = {"by_seed": {}, "by_image": {}}
+    if compared is not None:
+        candidate = {e["run"].seed: e for e in finished if e["run"].group == compared}
+        for key in table_keys():
+            tests["by_seed"][key] = paired_by_seed({s: e["metrics"][key] for s, e in baseline.items()},
+                                                   {s: e["metrics"][key] for s, e in candidate.items()})
+    for entry in finished:
+        reference = baseline.get(entry["run"].seed)
+        if entry["run"].group != BASELINE and reference is not None:
+            tests["by_image"][entry["run"].name] = {
+                "against": reference["run"].name, **paired_by_image(reference["per_image"], entry["per_image"])}
+    return tests
+
+
+def print_report(results: dict[str, dict], stats: dict[str, dict], tests: dict, compared: str | None) -> None:
+    keys = table_keys()
+    print(f"\n{'run':30s}" + "".join(f"{k:>24s}" for k in keys) + f"{'tail gain':>11s}")
+    for name, entry in results.items():
+        cells = [percent(entry["metrics"][k]) for k in keys] if "metrics" in entry else ["(unfinished)"] + [""] * 4
+        gain = entry["convergence"]["tail_gain"]
+        print(f"{name:30s}" + "".join(f"{c:>24s}" for c in cells) + f"{percent(gain):>11s}")
+    print(f"\n{'group (mean +- std)':30s}" + "".join(f"{k:>24s}" for k in keys))
+    for group, figures in stats.items():
+        print(f"{group + ' ' + str(figures['seeds']):30s}" + "".join(f"{_pm(figures[k]):>24s}" for k in keys))
+    for key, test in tests["by_seed"].items():
+        print(f"{compared} - {BASELINE} by seed, {key}: diff {_signed(test['mean_difference'])} over seeds "
+              f"{test['seeds']}; t-test p {_p(test['t_test_p'])}, sign-flip p {_p(test['sign_flip_p'])}")
+    for name, test in tests["by_image"].items():
+        print(f"{name} - {test['against']} per image ({test['images']} images): "
+              f"mean {_signed(test['mean_difference'])}, better on {test['second_better']} / worse on "
+              f"{test['first_better']}, {test['test']} p {_p(test['p'])}")
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "no")
+
+
+def _pm(figure: dict) -> str:
+    if figure["mean"] is None:
+        return ""
+    return f"{100 * figure['mean']:.2f}" + ("" if figure["std"] is None else f" +- {100 * figure['std']:.2f}")
+
+
+def _signed(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.2f}"
+
+
+def _p(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def plot_results(results: dict[str, dict], stats: dict[str, dict], out: Path) -> None:
+    """curves.png (every run's val mIoU and training PPCE against epoch) and trimap.png (group means)."""
+    styles = run_styles([e["run"] for e in results.values()])
+    plot_curves({name: e["history"] for name, e in results.items()}, styles, out / "curves.png")
+    bands = sorted({row["band_width"] for e in results.values() if "report" in e for row in e["report"]["trimap"]})
+    means = {f"{group} (n={len(figures['seeds'])})": {"trimap": [
+        {"band_width": w, "boundary_miou": figures[f"boundary_miou@{w}"]["mean"],
+         "non_boundary_miou": figures[f"non_boundary_miou@{w}"]["mean"]} for w in bands]}
+        for group, figures in stats.items()}
+    if means:
+        plot_trimap(means, out / "trimap.png")
+
+
+def write_outputs(args, results, stats, tests, compared, out: Path) -> None:
+    runs = {name: {"group": e["run"].group, "loss": e["run"].loss, "lambdas": e["run"].lambdas,
+                   "seed": e["run"].seed, "state": e["state"], "metrics": e.get("metrics"),
+                   "convergence": e["convergence"], "pieces": e["pieces"],
+                   "per_image_miou": e.get("per_image")} for name, e in results.items()}
+    budget = {k: getattr(args, k) for k in ("plan", "arch", "size", "epochs", "max_steps", "batch_size", "lr",
+                                            "eval_every", "semeda_pretrain_batches", "val_limit")}
+    result = {"budget": budget, "compared": compared, "baseline": BASELINE, "runs": runs, "groups": stats,
+              "tests": tests, "selection_note": SELECTION_NOTE if args.plan == "fair" else None}
+    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    write_page(out / "index.html", f"CamVid: SEMEDA vs PPCE ({args.plan} plan)", page_parts(args, results, stats,
+                                                                                              tests, compared))
+    print(f"wrote {out / 'comparison.json'}, {out / 'index.html'}, curves.png and trimap.png")
+
+
+SELECTION_NOTE = ("The best lambda is chosen by the first seed's final val mIoU (CamVid's test split is not "
+                  "here), so that seed's SEMEDA score is the best of several tries on the same images it is reported "
+                  "on: the per-image test at the first seed leans towards SEMEDA; the other seeds' runs were trained "
+                  "after the choice.")
+
+
+def page_parts(args, results, stats, tests, compared) -> list[str]:
+    keys = table_keys()
+    devices = sorted({p["device"] for e in results.values() for p in e["pieces"] if p.get("device")})
+    parts = [f"<p>{args.arch} at {args.size}, {args.epochs} epochs (max steps {args.max_steps}), batch "
+             f"{args.batch_size}, lr {args.lr} (AdamW, poly), val mIoU every {args.eval_every} epochs; trained on: "
+             f"{', '.join(devices) or 'n/a'}. Figures in %, final weights on CamVid val"
+             f"{'' if args.val_limit is None else f' (first {args.val_limit} images)'}.</p>"]
+    if args.plan == "fair":
+        parts.append(f"<p>Compared with PPCE: <b>{compared or 'not yet (the lambda sweep is unfinished)'}</b>. "
+                     f"{SELECTION_NOTE}</p>")
+    rows = [[name, e["state"], *([percent(e["metrics"][k]) for k in keys] if "metrics" in e else [""] * len(keys)),
+             percent(e["convergence"]["tail_gain"]), _yes_no(e["convergence"]["converged"]),
+             sum(p.get("train_seconds_this_run") or 0 for p in e["pieces"])] for name, e in results.items()]
+    parts += ["<h2>Runs</h2>", html_table(["run", "state", *keys, "val mIoU gain, last quarter", "converged",
+                                           "train s"], rows)]
+    parts += ["<h2>Mean &plusmn; std over seeds</h2>",
+              html_table(["group", "seeds", *keys], [[g, f["seeds"], *(_pm(f[k]) for k in keys)]
+                                                     for g, f in stats.items()])]
+    parts += ["<h2>Paired tests</h2>", html_table(
+        ["metric", "seeds", "per-seed diff", "mean diff", "t-test p", "sign-flip p"],
+        [[k, t["seeds"], " ".join(_signed(d) for d in t["differences"]), _signed(t["mean_difference"]),
+          _p(t["t_test_p"]), _p(t["sign_flip_p"])] for k, t in tests["by_seed"].items()])]
+    parts.append(html_table(["run", "vs", "images", "mean diff", "median diff", "better", "worse", "test", "p"], [
+        [n, t["against"], t["images"], _signed(t["mean_difference"]), _signed(t["median_difference"]),
+         t["second_better"], t["first_better"], t["test"], _p(t["p"])] for n, t in tests["by_image"].items()]))
+    parts += ["<h2>Convergence</h2><img src='curves.png'>", "<h2>Trimap</h2><img src='trimap.png'>"]
+    return parts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="lraspp_mobilenetv3")
-    parser.add_argument("--losses", default="ppce,semeda")
-    parser.add_argument("--size", default="180x240", help="HEIGHTxWIDTH (half of CamVid's 360x480)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--lambdas", default="4,2,0", help="SEMEDA lambda_1..3 (Table 3.1 best for Cityscapes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--out", default="bench/results/camvid")
-    parser.add_argument("--resume", action="store_true", help="continue runs found under --out")
-    args = parser.parse_args()
-    height, width = (int(v) for v in args.size.split("x"))
-    out = Path(args.out)
-    val = build_dataset("camvid", "val", root=args.data_root, size=(height, width))
-    reports, seconds = {}, {}
-    for loss in args.losses.split(","):
-        run = out / loss
-        config = TrainConfig(
-            arch=args.arch, dataset="camvid", data_root=args.data_root, loss=loss, size=(height, width),
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=str(run),
-            lambdas=tuple(float(v) for v in args.lambdas.split(",")) if loss == "semeda" else None,
-            eval_every=max(1, args.epochs // 6),
-        )
-        start = time.perf_counter()
-        train(config, resume=args.resume and (run / "last.pt").is_file())
-        seconds[loss] = round(time.perf_counter() - start, 1)
-        # Same budget: compare the final weights, not the best-on-val ones.
-        reports[loss] = evaluate(load_twin(run / "last.pt"), val, out_dir=run / "eval", overlays=6)
+    try:
+        run(parse_args())
+    except RunMismatch as exc:
+        raise SystemExit(f"error: {exc}") from None
 
-    plot_trimap(reports, out / "trimap.png")
-    rows = ["miou", "mean_f1", "mean_e_measure", "pixel_accuracy"]
-    table = {loss: {k: reports[loss][k] for k in rows} for loss in reports}
-    for loss in reports:
-        for row in reports[loss]["trimap"]:
-            table[loss][f"boundary_miou@{row['band_width']}"] = row["boundary_miou"]
-            table[loss][f"non_boundary_miou@{row['band_width']}"] = row["non_boundary_miou"]
-    names = list(reports)
-    print(f"{'metric':28s}" + "".join(f"{n:>10s}" for n in names) + ("   semeda-ppce" if {"ppce", "semeda"} <= set(names) else ""))
-    for key in table[names[0]]:
-        line = f"{key:28s}" + "".join(f"{100 * table[n][key]:10.2f}" for n in names)
-        if {"ppce", "semeda"} <= set(names):
-            line += f"{100 * (table['semeda'][key] - table['ppce'][key]):+14.2f}"
-        print(line)
-    result = {"arch": args.arch, "size": [height, width], "epochs": args.epochs, "batch_size": args.batch_size,
-              "train_seconds": seconds, "metrics": table}
-    (out / "comparison.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'comparison.json'} and {out / 'trimap.png'}")
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    configs = partial(train_config, args=args, out=out)
+    expand = partial(build_plan, args, configs)
+    if args.list:
+        print_plan(expand(), configs)
+        return
+    device = announce_device(args)
+    if not args.report_only:
+        execute(expand, args, configs)
+    plan = expand()
+    compared = comparison_group(plan, configs)
+    results = collect(plan, args, configs, device)
+    stats = group_statistics(results)
+    tests = paired_tests(results, compared)
+    print_report(results, stats, tests, compared)
+    plot_results(results, stats, out)
+    write_outputs(args, results, stats, tests, compared, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,406 @@
+"""Shared by bench/camvid_semeda.py and bench/camvid_archs.py: a plan of CamVid training runs, each in its own folder
+under `--out`, skipped when finished and continued (`train(..., resume=True)`) when partly done, so that a long
+budget can be spent in pieces; the final evaluation of each run (cached by checkpoint digest), per-image mIoU,
+paired tests, convergence curves and a static index.html.
+
+A run is finished when its `history.json` (written by `train()` after every epoch, after `last.pt`) reaches the
+planned epochs or `max_steps`. A folder trained with other settings (loss, lambdas, seed, size, schedule...) is
+refused rather than continued."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+from segmenters.data import build_dataset
+from segmenters.data.loading import device_batches
+from segmenters.device import DEVICE_HELP, describe_device, resolve_device
+from segmenters.evaluate import evaluate
+from segmenters.metrics import confusion_matrix, iou_from_confusion, nanmean
+from segmenters.training import TrainConfig, train
+from segmenters.twin import Twin, load_twin
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+#: what a run's folder must agree on to be continued; the budget's length (epochs, max_steps, eval_every) may grow,
+#: and where and how it runs (device, amp, threads, workers, compile, val_limit) may change between pieces
+RUN_IDENTITY = ("arch", "dataset", "loss", "lambdas", "size", "crop", "scale_range", "batch_size", "lr",
+                "weight_decay", "poly_power", "seed", "semeda_pretrain_batches", "bn_recalibration_batches")
+#: overlay panels the final evaluation writes per run (eval/overlays/)
+EVAL_OVERLAYS = 4
+#: trimap band width (px) the summary tables show; every band is in comparison.json and trimap.png
+TABLE_BAND = 5
+#: the sign-flip test enumerates all 2^n sign patterns up to this n, and draws SIGN_FLIP_DRAWS of them beyond
+EXACT_SIGN_FLIP_MAX_N = 16
+SIGN_FLIP_DRAWS = 100_000
+#: convergence: the val mIoU gain over the last CONVERGENCE_TAIL of the epochs; below CONVERGED_GAIN = converged
+CONVERGENCE_TAIL = 0.25
+CONVERGED_GAIN = 0.01
+
+
+class RunMismatch(RuntimeError):
+    """A run folder holds a run trained with other settings than the plan asks of it."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of a plan: its folder name under --out and what sets it apart from the others."""
+
+    name: str
+    arch: str
+    loss: str = "ppce"
+    lambdas: tuple[float, ...] | None = None
+    seed: int = 0
+    group: str = ""  # what the report pools it with: "ppce", "semeda 4,2,0", "sobel 4", an arch name
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str, epochs: int, eval_every: int) -> None:
+    """The budget every run of a plan shares, and how the plan is run (slices, device, threads)."""
+    parser.add_argument("--size", default=size, help="HEIGHTxWIDTH (CamVid is 360x480)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--max-steps", type=int, default=None, help="bound on each run's optimiser steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--eval-every", type=int, default=eval_every, help="validate every this many epochs")
+    parser.add_argument("--semeda-pretrain-batches", type=int, default=TrainConfig().semeda_pretrain_batches)
+    parser.add_argument("--val-limit", type=int, default=None, help="evaluate on at most this many val images")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train()'s)")
+    parser.add_argument("--only", default=None, help="comma-separated run names: train only these")
+    parser.add_argument("--max-runs", type=int, default=None, help="train (or continue) at most this many runs")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="minutes: start no further run after this long (a run in progress is not cut)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; report what is finished")
+    parser.add_argument("--list", action="store_true", help="print the plan with each run's state and exit")
+    parser.add_argument("--fresh", action="store_true", help="retrain the selected unfinished runs from scratch")
+    parser.add_argument("--resume", action="store_true",
+                        help="accepted for old command lines: partly done runs are always continued")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, width = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+def train_config(run: PlannedRun, args: argparse.Namespace, out: Path) -> TrainConfig:
+    """The run's TrainConfig: the plan's budget, the run's arch, loss, lambdas and seed."""
+    return TrainConfig(
+        arch=run.arch, dataset="camvid", data_root=args.data_root, loss=run.loss, lambdas=run.lambdas,
+        size=parse_size(args.size), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        lr=args.lr, seed=run.seed, semeda_pretrain_batches=args.semeda_pretrain_batches, val_limit=args.val_limit,
+        eval_every=args.eval_every, threads=args.threads, device=args.device, workers=args.workers,
+        out=str(out / run.name),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ running
+def read_history(folder: Path) -> list[dict]:
+    path = folder / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def finished(history: list[dict], config: TrainConfig) -> bool:
+    """Whether the run has spent its budget: the planned epochs, or max_steps (SEMEDA pretraining included)."""
+    if not history:
+        return False
+    last = history[-1]
+    steps_done = config.max_steps is not None and last["step"] >= config.max_steps - config.pretrain_steps()
+    return last["epoch"] >= config.epochs or steps_done
+
+
+def run_state(config: TrainConfig) -> str:
+    """"new" (no checkpoint), "partial" (continue it) or "done"; RunMismatch for a folder of another run."""
+    folder = Path(config.out)
+    if not (folder / "last.pt").is_file():
+        return "new"
+    saved = TrainConfig.from_yaml(folder / "config.yaml")
+    differing = [f"{key}={getattr(saved, key)!r} (plan: {getattr(config, key)!r})"
+                 for key in RUN_IDENTITY if getattr(saved, key) != getattr(config, key)]
+    if differing:
+        raise RunMismatch(f"{folder} holds another run: {', '.join(differing)}; give another --out or remove it")
+    return "done" if finished(read_history(folder), config) else "partial"
+
+
+def print_plan(plan: Iterable[PlannedRun], configs: Callable[[PlannedRun], TrainConfig]) -> None:
+    for run in plan:
+        config = configs(run)
+        history = read_history(Path(config.out))
+        where = f"epoch {history[-1]['epoch']}/{config.epochs}" if history else ""
+        print(f"{run.name:32s} {run_state(config):8s} {where}")
+
+
+def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace,
+            configs: Callable[[PlannedRun], TrainConfig]) -> None:
+    """Train the plan's unfinished runs in order (within --only, --max-runs, --stop-after); skip finished ones.
+
+    The plan is expanded again after every run: a run that depends on others (SEMEDA's best lambda on more seeds)
+    joins it once they are finished, and is trained in the same invocation."""
+    only = set(args.only.split(",")) if args.only else None
+    started, trained, seen = time.monotonic(), 0, set()
+    while True:
+        run = next((r for r in expand() if r.name not in seen and (only is None or r.name in only)), None)
+        if run is None:
+            missing = (only or set()) - seen
+            if missing:
+                print(f"--only: not in the plan (yet): {sorted(missing)}")
+            return
+        seen.add(run.name)
+        config = configs(run)
+        state = run_state(config)
+        if state == "done":
+            print(f"{run.name}: finished, skipped")
+            continue
+        if args.max_runs is not None and trained >= args.max_runs:
+            print(f"stopping before {run.name}: --max-runs {args.max_runs} reached")
+            return
+        if args.stop_after is not None and time.monotonic() - started > 60 * args.stop_after:
+            print(f"stopping before {run.name}: --stop-after {args.stop_after} min reached")
+            return
+        resume = state == "partial" and not args.fresh
+        print(f"{run.name}: {'continuing' if resume else 'training'} ({config.loss}, lambdas {config.lambdas}, "
+              f"seed {config.seed}, {config.arch} at {config.size[0]}x{config.size[1]})", flush=True)
+        _record_piece(Path(config.out), train(config, resume=resume, progress=not args.quiet))
+        torch._dynamo.reset()  # the next run compiles its own model afresh, not against this one's cached graphs
+        trained += 1
+
+
+def _record_piece(folder: Path, summary: dict) -> None:
+    """One line per train() call of the run in pieces.jsonl: how and where its budget was spent."""
+    keys = ("steps", "epochs", "final_val_miou", "train_seconds_this_run", "device", "amp", "compiled", "workers")
+    with (folder / "pieces.jsonl").open("a") as file:
+        file.write(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: summary.get(k) for k in keys}}) + "\n")
+
+
+def read_pieces(folder: Path) -> list[dict]:
+    path = folder / "pieces.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def val_dataset(args: argparse.Namespace) -> torch.utils.data.Dataset:
+    return build_dataset("camvid", "val", root=args.data_root, size=parse_size(args.size), cache=True)
+
+
+@torch.no_grad()
+def per_image_miou(twin: Twin, dataset, batch_size: int, limit: int | None) -> list[float | None]:
+    """mIoU of each image on its own (classes in its ground truth or prediction), in dataset order; None for an
+    image without a labelled pixel."""
+    twin.model.eval()
+    device = next(twin.model.parameters()).device
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    scores: list[float | None] = []
+    for images, labels in device_batches(torch.utils.data.Subset(dataset, range(count)), batch_size, device):
+        predictions = twin.labels(images.to(device)).cpu()
+        for prediction, target in zip(predictions, labels):
+            cm = confusion_matrix(prediction, target, twin.spec.num_classes, twin.spec.ignore_index)
+            value = nanmean(iou_from_confusion(cm))
+            scores.append(None if math.isnan(value) else value)
+    return scores
+
+
+def final_evaluation(folder: Path, val, device: torch.device, batch_size: int, limit: int | None) -> dict:
+    """The run's final weights (last.pt: the same budget for every run, not the best on val) on val: evaluate()'s
+    report (eval/ holds its plots and overlays) and per-image mIoU; cached in final_eval.json by weight digest."""
+    twin = load_twin(folder / "last.pt", map_location=device)
+    key = {"digest": twin.spec.checkpoint_digest, "images": len(val) if limit is None else min(limit, len(val)),
+           "size": list(twin.spec.input_size)}
+    cache = folder / "final_eval.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
+    report = evaluate(twin, val, batch_size=batch_size, out_dir=folder / "eval", overlays=EVAL_OVERLAYS,
+                      limit=limit, progress=False)
+    result = {"key": key, "report": report, "per_image_miou": per_image_miou(twin, val, batch_size, limit)}
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def summary_metrics(report: dict) -> dict[str, float | None]:
+    """mIoU, trimap boundary / non-boundary mIoU at every band, mean F1, mean E-measure, pixel accuracy."""
+    row = {key: report[key] for key in ("miou", "mean_f1", "mean_e_measure", "pixel_accuracy")}
+    for band in report["trimap"]:
+        row[f"boundary_miou@{band['band_width']}"] = band["boundary_miou"]
+        row[f"non_boundary_miou@{band['band_width']}"] = band["non_boundary_miou"]
+    return row
+
+
+def table_keys() -> list[str]:
+    return ["miou", f"boundary_miou@{TABLE_BAND}", f"non_boundary_miou@{TABLE_BAND}", "mean_f1", "mean_e_measure"]
+
+
+def convergence(history: list[dict]) -> dict:
+    """The val mIoU curve's last stretch: the gain over the last CONVERGENCE_TAIL of the epochs (final val mIoU
+    minus the last one validated at or before that point); `converged` when under CONVERGED_GAIN."""
+    points = [(h["epoch"], h["val_miou"]) for h in history if h.get("val_miou") is not None]
+    if len(points) < 2:
+        return {"tail_gain": None, "converged": None, "evaluations": len(points)}
+    cut = points[-1][0] * (1 - CONVERGENCE_TAIL)
+    before = [value for epoch, value in points if epoch <= cut] or [points[0][1]]
+    gain = points[-1][1] - before[-1]
+    return {"tail_gain": gain, "converged": gain < CONVERGED_GAIN, "evaluations": len(points)}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof 1; None for one value)."""
+    array = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if array.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else None,
+            "n": int(array.size)}
+
+
+def sign_flip_p(values: np.ndarray, seed: int = 0) -> tuple[float, str]:
+    """Two-sided p of sum(values) under random signs (the null of a symmetric paired difference): every sign
+    pattern up to EXACT_SIGN_FLIP_MAX_N values, else SIGN_FLIP_DRAWS seeded draws (p = (1 + hits) / (1 + draws))."""
+    values = np.asarray(values, dtype=np.float64)
+    observed = abs(values.sum()) * (1 - 1e-12)  # the observed pattern itself counts despite rounding
+    if values.size <= EXACT_SIGN_FLIP_MAX_N:
+        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=values.size)))
+        return float(np.mean(np.abs(signs @ values) >= observed)), f"exact over {len(signs)} sign patterns"
+    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(SIGN_FLIP_DRAWS, values.size))
+    hits = int(np.sum(np.abs(signs @ values) >= observed))
+    return (1 + hits) / (1 + SIGN_FLIP_DRAWS), f"{SIGN_FLIP_DRAWS} seeded sign draws"
+
+
+def _midranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(values.size)
+    ranks[order] = np.arange(1, values.size + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def paired_t_p(differences: np.ndarray) -> tuple[float | None, str]:
+    """Two-sided paired t-test p: scipy.stats.ttest_rel's when scipy is installed, else the same Student t tail
+    from mpmath's regularised incomplete beta (mpmath comes with torch through sympy)."""
+    n = differences.size
+    if n < 2 or np.std(differences) == 0:
+        return None, "paired t-test (undefined: fewer than 2 pairs or no spread)"
+    try:
+        from scipy.stats import ttest_1samp
+        return float(ttest_1samp(differences, 0.0).pvalue), "paired t-test (scipy)"
+    except ImportError:
+        import mpmath
+    t = differences.mean() / (differences.std(ddof=1) / math.sqrt(n))
+    dof = n - 1
+    p = mpmath.betainc(dof / 2, 0.5, 0, dof / (dof + t * t), regularized=True)
+    return float(p), "paired t-test (Student t tail via mpmath)"
+
+
+def wilcoxon_p(differences: np.ndarray) -> tuple[float | None, str]:
+    """Wilcoxon signed-rank test, two-sided (zero differences dropped): scipy.stats.wilcoxon when installed, else
+    the signed midranks' sign-flip distribution (exact up to EXACT_SIGN_FLIP_MAX_N pairs, drawn beyond)."""
+    nonzero = differences[differences != 0]
+    if nonzero.size == 0:
+        return None, "Wilcoxon signed-rank (undefined: every difference is 0)"
+    try:
+        from scipy.stats import wilcoxon
+        return float(wilcoxon(nonzero).pvalue), "Wilcoxon signed-rank (scipy)"
+    except ImportError:
+        pass
+    p, how = sign_flip_p(np.sign(nonzero) * _midranks(np.abs(nonzero)))
+    return p, f"Wilcoxon signed-rank, permutation null ({how})"
+
+
+def paired_by_seed(first: dict[int, float], second: dict[int, float]) -> dict:
+    """second - first over the seeds both have: per-seed differences, paired t-test and sign-flip test."""
+    seeds = sorted(set(first) & set(second))
+    differences = np.array([second[s] - first[s] for s in seeds], dtype=np.float64)
+    t_p, t_how = paired_t_p(differences)
+    flip_p, flip_how = sign_flip_p(differences) if len(seeds) > 1 else (None, "fewer than 2 common seeds")
+    return {"seeds": seeds, "differences": differences.tolist(), "mean_difference": _mean(differences),
+            "t_test_p": t_p, "t_test": t_how, "sign_flip_p": flip_p, "sign_flip": f"sign-flip permutation, {flip_how}"}
+
+
+def paired_by_image(first: list[float | None], second: list[float | None]) -> dict:
+    """second - first per image (images either scores as None dropped): Wilcoxon signed-rank and counts."""
+    pairs = [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
+    differences = np.array([b - a for a, b in pairs], dtype=np.float64)
+    p, how = wilcoxon_p(differences)
+    return {"images": len(pairs), "mean_difference": _mean(differences),
+            "median_difference": float(np.median(differences)) if pairs else None,
+            "second_better": int(np.sum(differences > 0)), "first_better": int(np.sum(differences < 0)),
+            "p": p, "test": how}
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+# ------------------------------------------------------------------------------------------------ plots, page
+def plot_curves(histories: dict[str, list[dict]], styles: dict[str, dict], path: Path) -> None:
+    """Val mIoU per validation and the epoch's mean training PPCE against epoch, one line per run (`styles`: its
+    matplotlib line style, e.g. colour by group and dashes by seed)."""
+    fig, (ax_miou, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    for name, history in histories.items():
+        validated = [h for h in history if h.get("val_miou") is not None]
+        style = {"label": name, "linewidth": 1.2, "marker": ".", **styles.get(name, {})}
+        ax_miou.plot([h["epoch"] for h in validated], [100 * h["val_miou"] for h in validated], **style)
+        ax_loss.plot([h["epoch"] for h in history], [h.get("ppce", math.nan) for h in history], **style)
+    ax_miou.set(xlabel="epoch", ylabel="val mIoU (%)", title="validation mIoU (convergence)")
+    ax_loss.set(xlabel="epoch", ylabel="train PPCE (epoch mean)", title="training cross entropy", yscale="log")
+    for ax in (ax_miou, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: line styles of the curves by seed order (solid, dashed, dotted, dash-dot)
+SEED_DASHES = ("-", "--", ":", "-.")
+
+
+def run_styles(runs: list[PlannedRun]) -> dict[str, dict]:
+    """A colour per group and a dash pattern per seed, for plot_curves."""
+    groups = list(dict.fromkeys(run.group for run in runs))
+    seeds = sorted({run.seed for run in runs})
+    return {run.name: {"color": f"C{groups.index(run.group) % 10}",
+                       "linestyle": SEED_DASHES[seeds.index(run.seed) % len(SEED_DASHES)]} for run in runs}
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}"
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_page(path: Path, title: str, parts: list[str]) -> None:
+    """index.html: `parts` are HTML fragments (paragraphs, tables from html_table, <img> of the plots)."""
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto}table{border-collapse:collapse;"
+             "margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}img{max-width:100%}")
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+
+
+def announce_device(args: argparse.Namespace) -> torch.device:
+    """Resolve --device, apply --threads (training sets it too; evaluation alone needs it here) and print which
+    device runs, e.g. 'device: cuda:0 (NVIDIA H200)', before anything trains."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    print(f"device: {describe_device(device)} (--device {args.device})", flush=True)
+    return device
