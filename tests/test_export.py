@@ -223,3 +223,22 @@ def test_cli_export_onnx_prints_the_gate_and_names_the_files(camvid_unet, tmp_pa
     missing = subprocess.run([sys.executable, "-m", "patchwatch.cli", "export", "onnx", str(checkpoint),
                               "--parity-data", str(tmp_path / "nothing-here")], capture_output=True, text=True)
     assert missing.returncode == 1 and "no frames at" in missing.stderr
+
+
+def test_twin_miou_leaves_out_classes_with_a_handful_of_pixels():
+    """A class the twin gives 150 of 691,200 pixels, half of them flipped by the engine, must not fail an engine
+    that agrees everywhere else; a flip in a class with real support still counts."""
+    import torch
+
+    from export.parity import MIOU_MIN_CLASS_SHARE, twin_miou
+    from segmenters.metrics import iou_from_confusion, nanmean
+
+    cm = torch.zeros(3, 3, dtype=torch.int64)  # rows: twin's labels, columns: engine's
+    cm[0, 0], cm[1, 1] = 400_000, 291_050
+    cm[2, 2], cm[2, 0] = 75, 75  # the rare class: 150 pixels, half flipped
+    assert 150 < MIOU_MIN_CLASS_SHARE * int(cm.sum())
+    plain = nanmean(iou_from_confusion(cm))
+    scored, classes = twin_miou(cm)
+    assert plain < 0.9 and classes == 2 and scored > 0.999
+    cm[1, 0] = 30_000  # a tenth of a large class flipped
+    assert twin_miou(cm)[0] < 0.95
