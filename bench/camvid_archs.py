@@ -34,9 +34,7 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, RunMismatch, add_budget_arguments, announce_device, convergence, execute, final_evaluation,
-    html_table, mean_std, parse_size, percent, plot_curves, print_plan, read_history, read_pieces, run_state,
-    run_styles, summary_metrics, table_keys, train_config, val_dataset, write_page,
+    PlannedRun, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves, print_plan, run_styles, table_keys, train_config, write_page,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -147,25 +145,6 @@ def measure_speed(args: argparse.Namespace, folders: dict[str, Path], device: to
 
 
 # ------------------------------------------------------------------------------------------------ report
-def collect(plan: list[PlannedRun], args: argparse.Namespace, configs, device: torch.device) -> dict[str, dict]:
-    val = val_dataset(args)
-    results = {}
-    for run in plan:
-        config = configs(run)
-        folder = Path(config.out)
-        state = run_state(config)
-        if state == "new":
-            continue
-        history = read_history(folder)
-        entry = {"run": run, "state": state, "history": history, "convergence": convergence(history),
-                 "pieces": read_pieces(folder), "folder": folder}
-        if state == "done":
-            evaluation = final_evaluation(folder, val, device, args.batch_size, args.val_limit)
-            entry["metrics"] = summary_metrics(evaluation["report"])
-        results[run.name] = entry
-    return results
-
-
 def arch_table(results: dict[str, dict], speed: dict[str, dict], args: argparse.Namespace) -> dict[str, dict]:
     """Per arch with finished runs: parameters, mean +- std of the summary metrics over seeds, frames/s."""
     table = {}

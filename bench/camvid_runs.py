@@ -232,6 +232,28 @@ def final_evaluation(folder: Path, val, device: torch.device, batch_size: int, l
     return result
 
 
+def collect(plan: list[PlannedRun], args: argparse.Namespace, configs, device: torch.device) -> dict[str, dict]:
+    """Per run begun: its history, convergence, pieces and folder; for a finished run also the final evaluation
+    (`report`, its `metrics` and the `per_image` mIoU)."""
+    val = val_dataset(args)
+    results = {}
+    for run in plan:
+        config = configs(run)
+        folder = Path(config.out)
+        state = run_state(config)
+        if state == "new":
+            continue
+        history = read_history(folder)
+        entry = {"run": run, "state": state, "history": history, "convergence": convergence(history),
+                 "pieces": read_pieces(folder), "folder": folder}
+        if state == "done":
+            evaluation = final_evaluation(folder, val, device, args.batch_size, args.val_limit)
+            entry.update(report=evaluation["report"], metrics=summary_metrics(evaluation["report"]),
+                         per_image=evaluation["per_image_miou"])
+        results[run.name] = entry
+    return results
+
+
 def summary_metrics(report: dict) -> dict[str, float | None]:
     """mIoU, trimap boundary / non-boundary mIoU at every band, mean F1, mean E-measure, pixel accuracy."""
     row = {key: report[key] for key in ("miou", "mean_f1", "mean_e_measure", "pixel_accuracy")}

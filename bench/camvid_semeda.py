@@ -36,9 +36,9 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, RunMismatch, add_budget_arguments, announce_device, convergence, execute, final_evaluation, html_table,
-    mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, read_pieces, run_state,
-    run_styles, summary_metrics, table_keys, train_config, val_dataset, write_page,
+    PlannedRun, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table,
+    mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, run_state,
+    run_styles, table_keys, train_config, write_page,
 )
 from segmenters.evaluate import plot_trimap  # noqa: E402
 from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
@@ -128,27 +128,6 @@ def comparison_group(plan: list[PlannedRun], configs) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def collect(plan: list[PlannedRun], args: argparse.Namespace, configs, device) -> dict[str, dict]:
-    """Per run: its history and convergence; for a finished run also the final evaluation and pieces."""
-    val = val_dataset(args)
-    results = {}
-    for run in plan:
-        config = configs(run)
-        folder = Path(config.out)
-        state = run_state(config)
-        if state == "new":
-            continue
-        history = read_history(folder)
-        entry = {"run": run, "state": state, "history": history, "convergence": convergence(history),
-                 "pieces": read_pieces(folder)}
-        if state == "done":
-            evaluation = final_evaluation(folder, val, device, args.batch_size, args.val_limit)
-            entry.update(report=evaluation["report"], metrics=summary_metrics(evaluation["report"]),
-                         per_image=evaluation["per_image_miou"])
-        results[run.name] = entry
-    return results
-
-
 def group_statistics(results: dict[str, dict]) -> dict[str, dict]:
     """Per group of finished runs: mean +- std over its seeds of every summary metric."""
     groups: dict[str, list[dict]] = {}
