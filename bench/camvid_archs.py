@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves, print_plan, run_styles, table_keys, train_config, write_page,
+    PlannedRun, plus_minus, yes_no, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves, print_plan, run_styles, table_keys, train_config, write_page,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -185,17 +185,7 @@ def print_table(table: dict[str, dict], engines: list[str]) -> None:
     print(f"\n{'arch':22s}{'params (M)':>11s}{'mIoU':>16s}" + "".join(f"{k + ' fps':>20s}" for k in engines))
     for arch, row in table.items():
         fps = [f"{row['speed'][k]['fps']:.1f}" if "fps" in row["speed"].get(k, {}) else "n/a" for k in engines]
-        print(f"{arch:22s}{row['parameters'] / 1e6:11.2f}{_pm(row['miou']):>16s}" + "".join(f"{f:>20s}" for f in fps))
-
-
-def _yes_no(flag: bool | None) -> str:
-    return "n/a" if flag is None else ("yes" if flag else "no")
-
-
-def _pm(figure: dict) -> str:
-    if figure["mean"] is None:
-        return ""
-    return f"{100 * figure['mean']:.2f}" + ("" if figure["std"] is None else f" +- {100 * figure['std']:.2f}")
+        print(f"{arch:22s}{row['parameters'] / 1e6:11.2f}{plus_minus(row['miou']):>16s}" + "".join(f"{f:>20s}" for f in fps))
 
 
 def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: Path) -> None:
@@ -212,13 +202,13 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
              f"weights on CamVid val, %. Frames/s: Engine.segment on {args.fps_batch} uint8 frame(s) of "
              f"{args.fps_size}, median of {args.fps_calls} calls after {args.fps_warmup} warm-up calls.</p>",
              html_table(["arch", "params (M)", *keys, *(f"{k} fps" for k in engines)],
-                        [[arch, f"{row['parameters'] / 1e6:.2f}", *(_pm(row[k]) for k in keys),
+                        [[arch, f"{row['parameters'] / 1e6:.2f}", *(plus_minus(row[k]) for k in keys),
                           *(f"{row['speed'][k]['fps']:.1f}" if "fps" in row["speed"].get(k, {}) else
                             row["speed"].get(k, {}).get("unavailable", "n/a") for k in engines)]
                          for arch, row in table.items()]),
              "<img src='accuracy_fps.png'>",
              html_table(["run", "state", "val mIoU gain, last quarter", "converged", "train s"],
-                        [[n, e["state"], percent(e["convergence"]["tail_gain"]), _yes_no(e["convergence"]["converged"]),
+                        [[n, e["state"], percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
                           sum(p.get("train_seconds_this_run") or 0 for p in e["pieces"])] for n, e in results.items()]),
              "<h2>Convergence</h2><img src='curves.png'>"]
     write_page(out / "index.html", "CamVid: ladder DenseNet vs LR-ASPP vs DeepLabV3-R18", parts)

@@ -400,6 +400,17 @@ def run_styles(runs: list[PlannedRun]) -> dict[str, dict]:
                        "linestyle": SEED_DASHES[seeds.index(run.seed) % len(SEED_DASHES)]} for run in runs}
 
 
+def yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "no")
+
+
+def plus_minus(figure: dict) -> str:
+    """A mean_std() figure in percent: `mean +- std`, or "" when there is none."""
+    if figure["mean"] is None:
+        return ""
+    return f"{100 * figure['mean']:.2f}" + ("" if figure["std"] is None else f" +- {100 * figure['std']:.2f}")
+
+
 def percent(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{100 * value:.{digits}f}"
 

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table,
+    PlannedRun, plus_minus, yes_no, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table,
     mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, run_state,
     run_styles, table_keys, train_config, write_page,
 )
@@ -167,7 +167,7 @@ def print_report(results: dict[str, dict], stats: dict[str, dict], tests: dict, 
         print(f"{name:30s}" + "".join(f"{c:>24s}" for c in cells) + f"{percent(gain):>11s}")
     print(f"\n{'group (mean +- std)':30s}" + "".join(f"{k:>24s}" for k in keys))
     for group, figures in stats.items():
-        print(f"{group + ' ' + str(figures['seeds']):30s}" + "".join(f"{_pm(figures[k]):>24s}" for k in keys))
+        print(f"{group + ' ' + str(figures['seeds']):30s}" + "".join(f"{plus_minus(figures[k]):>24s}" for k in keys))
     for key, test in tests["by_seed"].items():
         print(f"{compared} - {BASELINE} by seed, {key}: diff {_signed(test['mean_difference'])} over seeds "
               f"{test['seeds']}; t-test p {_p(test['t_test_p'])}, sign-flip p {_p(test['sign_flip_p'])}")
@@ -175,16 +175,6 @@ def print_report(results: dict[str, dict], stats: dict[str, dict], tests: dict, 
         print(f"{name} - {test['against']} per image ({test['images']} images): "
               f"mean {_signed(test['mean_difference'])}, better on {test['second_better']} / worse on "
               f"{test['first_better']}, {test['test']} p {_p(test['p'])}")
-
-
-def _yes_no(flag: bool | None) -> str:
-    return "n/a" if flag is None else ("yes" if flag else "no")
-
-
-def _pm(figure: dict) -> str:
-    if figure["mean"] is None:
-        return ""
-    return f"{100 * figure['mean']:.2f}" + ("" if figure["std"] is None else f" +- {100 * figure['std']:.2f}")
 
 
 def _signed(value: float | None) -> str:
@@ -240,12 +230,12 @@ def page_parts(args, results, stats, tests, compared) -> list[str]:
         parts.append(f"<p>Compared with PPCE: <b>{compared or 'not yet (the lambda sweep is unfinished)'}</b>. "
                      f"{SELECTION_NOTE}</p>")
     rows = [[name, e["state"], *([percent(e["metrics"][k]) for k in keys] if "metrics" in e else [""] * len(keys)),
-             percent(e["convergence"]["tail_gain"]), _yes_no(e["convergence"]["converged"]),
+             percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
              sum(p.get("train_seconds_this_run") or 0 for p in e["pieces"])] for name, e in results.items()]
     parts += ["<h2>Runs</h2>", html_table(["run", "state", *keys, "val mIoU gain, last quarter", "converged",
                                            "train s"], rows)]
     parts += ["<h2>Mean &plusmn; std over seeds</h2>",
-              html_table(["group", "seeds", *keys], [[g, f["seeds"], *(_pm(f[k]) for k in keys)]
+              html_table(["group", "seeds", *keys], [[g, f["seeds"], *(plus_minus(f[k]) for k in keys)]
                                                      for g, f in stats.items()])]
     parts += ["<h2>Paired tests</h2>", html_table(
         ["metric", "seeds", "per-seed diff", "mean diff", "t-test p", "sign-flip p"],
