@@ -2,11 +2,12 @@
 
 One frame (`--size`, default 32x32, a U-Net with random weights: the engine's own time is small, so what is left is
 the path's) segmented, labels back, over every path a client has, alternated for `--rounds` rounds with the cluster
-up throughout: in process (`OnnxRuntimeEngine.segment`, the baseline), HTTP binary (`serving.client.OipClient`),
-HTTP binary through stock `tritonclient.http`, gRPC with raw tensors through stock `tritonclient.grpc`, and HTTP
-with the frame and labels in system shared memory (`tritonclient.utils.shared_memory`). Reports each path's p50
-and p99 and its p50 minus in process: the fixed overhead (goals: <= 8 ms HTTP binary, <= 5 ms gRPC or shared
-memory). Loopback only; the cluster is stopped at the end.
+up throughout: in process (`OnnxRuntimeEngine.segment`, the baseline), HTTP binary through Serve's proxy
+(`serving.client.OipClient`, stock `tritonclient.http`), HTTP binary on the ingress's own port (`direct_port`: no
+proxy hop), gRPC with raw tensors through stock `tritonclient.grpc`, and HTTP and gRPC with the frame and labels in
+system shared memory (`tritonclient.utils.shared_memory`). Reports each path's p50 and p99 and its p50 minus in
+process: the fixed overhead (goals: <= 8 ms HTTP binary, <= 5 ms gRPC or shared memory). Loopback only; the
+cluster is stopped at the end.
 
     python bench/serve_paths.py [--requests 200] [--rounds 3]   # -> bench/results/serving/paths.json, paths.png
 """
@@ -27,8 +28,9 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "bench")]
 
-GOALS_MS = {"http binary (OipClient)": 8.0, "http binary (tritonclient)": 8.0, "grpc raw (tritonclient)": 5.0,
-            "http shared memory (tritonclient)": 5.0}
+GOALS_MS = {"http binary (OipClient)": 8.0, "http binary (tritonclient)": 8.0,
+            "http binary, direct port (tritonclient)": 8.0, "grpc raw (tritonclient)": 5.0,
+            "http shared memory (tritonclient)": 5.0, "grpc shared memory (tritonclient)": 5.0}
 
 
 def timed(call, requests: int) -> list[float]:
@@ -40,27 +42,29 @@ def timed(call, requests: int) -> list[float]:
     return times
 
 
-def shared_memory_call(service, frame: np.ndarray, labels_bytes: int, stack):
-    """tritonclient.http with the frame read from one region and the labels written into another."""
-    import tritonclient.http as tritonhttp
+def shared_memory_call(module, client, frame: np.ndarray, labels_bytes: int, stack):
+    """tritonclient.http or .grpc (`module`, its `client`) with the frame read from one region and the labels
+    written into another."""
     from tritonclient.utils import shared_memory as shm
 
-    client = tritonhttp.InferenceServerClient(service.url.split("://", 1)[1])
-    key = f"/patchwatch-bench-{os.getpid()}"
-    frames_region = shm.create_shared_memory_region("bench_frames", key + "-frames", frame.nbytes)
-    labels_region = shm.create_shared_memory_region("bench_labels", key + "-labels", labels_bytes)
-    stack.append(lambda: (client.unregister_system_shared_memory(), shm.destroy_shared_memory_region(frames_region),
+    key, tag = f"/patchwatch-bench-{os.getpid()}-{module.__name__}", module.__name__.rsplit(".", 1)[-1]
+    frames_region = shm.create_shared_memory_region(f"{tag}_frames", key + "-frames", frame.nbytes)
+    labels_region = shm.create_shared_memory_region(f"{tag}_labels", key + "-labels", labels_bytes)
+    stack.append(lambda: (client.unregister_system_shared_memory(f"{tag}_frames"),
+                          client.unregister_system_shared_memory(f"{tag}_labels"),
+                          shm.destroy_shared_memory_region(frames_region),
                           shm.destroy_shared_memory_region(labels_region)))
     shm.set_shared_memory_region(frames_region, [frame])
-    client.register_system_shared_memory("bench_frames", key + "-frames", frame.nbytes)
-    client.register_system_shared_memory("bench_labels", key + "-labels", labels_bytes)
-    frames_input = tritonhttp.InferInput("frames", list(frame.shape), "UINT8")
-    frames_input.set_shared_memory("bench_frames", frame.nbytes)
-    labels_output = tritonhttp.InferRequestedOutput("labels")
-    labels_output.set_shared_memory("bench_labels", labels_bytes)
+    client.register_system_shared_memory(f"{tag}_frames", key + "-frames", frame.nbytes)
+    client.register_system_shared_memory(f"{tag}_labels", key + "-labels", labels_bytes)
+    frames_input = module.InferInput("frames", list(frame.shape), "UINT8")
+    frames_input.set_shared_memory(f"{tag}_frames", frame.nbytes)
+    labels_output = module.InferRequestedOutput("labels")
+    labels_output.set_shared_memory(f"{tag}_labels", labels_bytes)
+    shape = list(frame.shape[:3])
 
     def call():
-        shape = client.infer("bench", [frames_input], outputs=[labels_output]).get_output("labels")["shape"]
+        client.infer("bench", [frames_input], outputs=[labels_output])
         return shm.get_contents_as_numpy(labels_region, np.uint8, shape)
     return call
 
@@ -74,6 +78,7 @@ def paths(service, engine, frame: np.ndarray, stack) -> dict:
 
     oip = OipClient(service.url)
     http = tritonhttp.InferenceServerClient(service.url.split("://", 1)[1])
+    direct = tritonhttp.InferenceServerClient(service.direct_url.split("://", 1)[1])
     grpc = tritongrpc.InferenceServerClient(service.grpc_address)
 
     def triton(module, client):
@@ -86,8 +91,10 @@ def paths(service, engine, frame: np.ndarray, stack) -> dict:
     return {"in process": lambda: engine.segment(frame),
             "http binary (OipClient)": lambda: oip.infer("bench", {"frames": frame}, {"labels": True})["labels"],
             "http binary (tritonclient)": triton(tritonhttp, http),
+            "http binary, direct port (tritonclient)": triton(tritonhttp, direct),
             "grpc raw (tritonclient)": triton(tritongrpc, grpc),
-            "http shared memory (tritonclient)": shared_memory_call(service, frame, labels_bytes, stack)}
+            "http shared memory (tritonclient)": shared_memory_call(tritonhttp, http, frame, labels_bytes, stack),
+            "grpc shared memory (tritonclient)": shared_memory_call(tritongrpc, grpc, frame, labels_bytes, stack)}
 
 
 def summarise(samples: dict[str, list[float]]) -> dict:
@@ -136,7 +143,8 @@ def main() -> None:
     engine = OnnxRuntimeEngine(str(engine_file), threads=1)
     frame = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
     config = ServeConfig(models=[{"name": "bench", "path": str(engine_file.resolve()), "threads": 1,
-                                  "batch_wait_ms": 0}], port=free_port(), grpc_port=free_port())
+                                  "batch_wait_ms": 0}], port=free_port(), grpc_port=free_port(),
+                         direct_port=free_port())
     service, cleanup = start_local(config, metrics_port=free_port()), []
     try:
         calls = paths(service, engine, frame, cleanup)

@@ -39,9 +39,12 @@ def _interrupt(signum, frame) -> None:
 @click.option("--host", help="address the HTTP proxy listens on [default 127.0.0.1]")
 @click.option("--port", type=int, help="HTTP port [default 8000]")
 @click.option("--grpc-port", type=int, help="also serve the Open Inference Protocol over gRPC here [default off]")
+@click.option("--direct-port", type=int, help="also serve HTTP from the ingress replicas themselves here, without the "
+              "hop through Serve's proxy (for clients on the ingress's node) [default off]")
 @click.option("--api-key-env", help="environment variable holding the API key (required off loopback)")
 @click.option("--max-batch-size", type=int, default=8, show_default=True, help="images per engine run")
-@click.option("--batch-wait-ms", type=float, default=5.0, show_default=True, help="how long a batch waits to fill")
+@click.option("--batch-wait-ms", type=float, default=0.0, show_default=True,
+              help="how long a batch waits to fill (0: batches form from what queued while the engine ran)")
 @click.option("--replicas", type=int, default=1, show_default=True, help="replicas per model")
 @click.option("--threads", type=int, help="ONNX Runtime threads per replica")
 @click.option("--gpus", type=float, default=0.0, show_default=True, help="GPUs per replica")
@@ -49,7 +52,7 @@ def _interrupt(signum, frame) -> None:
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Ray's Prometheus port")
 @click.option("--address", help="join the Ray cluster at this GCS address (e.g. `patchwatch cluster up`'s head; its "
               "RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment) instead of starting one [default: a local cluster]")
-def serve(models, config_path, host, port, grpc_port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads,
+def serve(models, config_path, host, port, grpc_port, direct_port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads,
           gpus, max_body_mb, metrics_port, address) -> None:
     """Serve engines over the Open Inference Protocol (KServe v2 REST) on a local Ray cluster.
 
@@ -63,8 +66,8 @@ def serve(models, config_path, host, port, grpc_port, api_key_env, max_batch_siz
 
     if bool(models) == bool(config_path):
         raise click.UsageError("give engine files (MODELS) or --config, one of the two")
-    overrides = {k: v for k, v in {"host": host, "port": port, "grpc_port": grpc_port, "api_key_env": api_key_env,
-                                    "max_body_mb": max_body_mb}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": host, "port": port, "grpc_port": grpc_port, "direct_port": direct_port,
+                                    "api_key_env": api_key_env, "max_body_mb": max_body_mb}.items() if v is not None}
     try:
         if config_path:
             config = load_serve_config(config_path).model_copy(update=overrides)

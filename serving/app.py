@@ -112,6 +112,8 @@ class InferenceServer:
         self.models: dict[tuple[str, str], tuple[ModelConfig, DeploymentHandle]] = {
             (m.name, m.version): (m, models[m.deployment_name]) for m in config.models}
         self.default_versions = config.default_versions()
+        #: the same handles, sending calls by value over the replicas' gRPC channel (`InferCall.by_value`)
+        self.by_value_handles = {key: handle.options(_by_reference=False) for key, (_, handle) in self.models.items()}
         self.metrics = IngressMetrics()
         self._metadata: dict[tuple[str, str], dict] = {}
         self.repository = ModelRepository(self.models)
@@ -120,6 +122,10 @@ class InferenceServer:
             from serving.grpc_service import start_grpc_server
 
             self.grpc_server = start_grpc_server(self, config.host, config.grpc_port, config.max_body_bytes)
+        if config.direct_port is not None:  # HTTP without the hop through Serve's proxy, on this event loop too
+            from serving.direct_http import start_direct_http_server
+
+            self.direct_server = start_direct_http_server(api, config.host, config.direct_port)
 
     # ------------------------------------------------------------------------------------------ routes
 
@@ -281,6 +287,8 @@ class InferenceServer:
     async def _call(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict[str, np.ndarray]:
         """Run a call on the model's replicas. Inference is idempotent, so a call whose replica died under it
         is sent once more (to a live or replacement replica) before the client sees an error."""
+        if call.by_value:
+            handle = self.by_value_handles[(model.name, model.version)]
         for attempt in (1, 2):
             try:
                 return await asyncio.wait_for(handle.infer.remote(call), timeout=self.config.request_timeout_s)
@@ -377,6 +385,9 @@ class InferenceServer:
         body = await self._body(request)
         parsed = await asyncio.to_thread(decode_infer_request, body, header_length, self.shared_memory)
         wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else OUTPUTS
+        for out in parsed.outputs or []:
+            if out.shared_memory is not None:  # before the engine runs: a region that cannot take it costs nothing
+                self.shared_memory.check_output(out.shared_memory, f"output {out.name!r}")
         call = check_call(parsed.inputs, wanted, model, self.config.request_budget_bytes)
         request.state.memory_bytes = call.memory_bytes(model.bytes_per_pixel)
         result = await self._call(model, handle, call)
@@ -434,12 +445,16 @@ class InferenceServer:
         return JSONResponse(self.shared_memory.status(request.path_params.get("region")))
 
     async def _shared_memory_register(self, request, name, version) -> Response:
+        registration = parse_request(await self._body(request), "shared-memory registration")
+        await self.register_region(request.path_params["region"], registration)
+        return JSONResponse({})
+
+    async def register_region(self, region: str, registration) -> None:
+        """A shared-memory region registered with this replica (REST and gRPC alike)."""
         if self.config.ingress_replicas > 1:
             raise ProtocolError("system shared memory needs ingress_replicas: 1 (a region lives in the ingress "
                                 "replica that registered it)")
-        registration = parse_request(await self._body(request), "shared-memory registration")
-        await asyncio.to_thread(self.shared_memory.register, request.path_params["region"], registration)
-        return JSONResponse({})
+        await asyncio.to_thread(self.shared_memory.register, region, registration)
 
     async def _shared_memory_unregister(self, request, name, version) -> Response:
         self.shared_memory.unregister(request.path_params.get("region"))

@@ -40,6 +40,11 @@ class LocalService:
         """`host:port` of the OIP gRPC service (what `tritonclient.grpc.InferenceServerClient` takes), if on."""
         return None if self.config.grpc_port is None else f"{self.config.host}:{self.config.grpc_port}"
 
+    @property
+    def direct_url(self) -> str | None:
+        """The HTTP service the ingress replicas serve themselves (no hop through Serve's proxy), if on."""
+        return None if self.config.direct_port is None else f"http://{self.config.host}:{self.config.direct_port}"
+
     def urls(self) -> dict[str, str]:
         """What a person needs to reach the service, by purpose."""
         out = {"server metadata": f"{self.url}/v2", "live": f"{self.url}/v2/health/live",
@@ -47,6 +52,8 @@ class LocalService:
                "metrics (Ray node)": f"http://127.0.0.1:{self.metrics_port}/metrics"}
         if self.config.grpc_port is not None:
             out["grpc"] = self.grpc_address
+        if self.config.direct_port is not None:
+            out["direct http"] = self.direct_url
         for name in dict.fromkeys(m.name for m in self.config.models):
             out[f"{name} metadata"] = f"{self.url}/v2/models/{name}"
             out[f"{name} infer"] = f"{self.url}/v2/models/{name}/infer"

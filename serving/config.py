@@ -48,8 +48,10 @@ class ModelConfig(BaseModel):
     path: str
     #: images per engine run, and the most one request may carry
     max_batch_size: int = Field(8, ge=1, le=1024)
-    #: how long a batch waits for more requests before it runs
-    batch_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    #: how long a batch waits for more requests before it runs. 0 (Triton's default queue delay): a lone request
+    #: runs at once, and under load the requests that queued while the engine ran form the next batch; a wait
+    #: adds itself to every lone request's latency (+5 ms at 5: bench/serve_load.py --batch-wait-ms)
+    batch_wait_ms: float = Field(0.0, ge=0, le=10_000)
     num_replicas: int = Field(1, ge=1)
     #: when set, replaces num_replicas
     autoscaling: Autoscaling | None = None
@@ -125,6 +127,9 @@ class ServeConfig(BaseModel):
     #: the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on `host:grpc_port`, served by the
     #: ingress replicas; off unless set, so a service opens no port it was not asked for (Triton's is 8001)
     grpc_port: int | None = Field(None, ge=1, le=65535)
+    #: HTTP served by the ingress replicas themselves on `host:direct_port` (`serving.direct_http`): the same
+    #: routes as `port`, without the hop through Serve's proxy, for clients on the ingress's node; off unless set
+    direct_port: int | None = Field(None, ge=1, le=65535)
     #: environment variable holding the API key; requests then need `Authorization: Bearer <key>`
     api_key_env: str | None = None
     #: request bodies above this are refused with 413 before they are read
@@ -159,8 +164,11 @@ class ServeConfig(BaseModel):
             if model.batch_budget_mb < self.request_budget_mb:
                 raise ValueError(f"model {model.name!r}: batch_budget_mb {model.batch_budget_mb} is below "
                                  f"request_budget_mb {self.request_budget_mb}: one request must fit one batch")
-        if self.grpc_port == self.port:
-            raise ValueError(f"grpc_port {self.grpc_port} is the HTTP port: give gRPC a port of its own")
+        ports = {"port": self.port, "grpc_port": self.grpc_port, "direct_port": self.direct_port}
+        taken = [f"{name} {number}" for name, number in ports.items()
+                 if number is not None and list(ports.values()).count(number) > 1]
+        if taken:
+            raise ValueError(f"{' and '.join(taken)}: each of port, grpc_port and direct_port needs a port of its own")
         if not is_loopback(self.host) and not self.api_key_env:
             raise ValueError(f"host {self.host!r} is not loopback: set api_key_env (the environment variable that "
                              "holds the API key); an open inference endpoint is refused")

@@ -9,7 +9,8 @@ ModelInferRequests (`malformed_grpc_requests`: shapes that overflow or no image 
 typed contents of the wrong size, count or field, bad names, models, outputs and parameters, bytes that are no
 message) and shared-memory registrations and inferences (`malformed_shm_requests`). A gRPC form that answered
 INTERNAL or UNKNOWN: typed contents of a shape too big for NumPy to describe, bytes that are no message, an
-output asked for in shared memory (answered OK, its bytes not where the client asked)."""
+output asked for in shared memory (answered OK, its bytes not where the client asked; now written there, or
+refused before the engine runs when its region cannot take it)."""
 
 from __future__ import annotations
 
@@ -169,7 +170,7 @@ TYPED_PROBLEM = r"contents|elements|does not fit"
 NAME_PROBLEM = r"name|unknown input|given twice|exactly one input|must be FP32"
 MODEL_PROBLEM = r"unknown model|no version"
 OUTPUT_PROBLEM = r"output"
-SHARED_MEMORY_PROBLEM = r"shared memory is not served over gRPC"
+SHARED_MEMORY_PROBLEM = r"shared_memory_\w+ must|shared-memory region|raw_input_contents has \d+ entries"
 VALUE_PROBLEM = r"NaN or infinite"
 MESSAGE_PROBLEM = r"not a valid inference\.ModelInferRequest"
 #: shapes no request may declare: a dimension or element count out of range, a rank the model or NumPy cannot
@@ -348,7 +349,8 @@ def _output_mutations() -> list[Mutation]:
     named = [Mutation(f"output {shown(name)}", lambda r, n=name: r.outputs.add(name=n), OUTPUT_PROBLEM, INVALID)
              for name in ("edges", "labels", "", "o" * LONG_NAME)]
     return named + [Mutation(f"output in shared memory ({kind} region)", _output_parameter(field, value),
-                             SHARED_MEMORY_PROBLEM, INVALID) for kind, (field, value) in PARAMETER_VALUES.items()]
+                             SHARED_MEMORY_PROBLEM, INVALID + NOT_FOUND)
+                    for kind, (field, value) in PARAMETER_VALUES.items()]
 
 
 def _output_parameter(field: str, value: Any) -> Callable:
@@ -363,7 +365,7 @@ def _parameter_mutations() -> list[Mutation]:
         return _first_input(lambda t, _: setattr(t.parameters[key], field, value))
 
     regions = [Mutation(f"input in shared memory ({kind} region)", parameter("shared_memory_region", field, value),
-                        SHARED_MEMORY_PROBLEM, INVALID) for kind, (field, value) in PARAMETER_VALUES.items()]
+                        SHARED_MEMORY_PROBLEM, INVALID + NOT_FOUND) for kind, (field, value) in PARAMETER_VALUES.items()]
     sized = Mutation("input in shared memory with a negative offset", _chain(
         parameter("shared_memory_region", "string_param", "frames0"),
         parameter("shared_memory_offset", "int64_param", -1)), SHARED_MEMORY_PROBLEM, INVALID)

@@ -1,6 +1,9 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata, ModelInfer with typed `contents` or `raw_input_contents`), served by a grpc.aio
-server inside each ingress replica, on `ServeConfig.host:grpc_port`.
+ServerMetadata, ModelMetadata, ModelInfer with typed `contents` or `raw_input_contents`, and the system
+shared-memory extension: SystemSharedMemoryStatus/Register/Unregister, and inputs and outputs placed in a region by
+their `shared_memory_region` parameters), served by a grpc.aio server inside each ingress replica, on
+`ServeConfig.host:grpc_port`. Regions are the ingress replica's one registry: one registered over REST serves gRPC
+requests too.
 
 The protocol's own generated code is the one the stock client ships (`tritonclient.grpc.service_pb2[_grpc]`), so
 `tritonclient.grpc.InferenceServerClient` works unchanged. Requests go through the same checks as the REST route
@@ -31,7 +34,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from serving.config import ModelConfig
 from serving.model import OUTPUTS, InferCall, check_call
-from serving.protocol import DATATYPES, ProtocolError, _from_binary, _shape, _shaped, datatype_of, error_text, shown
+from serving.protocol import (DATATYPES, ProtocolError, _from_binary, _from_shared_memory, _shape, _shaped,
+                              datatype_of, error_text, shown)
+from serving.shared_memory import REGION, SharedMemoryRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,8 +58,9 @@ AUTH_METADATA = "authorization"
 UNLIMITED = -1
 #: the service, as the protocol's own descriptor defines it
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-#: the RPCs served (the others, e.g. shared memory and the repository, answer UNIMPLEMENTED from gRPC itself)
-SERVED_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
+#: the RPCs served (the others, e.g. the repository and CUDA shared memory, answer UNIMPLEMENTED from gRPC itself)
+SERVED_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+                  "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister")
 
 
 @dataclass(frozen=True)
@@ -70,16 +76,25 @@ def grpc_status(error: ProtocolError) -> grpc.StatusCode:
     return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
-def decode_grpc_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def parameter_values(parameters) -> dict:
+    """A protobuf map of `InferParameter`s as plain values (what `serving.shared_memory` reads)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice")) if value.WhichOneof("parameter_choice")
+            else None for key, value in parameters.items()}
+
+
+def decode_grpc_inputs(request: pb.ModelInferRequest,
+                       shared_memory: SharedMemoryRegistry | None = None) -> dict[str, np.ndarray]:
     """A ModelInferRequest's tensors -> named arrays, each checked as the REST route checks its own: name, datatype,
-    shape (rank and dimension limits before anything is sized from it), and a payload of exactly the shape's size;
-    a tensor comes either in `raw_input_contents` (one entry per input, in order) or in its typed `contents`."""
+    shape (rank and dimension limits before anything is sized from it), and a payload of exactly the shape's size.
+    A tensor comes in a shared-memory region (its parameters name it), in `raw_input_contents` (one entry per input
+    not in a region, in order: as `tritonclient.grpc` sends them) or in its typed `contents`."""
     if not request.inputs:
         raise ProtocolError("inference request needs at least one input")
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: send one "
-                            "per input, in order, or none")
+    raw = list(request.raw_input_contents)
+    sent = [tensor for tensor in request.inputs if REGION not in tensor.parameters]
+    if raw and len(raw) != len(sent):
+        raise ProtocolError(f"raw_input_contents has {len(raw)} entries for {len(sent)} inputs not in shared "
+                            "memory: send one per such input, in order, or none")
     inputs: dict[str, np.ndarray] = {}
     for position, tensor in enumerate(request.inputs):
         if not tensor.name:
@@ -90,14 +105,18 @@ def decode_grpc_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if tensor.datatype not in DATATYPES and tensor.datatype != "BYTES":
             raise ProtocolError(f"{what}: unknown datatype {shown(tensor.datatype)} (one of "
                                 f"{', '.join([*DATATYPES, 'BYTES'])})")
-        if "shared_memory_region" in tensor.parameters:
-            raise ProtocolError(f"{what}: shared memory is not served over gRPC; send the tensor's data")
         shape = _shape(list(tensor.shape), what)
-        if raw:
+        if REGION in tensor.parameters:
+            if tensor.HasField("contents"):
+                raise ProtocolError(f"{what} has its data both in a shared-memory region and in contents")
+            inputs[tensor.name] = _from_shared_memory({}, parameter_values(tensor.parameters), shape,
+                                                      tensor.datatype, what, shared_memory)
+        elif raw:
             if tensor.HasField("contents"):
                 raise ProtocolError(f"{what} has both contents and raw_input_contents")
-            inputs[tensor.name] = _from_binary(raw[position], shape, tensor.datatype, what,
-                                               source=f"raw_input_contents[{position}]")
+            index = sent.index(tensor)
+            inputs[tensor.name] = _from_binary(raw[index], shape, tensor.datatype, what,
+                                               source=f"raw_input_contents[{index}]")
         else:
             inputs[tensor.name] = _from_contents(tensor, shape, what)
     return inputs
@@ -126,34 +145,48 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
     return _shaped(array, shape, what)  # an empty tensor NumPy cannot describe is refused, not a crash
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    """The outputs a request names (every output when it names none), each once, none in shared memory."""
-    for output in request.outputs:
-        if "shared_memory_region" in output.parameters:
-            raise ProtocolError(f"output {shown(output.name)}: shared memory is not served over gRPC; its bytes "
-                                "come in raw_output_contents (REST serves shared memory)")
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """The outputs a request names (every output when it names none), each once; and, for those it places in a
+    shared-memory region, their parameters."""
     names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
         raise ProtocolError(f"an output is requested twice: {[shown(n) for n in names]}")
-    return tuple(names) or OUTPUTS
+    in_regions = {output.name: parameter_values(output.parameters) for output in request.outputs
+                  if REGION in output.parameters}
+    return tuple(names) or OUTPUTS, in_regions
 
 
-def check_infer_request(request: pb.ModelInferRequest, model: ModelConfig,
-                        budget_bytes: int) -> tuple[tuple[str, ...], InferCall]:
+def check_infer_request(request: pb.ModelInferRequest, model: ModelConfig, budget_bytes: int,
+                        shared_memory: SharedMemoryRegistry | None = None
+                        ) -> tuple[tuple[str, ...], dict[str, dict], InferCall]:
     """A ModelInferRequest for `model`, decoded and checked as the REST route checks its own: (the outputs it asks
-    for, the call to run). Anything wrong raises `ProtocolError`."""
-    wanted = requested_outputs(request)
-    return wanted, check_call(decode_grpc_inputs(request), wanted, model, budget_bytes)
+    for, the parameters of those it places in shared memory, the call to run). Anything wrong raises
+    `ProtocolError`."""
+    wanted, in_regions = requested_outputs(request)
+    for name, parameters in in_regions.items():
+        if shared_memory is None:
+            raise ProtocolError(f"output {shown(name)} names a shared-memory region, which this endpoint does not "
+                                "write: ask for its bytes")
+        shared_memory.check_output(parameters, f"output {shown(name)}")
+    return wanted, in_regions, check_call(decode_grpc_inputs(request, shared_memory), wanted, model, budget_bytes)
 
 
-def infer_response(name: str, version: str, request_id: str, outputs: list[tuple[str, np.ndarray]]
-                   ) -> pb.ModelInferResponse:
+def infer_response(name: str, version: str, request_id: str, outputs: list[tuple[str, np.ndarray]],
+                   in_regions: dict[str, dict] | None = None) -> pb.ModelInferResponse:
     """Output arrays as Triton's gRPC server answers them: shapes and datatypes in `outputs`, little-endian bytes
-    in `raw_output_contents` (what `tritonclient.grpc`'s `InferResult.as_numpy` reads)."""
+    in `raw_output_contents` (what `tritonclient.grpc`'s `InferResult.as_numpy` reads). Outputs written to a
+    shared-memory region (`in_regions`: name -> the parameters the answer gives them) come last and carry no bytes:
+    the client reads `raw_output_contents` by position among the outputs."""
+    in_regions = in_regions or {}
     response = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
-    for output_name, array in outputs:
-        response.outputs.add(name=output_name, datatype=datatype_of(array), shape=list(array.shape))
-        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
+    for output_name, array in sorted(outputs, key=lambda output: output[0] in in_regions):
+        tensor = response.outputs.add(name=output_name, datatype=datatype_of(array), shape=list(array.shape))
+        if output_name in in_regions:
+            for key, value in in_regions[output_name].items():
+                setattr(tensor.parameters[key], "string_param" if isinstance(value, str) else "int64_param", value)
+        else:
+            response.raw_output_contents.append(
+                np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes())
     return response
 
 
@@ -217,11 +250,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         async def infer():
             model, handle = self.server._model(request.model_name, request.model_version or None)
-            wanted, call = check_infer_request(request, model, self.server.config.request_budget_bytes)
+            wanted, in_regions, call = check_infer_request(request, model, self.server.config.request_budget_bytes,
+                                                           self.server.shared_memory)
             result = await self.server._call(model, handle, call)
+            written = {out: self.server.shared_memory.write_output(parameters, np.ascontiguousarray(
+                           result[out]).tobytes(), f"output {shown(out)}") for out, parameters in in_regions.items()}
             return infer_response(request.model_name, model.version, request.id,
-                                  [(out, result[out]) for out in wanted])
+                                  [(out, result[out]) for out in wanted], written)
         return await self._answer("ModelInfer", request.model_name, context, infer)
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        async def status():
+            regions = self.server.shared_memory.status(request.name or None)
+            return pb.SystemSharedMemoryStatusResponse(regions={
+                region["name"]: pb.SystemSharedMemoryStatusResponse.RegionStatus(**region) for region in regions})
+        return await self._answer("SystemSharedMemoryStatus", None, context, status)
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        async def register():
+            registration = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
+            await self.server.register_region(request.name, registration)
+            return pb.SystemSharedMemoryRegisterResponse()
+        return await self._answer("SystemSharedMemoryRegister", None, context, register)
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        async def unregister():
+            self.server.shared_memory.unregister(request.name or None)
+            return pb.SystemSharedMemoryUnregisterResponse()
+        return await self._answer("SystemSharedMemoryUnregister", None, context, unregister)
 
     async def refuse_undecodable(self, method: str, request: Undecodable, context: grpc.aio.ServicerContext):
         return await self._answer(method, None, context, _refusal(

@@ -30,6 +30,10 @@ INPUTS = {
 OUTPUTS = ("logits", "labels")
 #: smaller images than this make the deepest encoders' feature maps vanish
 MIN_SIDE = 32
+#: a call whose tensor and label maps together stay under this travels to the replica by value, over the replica's
+#: own gRPC channel (Serve's `_by_reference=False`): ~1 ms less than a Ray actor call (bench/serve_paths.py), and
+#: well inside that channel's 4 MiB message limit; larger calls, and any wanting logits, go as Ray actor calls
+BY_VALUE_MAX_BYTES = 1 * MIB
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class InferCall:
     def memory_bytes(self, bytes_per_pixel: int) -> int:
         """What running this call holds: its tensor plus the engine's memory for its pixels."""
         return self.array.nbytes + self.pixels * bytes_per_pixel
+
+    @property
+    def by_value(self) -> bool:
+        """Small enough, both ways, to travel by value (`BY_VALUE_MAX_BYTES`): label maps only, one byte a pixel."""
+        return self.outputs == ("labels",) and self.array.nbytes + self.pixels <= BY_VALUE_MAX_BYTES
 
 
 def tensor_pixels(input_name: str, shape: tuple[int, ...]) -> int:
@@ -193,7 +202,7 @@ class EngineModel:
     async def infer(self, call: InferCall) -> dict[str, np.ndarray]:
         return await self._batch(call)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)  # set per model in __init__
     async def _batch(self, calls: list[InferCall]) -> list[dict[str, np.ndarray]]:
         # Calls of one input kind and image size run as one engine batch; other groups run after it.
         groups: dict[tuple, list[int]] = {}

@@ -158,6 +158,13 @@ class SharedMemoryRegistry:
             mapping = self._regions[place.region].mapping
             return bytes(mapping[start:start + place.byte_size]) if place.byte_size else b""
 
+    def check_output(self, parameters: dict, what: str) -> None:
+        """Before the engine runs: the region an output's `parameters` name is registered and holds their byte
+        size at their offset (`write_output` checks again: a region may go in between)."""
+        place = placement(parameters, what)
+        with self._lock:
+            self._start(place, place.byte_size, what)
+
     def write_output(self, parameters: dict, data: bytes, what: str) -> dict:
         """An output's bytes into the region its requested `parameters` name; the parameters the answer gives
         it. Refused when they do not fit the byte size the client gave."""

@@ -11,6 +11,7 @@ import re
 import grpc
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from export import OnnxRuntimeEngine
@@ -40,7 +41,8 @@ def service(camvid_unet_engines):
     config = ServeConfig(
         models=[{"name": "camvid", "version": "1", "path": str(camvid_unet_engines["1"]), "threads": 1,
                  "max_batch_size": 4}],
-        port=free_port(), grpc_port=free_port(), api_key_env=KEY_VARIABLE, max_body_mb=MAX_BODY_MB)
+        port=free_port(), grpc_port=free_port(), direct_port=free_port(), api_key_env=KEY_VARIABLE,
+        max_body_mb=MAX_BODY_MB)
     # the replicas read the key from the environment the local cluster is started with
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_VARIABLE, API_KEY)
@@ -86,8 +88,10 @@ def triton_infer(client, inputs: dict[str, np.ndarray], outputs=("logits", "labe
 
 def test_grpc_port_is_on_the_service_host_only(service):
     assert service.urls()["grpc"] == f"127.0.0.1:{service.config.grpc_port}"
-    with pytest.raises(ValueError, match="give gRPC a port of its own"):
-        ServeConfig(models=service.config.model_dump()["models"], port=9000, grpc_port=9000)
+    models = service.config.model_dump()["models"]
+    for ports in ({"port": 9000, "grpc_port": 9000}, {"port": 9000, "grpc_port": 9001, "direct_port": 9001}):
+        with pytest.raises(ValueError, match="needs a port of its own"):
+            ServeConfig(models=models, **ports)
 
 
 def test_stock_client_health_and_metadata(client, service, engine):
@@ -134,6 +138,108 @@ def test_typed_contents_are_read_too(stub, engine, frames):
     assert answer.id == "typed" and [o.name for o in answer.outputs] == ["labels"]
     labels = np.frombuffer(answer.raw_output_contents[0], np.uint8).reshape(list(answer.outputs[0].shape))
     np.testing.assert_array_equal(labels, engine.labels(engine.prepare(batch)))
+
+
+@pytest.fixture()
+def segments():
+    """POSIX shared-memory segments made by the stock tritonclient helper, destroyed after the test."""
+    from tritonclient.utils import shared_memory as shm
+
+    made = []
+
+    def make(name: str, size: int):
+        key = f"/patchwatch-grpc-test-{name}"
+        made.append(shm.create_shared_memory_region(name, key, size))
+        return made[-1], key
+
+    yield make
+    for segment in made:
+        shm.destroy_shared_memory_region(segment)
+
+
+def test_stock_client_passes_frames_and_labels_through_shared_memory(client, service, engine, frames, segments):
+    """tritonclient.grpc and tritonclient.utils.shared_memory, unchanged: frames read from a region 32 bytes into
+    its segment, labels written into another; the answer carries no tensor bytes. A region registered over REST
+    serves gRPC too (one registry per ingress replica), and unregistering over gRPC empties it."""
+    from tritonclient.utils import shared_memory as shm
+
+    expected = engine.labels(engine.prepare(frames))
+    frames_segment, frames_key = segments("frames", 32 + frames.nbytes)
+    labels_segment, labels_key = segments("labels", expected.nbytes)
+    shm.set_shared_memory_region(frames_segment, [np.ascontiguousarray(frames)], offset=32)
+    client.register_system_shared_memory("frames", frames_key, frames.nbytes, offset=32, headers=AUTH)
+    rest = requests.post(f"{service.url}/v2/systemsharedmemory/region/labels/register", timeout=30, headers=AUTH,
+                         json={"key": labels_key, "offset": 0, "byte_size": expected.nbytes})
+    assert rest.status_code == 200, rest.text
+    try:
+        status = client.get_system_shared_memory_status(headers=AUTH, as_json=True)["regions"]
+        assert {name: int(region["byte_size"]) for name, region in status.items()} == {
+            "frames": frames.nbytes, "labels": expected.nbytes}
+        frames_input = tritongrpc.InferInput("frames", list(frames.shape), "UINT8")
+        frames_input.set_shared_memory("frames", frames.nbytes)
+        labels_output = tritongrpc.InferRequestedOutput("labels")
+        labels_output.set_shared_memory("labels", expected.nbytes)
+        logits_output = tritongrpc.InferRequestedOutput("logits")  # asked for as bytes beside it
+        result = client.infer("camvid", [frames_input], outputs=[labels_output, logits_output], headers=AUTH)
+        answer = result.get_output("labels")  # the message (tritonclient 2.x's as_json=True here answers None)
+        assert answer.parameters["shared_memory_region"].string_param == "labels"
+        assert answer.parameters["shared_memory_byte_size"].int64_param == expected.nbytes
+        assert len(result.get_response().raw_output_contents) == 1  # the logits' bytes only
+        np.testing.assert_array_equal(result.as_numpy("logits").argmax(1), expected)
+        labels = shm.get_contents_as_numpy(labels_segment, np.uint8, list(answer.shape))
+        np.testing.assert_array_equal(labels, expected)
+    finally:
+        client.unregister_system_shared_memory(headers=AUTH)
+    assert client.get_system_shared_memory_status(headers=AUTH, as_json=True).get("regions", {}) == {}
+
+
+def test_shared_memory_misuse_over_grpc_is_refused_before_the_engine_runs(client, frames, segments):
+    """A region too small for its output, an offset past a region, a size that is not the tensor's: each is
+    refused naming it, and nothing was written into the region."""
+    from tritonclient.utils import shared_memory as shm
+
+    segment, key = segments("small", frames.nbytes)
+    shm.set_shared_memory_region(segment, [np.ascontiguousarray(frames)])
+    client.register_system_shared_memory("small", key, frames.nbytes, headers=AUTH)
+    try:
+        def refusal(input_size=frames.nbytes, input_offset=0, output_size=None):
+            frames_input = tritongrpc.InferInput("frames", list(frames.shape), "UINT8")
+            frames_input.set_shared_memory("small", input_size, offset=input_offset)
+            outputs = []
+            if output_size is not None:
+                outputs = [tritongrpc.InferRequestedOutput("labels")]
+                outputs[0].set_shared_memory("small", output_size, offset=frames.nbytes - output_size + 1)
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("camvid", [frames_input], outputs=outputs or None, headers=AUTH)
+            return refused.value.message()
+
+        assert "need" in refusal(input_size=frames.nbytes - 1)
+        assert "runs past the end of region" in refusal(input_size=frames.nbytes - 1, input_offset=2) or \
+            "need" in refusal(input_size=frames.nbytes - 1, input_offset=2)
+        assert "runs past the end of region" in refusal(output_size=16)
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(segment, np.uint8, list(frames.shape)), frames)
+    finally:
+        client.unregister_system_shared_memory("small", headers=AUTH)
+
+
+def test_direct_http_port_serves_the_routes_without_the_proxy(service, engine, frames):
+    """`direct_port`: the ingress replica's own HTTP server answers the same routes as Serve's proxy (stock
+    tritonclient.http, the API key, JSON errors), with the labels the proxy's route gives."""
+    tritonhttp = pytest.importorskip("tritonclient.http")
+    assert service.urls()["direct http"] == f"http://127.0.0.1:{service.config.direct_port}"
+    direct = tritonhttp.InferenceServerClient(service.direct_url.split("://", 1)[1])
+    assert direct.is_server_ready() and direct.is_model_ready("camvid", headers=AUTH)
+    frames_input = tritonhttp.InferInput("frames", list(frames.shape), "UINT8")
+    frames_input.set_data_from_numpy(frames)
+    # a copy: tritonclient.http adds its own headers to the dict it is given
+    labels = direct.infer("camvid", [frames_input], headers=dict(AUTH)).as_numpy("labels")
+    proxied = OipClient(service.url, api_key=API_KEY).infer("camvid", {"frames": frames}, {"labels": True})
+    np.testing.assert_array_equal(labels, proxied["labels"])
+    np.testing.assert_array_equal(labels, engine.labels(engine.prepare(frames)))
+    unauthorised = requests.get(f"{service.direct_url}/v2/models/camvid", timeout=30)
+    assert unauthorised.status_code == 401 and "API key" in unauthorised.json()["error"]
+    missing = requests.get(f"{service.direct_url}/v2/nowhere", headers=AUTH, timeout=30)
+    assert missing.status_code == 404 and missing.json() == {"error": "no route GET /v2/nowhere"}
 
 
 def test_the_api_key_is_required(client, stub):
@@ -212,6 +318,8 @@ def _fp16_images(request):
 
 def _shared_memory(request):
     request.inputs[0].parameters["shared_memory_region"].string_param = "frames0"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = len(request.raw_input_contents[0])
+    request.ClearField("raw_input_contents")
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -248,7 +356,8 @@ BAD_REQUESTS = {
     "NaN images": (_edit(_nan_images), INVALID, "NaN or infinite"),
     "unknown output": (_edit(lambda r: r.outputs.add(name="edges")), INVALID, "unknown output(s) ['edges']"),
     "output twice": (_edit(lambda r: r.outputs.add(name="labels")), INVALID, "requested twice"),
-    "shared memory": (_edit(_shared_memory), INVALID, "shared memory is not served over gRPC"),
+    "unregistered region": (_edit(_shared_memory), grpc.StatusCode.NOT_FOUND,
+                            "no shared-memory region 'frames0' is registered"),
     "over the message limit": (_edit(_raw(bytes(MAX_BODY_MB * 1024 * 1024 + 1))), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                ""),
 }

@@ -353,6 +353,7 @@ def test_malformed_grpc_requests_get_a_protocol_error_naming_the_problem():
 
     from serving.fuzzing import malformed_grpc_requests
     from serving.grpc_service import lenient_parser, Undecodable, check_infer_request, grpc_status
+    from serving.shared_memory import SharedMemoryRegistry
 
     failures = []
     for case in malformed_grpc_requests(MODEL.name, 2000, seed=17):
@@ -362,7 +363,7 @@ def test_malformed_grpc_requests_get_a_protocol_error_naming_the_problem():
                 raise ProtocolError(f"the request is not a valid {request.message_type} message: {request.error}")
             if request.model_name != MODEL.name or request.model_version not in ("", MODEL.version):
                 continue  # the served model's lookup, tested against the service in test_serving_grpc.py
-            check_infer_request(request, MODEL, REQUEST_BUDGET)
+            check_infer_request(request, MODEL, REQUEST_BUDGET, SharedMemoryRegistry(REQUEST_BUDGET))
             failures.append(f"{case.name}: accepted")
         except ProtocolError as exc:
             if grpc_status(exc).name not in case.statuses or not re.search(case.says, exc.message):
