@@ -30,7 +30,8 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() not
 
 GOALS_MS = {"http binary (OipClient)": 8.0, "http binary (tritonclient)": 8.0,
             "http binary, direct port (tritonclient)": 8.0, "grpc raw (tritonclient)": 5.0,
-            "http shared memory (tritonclient)": 5.0, "grpc shared memory (tritonclient)": 5.0}
+            "http shared memory (tritonclient)": 5.0, "http shared memory, direct port (tritonclient)": 5.0,
+            "grpc shared memory (tritonclient)": 5.0}
 
 
 def timed(call, requests: int) -> list[float]:
@@ -42,12 +43,13 @@ def timed(call, requests: int) -> list[float]:
     return times
 
 
-def shared_memory_call(module, client, frame: np.ndarray, labels_bytes: int, stack):
-    """tritonclient.http or .grpc (`module`, its `client`) with the frame read from one region and the labels
-    written into another."""
+def shared_memory_call(module, client, frame: np.ndarray, labels_bytes: int, stack, port: str = "proxy"):
+    """tritonclient.http or .grpc (`module`, its `client` on `port`) with the frame read from one region and the
+    labels written into another."""
     from tritonclient.utils import shared_memory as shm
 
-    key, tag = f"/patchwatch-bench-{os.getpid()}-{module.__name__}", module.__name__.rsplit(".", 1)[-1]
+    tag = f"{module.__name__.rsplit('.', 1)[-1]}-{port}"
+    key = f"/patchwatch-bench-{os.getpid()}-{tag}"
     frames_region = shm.create_shared_memory_region(f"{tag}_frames", key + "-frames", frame.nbytes)
     labels_region = shm.create_shared_memory_region(f"{tag}_labels", key + "-labels", labels_bytes)
     stack.append(lambda: (client.unregister_system_shared_memory(f"{tag}_frames"),
@@ -94,6 +96,8 @@ def paths(service, engine, frame: np.ndarray, stack) -> dict:
             "http binary, direct port (tritonclient)": triton(tritonhttp, direct),
             "grpc raw (tritonclient)": triton(tritongrpc, grpc),
             "http shared memory (tritonclient)": shared_memory_call(tritonhttp, http, frame, labels_bytes, stack),
+            "http shared memory, direct port (tritonclient)": shared_memory_call(tritonhttp, direct, frame,
+                                                                                 labels_bytes, stack, "direct"),
             "grpc shared memory (tritonclient)": shared_memory_call(tritongrpc, grpc, frame, labels_bytes, stack)}
 
 

@@ -27,7 +27,6 @@ import time
 import zlib
 from importlib.metadata import PackageNotFoundError, version as package_version
 
-import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +43,7 @@ from serving.model import INPUTS, OUTPUTS, InferCall, check_call, check_json_out
 from serving.protocol import (HEADER_LENGTH, ProtocolError, decode_infer_request, encode_infer_response, error_body,
                               shown)
 from serving.repository import ModelRepository, check_load_request, parse_request
-from serving.shared_memory import SharedMemoryRegistry
+from serving.shared_memory import SegmentElsewhere, SharedMemoryRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -118,6 +117,7 @@ class InferenceServer:
         self._metadata: dict[tuple[str, str], dict] = {}
         self.repository = ModelRepository(self.models)
         self.shared_memory = SharedMemoryRegistry(config.max_body_bytes)
+        self.node_id = ray.get_runtime_context().get_node_id()  # whose shared-memory segments clients register
         if config.grpc_port is not None:  # the OIP over gRPC, on this replica's event loop
             from serving.grpc_service import start_grpc_server
 
@@ -284,9 +284,31 @@ class InferenceServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _call(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict[str, np.ndarray]:
-        """Run a call on the model's replicas. Inference is idempotent, so a call whose replica died under it
-        is sent once more (to a live or replacement replica) before the client sees an error."""
+    def through_segments(self, call: InferCall, input_regions: dict[str, dict],
+                         output_regions: dict[str, dict]) -> InferCall:
+        """`call` with its shared-memory input and outputs as slices the replica reads and writes itself."""
+        if not input_regions and not output_regions:
+            return call
+        source = None
+        for name, parameters in input_regions.items():  # one input a call (check_call)
+            source = self.shared_memory.segment_slice(parameters, f"input {shown(name)}", self.node_id)
+        targets = {name: self.shared_memory.segment_slice(parameters, f"output {shown(name)}", self.node_id)
+                   for name, parameters in output_regions.items()}
+        return call.through_segments(source, targets)
+
+    async def _call(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict:
+        """Run a call on the model's replicas; a replica on another node than the call's shared memory gets the
+        data instead (and the ingress writes the outputs)."""
+        if call.source is not None or call.targets:
+            try:
+                return await self._send(model, handle, call.in_transit())
+            except SegmentElsewhere:
+                call = call.with_data()
+        return await self._send(model, handle, call)
+
+    async def _send(self, model: ModelConfig, handle: DeploymentHandle, call: InferCall) -> dict:
+        """One call to the model's replicas. Inference is idempotent, so a call whose replica died under it is
+        sent once more (to a live or replacement replica) before the client sees an error."""
         if call.by_value:
             handle = self.by_value_handles[(model.name, model.version)]
         for attempt in (1, 2):
@@ -385,12 +407,12 @@ class InferenceServer:
         body = await self._body(request)
         parsed = await asyncio.to_thread(decode_infer_request, body, header_length, self.shared_memory)
         wanted = tuple(o.name for o in parsed.outputs) if parsed.outputs is not None else OUTPUTS
-        for out in parsed.outputs or []:
-            if out.shared_memory is not None:  # before the engine runs: a region that cannot take it costs nothing
-                self.shared_memory.check_output(out.shared_memory, f"output {out.name!r}")
+        output_regions = {o.name: o.shared_memory for o in parsed.outputs or [] if o.shared_memory is not None}
+        for name, parameters in output_regions.items():  # before the engine runs: a region that cannot take it
+            self.shared_memory.check_output(parameters, f"output {name!r}")  # costs nothing
         call = check_call(parsed.inputs, wanted, model, self.config.request_budget_bytes)
         request.state.memory_bytes = call.memory_bytes(model.bytes_per_pixel)
-        result = await self._call(model, handle, call)
+        result = await self._call(model, handle, self.through_segments(call, parsed.input_regions, output_regions))
         if parsed.outputs is None:
             as_binary = {out: parsed.binary_output for out in OUTPUTS}
         else:
@@ -435,10 +457,11 @@ class InferenceServer:
             raise ProtocolError(f"the node's metrics agent at {url} did not answer: {exc}", status=503) from None
         return PlainTextResponse(exported_families(text), media_type="text/plain; version=0.0.4")
 
-    def _write_to_regions(self, requested: list, result: dict[str, np.ndarray]) -> dict[str, dict]:
-        """Outputs the client placed in shared-memory regions, written there: name -> the answer's parameters."""
-        return {out.name: self.shared_memory.write_output(out.shared_memory, np.ascontiguousarray(
-                    result[out.name]).tobytes(), f"output {out.name!r}")
+    def _write_to_regions(self, requested: list, result: dict) -> dict[str, dict]:
+        """Outputs the client placed in shared-memory regions, written there (unless the replica did): name -> the
+        answer's parameters."""
+        return {out.name: self.shared_memory.answer_parameters(out.shared_memory, result[out.name],
+                                                               f"output {out.name!r}")
                 for out in requested if out.shared_memory is not None}
 
     async def _shared_memory_status(self, request, name, version) -> Response:

@@ -365,7 +365,8 @@ def _parameter_mutations() -> list[Mutation]:
         return _first_input(lambda t, _: setattr(t.parameters[key], field, value))
 
     regions = [Mutation(f"input in shared memory ({kind} region)", parameter("shared_memory_region", field, value),
-                        SHARED_MEMORY_PROBLEM, INVALID + NOT_FOUND) for kind, (field, value) in PARAMETER_VALUES.items()]
+                        SHARED_MEMORY_PROBLEM, INVALID + NOT_FOUND)
+               for kind, (field, value) in PARAMETER_VALUES.items()]
     sized = Mutation("input in shared memory with a negative offset", _chain(
         parameter("shared_memory_region", "string_param", "frames0"),
         parameter("shared_memory_offset", "int64_param", -1)), SHARED_MEMORY_PROBLEM, INVALID)

@@ -252,9 +252,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model, handle = self.server._model(request.model_name, request.model_version or None)
             wanted, in_regions, call = check_infer_request(request, model, self.server.config.request_budget_bytes,
                                                            self.server.shared_memory)
-            result = await self.server._call(model, handle, call)
-            written = {out: self.server.shared_memory.write_output(parameters, np.ascontiguousarray(
-                           result[out]).tobytes(), f"output {shown(out)}") for out, parameters in in_regions.items()}
+            input_regions = {t.name: parameter_values(t.parameters) for t in request.inputs if REGION in t.parameters}
+            result = await self.server._call(model, handle, self.server.through_segments(call, input_regions,
+                                                                                         in_regions))
+            written = {out: self.server.shared_memory.answer_parameters(parameters, result[out], f"output {shown(out)}")
+                       for out, parameters in in_regions.items()}
             return infer_response(request.model_name, model.version, request.id,
                                   [(out, result[out]) for out in wanted], written)
         return await self._answer("ModelInfer", request.model_name, context, infer)

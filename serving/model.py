@@ -11,7 +11,7 @@ import asyncio
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from ray import serve
@@ -21,6 +21,7 @@ from segmenters.spec import ModelSpec
 from serving.config import MIB, ModelConfig
 from serving.metrics import ModelMetrics
 from serving.protocol import ProtocolError, datatype_of, shown
+from serving.shared_memory import SegmentElsewhere, SegmentSlice, WrittenOutput
 
 #: the OIP inputs a model takes; a request carries exactly one of them
 INPUTS = {
@@ -39,26 +40,57 @@ BY_VALUE_MAX_BYTES = 1 * MIB
 @dataclass(frozen=True)
 class InferCall:
     input_name: str  # "images" or "frames"
-    array: np.ndarray
+    array: np.ndarray | None  # None in transit when `source` holds the input
     outputs: tuple[str, ...]
+    #: a shared-memory slice the replica reads the input from (`serving.shared_memory`), and its shape
+    source: SegmentSlice | None = None
+    source_shape: tuple[int, ...] = ()
+    #: outputs the replica writes into shared-memory slices instead of answering them
+    targets: tuple[tuple[str, SegmentSlice], ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape) if self.array is not None else self.source_shape
+
+    @property
+    def input_bytes(self) -> int:
+        return self.array.nbytes if self.array is not None else self.source.byte_size
 
     @property
     def images(self) -> int:
-        return int(self.array.shape[0])
+        return int(self.shape[0])
 
     @property
     def pixels(self) -> int:
         """Input pixels over the batch: what the engine's working memory scales with."""
-        return tensor_pixels(self.input_name, self.array.shape)
+        return tensor_pixels(self.input_name, self.shape)
 
     def memory_bytes(self, bytes_per_pixel: int) -> int:
         """What running this call holds: its tensor plus the engine's memory for its pixels."""
-        return self.array.nbytes + self.pixels * bytes_per_pixel
+        return self.input_bytes + self.pixels * bytes_per_pixel
 
     @property
     def by_value(self) -> bool:
-        """Small enough, both ways, to travel by value (`BY_VALUE_MAX_BYTES`): label maps only, one byte a pixel."""
-        return self.outputs == ("labels",) and self.array.nbytes + self.pixels <= BY_VALUE_MAX_BYTES
+        """Small enough, both ways, to travel by value (`BY_VALUE_MAX_BYTES`): no logits coming back as data, and
+        the input and label maps that do travel (one byte a pixel) under the limit."""
+        written = {name for name, _ in self.targets}
+        if "logits" in self.outputs and "logits" not in written:
+            return False
+        labels = self.pixels if "labels" in self.outputs and "labels" not in written else 0
+        travelling = 0 if self.array is None else self.array.nbytes
+        return travelling + labels <= BY_VALUE_MAX_BYTES
+
+    def through_segments(self, source: SegmentSlice | None, targets: dict[str, SegmentSlice]) -> InferCall:
+        """This call with its input read from `source` (if any) and `targets`' outputs written by the replica."""
+        return replace(self, source=source, source_shape=self.shape, targets=tuple(targets.items()))
+
+    def in_transit(self) -> InferCall:
+        """What travels to the replica: without the array when the replica reads it from its slice."""
+        return self if self.source is None else replace(self, array=None)
+
+    def with_data(self) -> InferCall:
+        """This call with its data and no slices (for a replica on another node than the segments)."""
+        return replace(self, source=None, source_shape=(), targets=())
 
 
 def tensor_pixels(input_name: str, shape: tuple[int, ...]) -> int:
@@ -188,6 +220,7 @@ class EngineModel:
                 "%s: Ray gave this replica GPU %s, but the engine runs on the CPU (%s)", model.deployment_name,
                 gpu_ids, self.engine.backend)
         self.metrics = ModelMetrics(model.name, model.version)
+        self.node_id = ray.get_runtime_context().get_node_id()  # whose shared-memory segments it can open
         self._batch.set_max_batch_size(model.max_batch_size)
         self._batch.set_batch_wait_timeout_s(model.batch_wait_ms / 1000.0)
 
@@ -200,7 +233,27 @@ class EngineModel:
         return True
 
     async def infer(self, call: InferCall) -> dict[str, np.ndarray]:
-        return await self._batch(call)
+        if call.source is None and not call.targets:
+            return await self._batch(call)
+        return await self._infer_through_segments(call)
+
+    async def _infer_through_segments(self, call: InferCall) -> dict:
+        """A call whose input is read from, and whose `targets` outputs are written into, shared-memory slices of
+        this node: those outputs are answered as `WrittenOutput`s. Slices of another node: `SegmentElsewhere`."""
+        slices = ([call.source] if call.source is not None else []) + [target for _, target in call.targets]
+        if any(piece.node_id != self.node_id for piece in slices):
+            raise SegmentElsewhere(f"{self.config.deployment_name} runs on node {self.node_id}, not on the node of "
+                                   "the call's shared memory")
+        array = call.array
+        if call.source is not None:
+            dtype = np.float32 if INPUTS[call.input_name]["datatype"] == "FP32" else np.uint8
+            array = np.frombuffer(call.source.read(), dtype).reshape(call.source_shape)
+        result = await self._batch(InferCall(call.input_name, array, call.outputs))
+        for name, target in call.targets:
+            data = np.ascontiguousarray(result[name])
+            target.write(data.tobytes(), f"output {name!r}")
+            result[name] = WrittenOutput(data.shape, data.dtype, data.nbytes)
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)  # set per model in __init__
     async def _batch(self, calls: list[InferCall]) -> list[dict[str, np.ndarray]]:

@@ -63,6 +63,8 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     #: the request-level `binary_data_output` flag: the default for outputs not named
     binary_output: bool = False
+    #: the parameters of the inputs read from a shared-memory region, by input name
+    input_regions: dict[str, dict] = field(default_factory=dict)
 
 
 def shown(value: Any) -> str:
@@ -107,6 +109,7 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("inference request needs a non-empty 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
+    input_regions: dict[str, dict] = {}
     offset = 0
     for position, item in enumerate(raw_inputs):
         if not isinstance(item, dict):
@@ -127,6 +130,7 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
             raise ProtocolError(f"{what}: 'parameters' must be an object")
         if "shared_memory_region" in parameters:
             inputs[name] = _from_shared_memory(item, parameters, shape, datatype, what, shared_memory)
+            input_regions[name] = parameters
         elif "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -157,7 +161,7 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"request 'id' must be a string, got {shown(request_id)}")
     return InferRequest(inputs, _requested_outputs(header.get("outputs"), binary_output), request_id,
-                        parameters, binary_output)
+                        parameters, binary_output, input_regions)
 
 
 def _from_shared_memory(item: dict, parameters: dict, shape: tuple[int, ...], datatype: str, what: str,

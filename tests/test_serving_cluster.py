@@ -58,6 +58,44 @@ def node_state(head, node_id: str) -> str:
     return next((n["state"] for n in head.nodes() if n["node_id"] == node_id), "UNKNOWN")
 
 
+#: shared-memory requests sent while a replica runs on each node (each replica gets some: the router spreads them)
+SHARED_MEMORY_REQUESTS = 16
+
+
+def check_shared_memory_on_both_nodes(url: str, engine_path: Path) -> None:
+    """Stock tritonclient.http with the frame and labels in shared memory of the head: the head's replica reads and
+    writes the segments itself; the other node's replica answers `SegmentElsewhere` and the ingress sends it the
+    data instead. Every answer is the engine's, in the client's region."""
+    import tritonclient.http as tritonhttp
+    from tritonclient.utils import shared_memory as shm
+
+    from export import OnnxRuntimeEngine
+
+    frames = frames_for()
+    expected = OnnxRuntimeEngine(str(engine_path), threads=1).segment(frames)
+    client = tritonhttp.InferenceServerClient(url.split("://", 1)[1])
+    sizes = {"frames": frames.nbytes, "labels": expected.nbytes}
+    regions = {kind: shm.create_shared_memory_region(kind, f"/patchwatch-cluster-test-{kind}", size)
+               for kind, size in sizes.items()}
+    try:
+        shm.set_shared_memory_region(regions["frames"], [frames])
+        for kind, size in sizes.items():
+            client.register_system_shared_memory(kind, f"/patchwatch-cluster-test-{kind}", size)
+        frames_input = tritonhttp.InferInput("frames", list(frames.shape), "UINT8")
+        frames_input.set_shared_memory("frames", frames.nbytes)
+        labels_output = tritonhttp.InferRequestedOutput("labels")
+        labels_output.set_shared_memory("labels", expected.nbytes)
+        for _ in range(SHARED_MEMORY_REQUESTS):
+            shm.set_shared_memory_region(regions["labels"], [np.zeros_like(expected)])
+            client.infer("shapes", [frames_input], outputs=[labels_output])
+            np.testing.assert_array_equal(shm.get_contents_as_numpy(regions["labels"], np.uint8,
+                                                                    list(expected.shape)), expected)
+    finally:
+        client.unregister_system_shared_memory()
+        for region in regions.values():
+            shm.destroy_shared_memory_region(region)
+
+
 def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -76,6 +114,7 @@ def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
                 raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from exc
             placed = replica_nodes(head)
             assert len(set(placed)) == 2 and node.node_id in placed, placed  # a replica on each node
+            check_shared_memory_on_both_nodes(url, shapes_engine)
             with LoadProbe(url, "shapes", frames_for()) as probe:
                 assert probe.wait_for(STREAK), f"no steady answers before the loss: {probe.summary(0)}"
                 killed_at = time.monotonic()

@@ -382,3 +382,50 @@ def test_json_answers_are_held_to_the_request_budget():
     with pytest.raises(ProtocolError, match="'logits' of shape \\[1, 12, 512, 512\\] as JSON.*binary_data: true") as info:
         check_json_outputs([("logits", logits, False)], budget)
     assert info.value.status == 413
+
+
+def test_segment_slices_are_checked_against_the_segment_as_it_is_now(tmp_path):
+    """What a model replica reads and writes (`SegmentSlice`): only inside the slice, and a segment the client shrank
+    or removed after registering is an error naming it, never a read past the end of the file (a bus error)."""
+    from serving.shared_memory import SegmentSlice, SharedMemoryRegistry
+
+    segment = tmp_path / "frames-segment"
+    segment.write_bytes(bytes(range(64)))
+    registry = SharedMemoryRegistry(max_bytes=1024, root=tmp_path)
+    registry.register("frames", {"key": "/frames-segment", "offset": 16, "byte_size": 32})
+    piece = registry.segment_slice({"shared_memory_region": "frames", "shared_memory_byte_size": 8,
+                                    "shared_memory_offset": 4}, "input 'frames'", "node-a")
+    assert piece == SegmentSlice("/frames-segment", 20, 8, "node-a")
+    assert piece.read(root=tmp_path) == bytes(range(20, 28))
+    piece.write(b"\xff" * 8, "output 'labels'", root=tmp_path)
+    assert segment.read_bytes()[18:30] == bytes([18, 19]) + b"\xff" * 8 + bytes([28, 29])
+    with pytest.raises(ProtocolError, match="9 bytes, more than its shared_memory_byte_size of 8"):
+        piece.write(b"\x00" * 9, "output 'labels'", root=tmp_path)
+    with pytest.raises(ProtocolError, match="runs past the end of region 'frames'"):
+        registry.segment_slice({"shared_memory_region": "frames", "shared_memory_byte_size": 30,
+                                "shared_memory_offset": 4}, "output 'labels'", "node-a")
+    registry.close()
+    segment.write_bytes(bytes(24))  # shrunk under the registration
+    with pytest.raises(ProtocolError, match="holds 24 bytes now, less than its region needs \\(28\\)"):
+        piece.read(root=tmp_path)
+    segment.unlink()
+    with pytest.raises(ProtocolError, match="cannot be opened any more"):
+        piece.read(root=tmp_path)
+
+
+def test_which_calls_travel_to_the_replica_by_value():
+    """Label maps of small frames go by value over the replica's gRPC channel; logits, and frames over
+    `BY_VALUE_MAX_BYTES`, as Ray actor calls; a call whose frame and labels are in shared memory carries neither."""
+    from serving.model import BY_VALUE_MAX_BYTES, InferCall
+    from serving.shared_memory import SegmentSlice
+
+    small = InferCall("frames", np.zeros((1, 64, 64, 3), np.uint8), ("labels",))
+    assert small.by_value and not InferCall("frames", small.array, ("logits", "labels")).by_value
+    side = int((BY_VALUE_MAX_BYTES / 4) ** 0.5) + 1  # 3 bytes a pixel in, 1 out: just over the limit
+    assert not InferCall("frames", np.zeros((1, side, side, 3), np.uint8), ("labels",)).by_value
+    big = InferCall("frames", np.zeros((1, 720, 960, 3), np.uint8), ("logits",))
+    frames_slice, logits_slice = SegmentSlice("/f", 0, big.array.nbytes, "n"), SegmentSlice("/l", 0, 1, "n")
+    in_transit = big.through_segments(frames_slice, {"logits": logits_slice}).in_transit()
+    assert in_transit.array is None and in_transit.shape == (1, 720, 960, 3) and in_transit.by_value
+    assert in_transit.memory_bytes(10) == big.memory_bytes(10)
+    assert big.through_segments(frames_slice, {"logits": logits_slice}).with_data() == big
