@@ -348,6 +348,7 @@ class ServeHandleEngine(Engine):
         deployment = ModelConfig.model_construct(name=name, version=version).deployment_name
         try:
             self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
+            self.by_value_handle = self.handle.options(_by_reference=False)  # for small calls, as the ingress
             meta = self.handle.metadata.remote().result(timeout_s=60)
         except Exception as exc:
             raise EngineError(f"no served model {name!r} version {version!r} in Serve application {app_name!r}: "
@@ -357,7 +358,9 @@ class ServeHandleEngine(Engine):
         self.backend = f"serve:{app_name}/{deployment} ({meta['backend']})"
 
     def _call(self, input_name: str, array: np.ndarray, output: str) -> np.ndarray:
-        return self.handle.infer.remote(InferCall(input_name, array, (output,))).result(timeout_s=120)[output]
+        call = InferCall(input_name, array, (output,))
+        handle = self.by_value_handle if call.by_value else self.handle
+        return handle.infer.remote(call).result(timeout_s=120)[output]
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         return self._call("images", images, "logits")
