@@ -78,8 +78,11 @@ def grpc_status(error: ProtocolError) -> grpc.StatusCode:
 
 def parameter_values(parameters) -> dict:
     """A protobuf map of `InferParameter`s as plain values (what `serving.shared_memory` reads)."""
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) if value.WhichOneof("parameter_choice")
-            else None for key, value in parameters.items()}
+    values = {}
+    for key, value in parameters.items():
+        choice = value.WhichOneof("parameter_choice")
+        values[key] = None if choice is None else getattr(value, choice)
+    return values
 
 
 def decode_grpc_inputs(request: pb.ModelInferRequest,

@@ -225,9 +225,7 @@ class SharedMemoryRegistry:
     def check_output(self, parameters: dict, what: str) -> None:
         """Before the engine runs: the region an output's `parameters` name is registered and holds their byte
         size at their offset (`write_output` checks again: a region may go in between)."""
-        place = placement(parameters, what)
-        with self._lock:
-            self._start(place, place.byte_size, what)
+        self.segment_slice(parameters, what, node_id="")
 
     def segment_slice(self, parameters: dict, what: str, node_id: str) -> SegmentSlice:
         """The part of a segment that a tensor's `parameters` place it in (checked as `check_output` checks), for a
