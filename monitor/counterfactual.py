@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: the cues the scorer weighs, in a fixed order (the fit and the score agree on it)
 BLOB_CUES = ("log_blob_pixels", "log_blob_pixels_sq", "blob_aspect", "saturation", "saturation_gain", "texture_gain",
              "image_change", "log_quiet_frames", "motion_px", "log_blobs")  # known before the engine call
-EFFECT_CUES = ("log_reverted_pixels", "reverted_share", "reverted_stable", "reverted_near")  # in [0, 1] but the first
+EFFECT_CUES = ("log_reverted_pixels", "reverted_share", "reverted_stable", "reverted_near",
+               "on_flipped_object")  # in [0, 1] but the first
 CUES = BLOB_CUES + EFFECT_CUES
 
 #: how many frames of quiet a cue counts at most (older than this is simply "quiet")
@@ -38,8 +39,8 @@ class PatchScorer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_WEIGHTS))
-    bias: float = Field(default=-16.7944, description="the fit's intercept (cues in their own units)")
-    threshold: float = Field(0.85, gt=0, le=1, description="probability that raises an alarm")
+    bias: float = Field(default=-16.3648, description="the fit's intercept (cues in their own units)")
+    threshold: float = Field(0.87, gt=0, le=1, description="probability that raises an alarm")
 
     @model_validator(mode="after")
     def _names_every_cue(self) -> PatchScorer:
@@ -68,6 +69,7 @@ class PatchScorer(BaseModel):
         effect = weights["log_reverted_pixels"] * np.log1p(count) + np.cumsum(values) / count
         logit = self.bias + sum(weights[name] * blob_cues[name] for name in BLOB_CUES)
         logit += float(effect[max(min_reverted, 1) - 1:].max()) + max(weights["reverted_share"], 0.0)
+        logit += max(weights["on_flipped_object"], 0.0)  # which object the reverted pixels belong to is unknown yet
         return self._sigmoid(logit)
 
     @staticmethod
@@ -75,22 +77,23 @@ class PatchScorer(BaseModel):
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
 
-#: the weights `bench/monitor_detection.py --fit-scorer` found on tuning seeds 0-2 (see the README)
+#: the weights `bench/fit_flip_scorer.py` found on tuning seeds 0-2 (see the README)
 FITTED_WEIGHTS = {
-    "log_blob_pixels": 0.8342,
-    "log_blob_pixels_sq": 0.0726,
-    "blob_aspect": 3.2882,
-    "saturation": 5.4284,
-    "saturation_gain": -1.2811,
-    "texture_gain": 3.6369,
-    "image_change": 12.4217,
-    "log_quiet_frames": 0.2057,
-    "log_reverted_pixels": 0.8071,
-    "reverted_share": 1.9468,
-    "reverted_stable": 1.3793,
-    "reverted_near": 1.3141,
-    "motion_px": -1.4053,
-    "log_blobs": -0.8823,
+    "log_blob_pixels": 0.7597,
+    "log_blob_pixels_sq": 0.0941,
+    "blob_aspect": 2.2986,
+    "saturation": 3.7298,
+    "saturation_gain": -1.4579,
+    "texture_gain": 2.5296,
+    "image_change": 10.6961,
+    "log_quiet_frames": 0.43,
+    "motion_px": -1.3883,
+    "log_blobs": -0.8763,
+    "log_reverted_pixels": 0.9086,
+    "reverted_share": 0.3407,
+    "reverted_stable": 2.0989,
+    "reverted_near": 0.5844,
+    "on_flipped_object": 2.0405,
 }
 
 
@@ -99,7 +102,7 @@ class Blob:
     """One blob of new appearance and what its counterfactual showed."""
 
     pixels: np.ndarray  # (H, W) bool, at the working size
-    restored: np.ndarray  # (H, W) bool: the pixels put back (the blob's neighbourhood that changed on this frame)
+    restored: np.ndarray  # (H, W) bool: the pixels put back (the blob's footprint: what changed within it)
     reverted: np.ndarray | None = None  # (H, W) bool: outside `restored`, back to the reference label
     changed: int = 0  # pixels outside `restored` whose label changed at all
     cues: dict[str, float] | None = None  # the blob's cues, then the effect's too once it has been judged
@@ -110,9 +113,11 @@ def _disk(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
-def new_blobs(appeared_now: np.ndarray, touched_now: np.ndarray, min_pixels: int, max_share: float,
-              restore_px: int) -> list[Blob]:
-    """The blobs of new appearance worth a counterfactual: `min_pixels` up to `max_share` of the frame."""
+def new_blobs(appeared_now: np.ndarray, changed: np.ndarray, min_pixels: int, max_share: float,
+              footprint_px: int) -> list[Blob]:
+    """The blobs of new appearance worth a counterfactual: `min_pixels` up to `max_share` of the frame, each with
+    its footprint, the pixels to restore: those of the blob that `changed` (not blurred), grown by `footprint_px`
+    within the blob. A blob whose pixels barely changed has nothing to restore and is not checked."""
     if not appeared_now.any():  # most frames: nothing new in view, nothing to label
         return []
     count, components, stats, _ = cv2.connectedComponentsWithStats(appeared_now.astype(np.uint8), connectivity=8)
@@ -121,8 +126,12 @@ def new_blobs(appeared_now: np.ndarray, touched_now: np.ndarray, min_pixels: int
         if not min_pixels <= stats[index, cv2.CC_STAT_AREA] <= max_share * appeared_now.size:
             continue
         pixels = components == index
-        near = cv2.dilate(pixels.astype(np.uint8), _disk(restore_px)).astype(bool)
-        blobs.append(Blob(pixels, near & touched_now))
+        footprint = pixels & changed
+        if not footprint.any():
+            continue
+        if footprint_px > 1:
+            footprint = cv2.dilate(footprint.astype(np.uint8), _disk(footprint_px)).astype(bool) & pixels
+        blobs.append(Blob(pixels, footprint))
     return blobs
 
 
@@ -142,6 +151,7 @@ class View:
     before: np.ndarray  # uint8, each pixel as it looked before its latest change
     change: np.ndarray  # blurred mean |image - reference image|
     stable: np.ndarray  # frames each pixel's reference label has held
+    reference: np.ndarray  # the reference labels
     quiet: np.ndarray  # frames since each pixel last changed, before this frame
     min_stable: int
     motion_px: float
@@ -185,7 +195,18 @@ def effect_cues(blob: Blob, view: View) -> dict[str, float]:
         "reverted_share": flipped / max(blob.changed, 1),
         "reverted_stable": float((view.stable[reverted] >= view.min_stable).mean()) if flipped else 0.0,
         "reverted_near": float((reverted & near).sum()) / max(flipped, 1),
+        "on_flipped_object": _on_flipped_object(blob, view.reference),
     }
+
+
+def _on_flipped_object(blob: Blob, reference: np.ndarray) -> float:
+    """Share of the blob's pixels whose reference label is the one most reverted pixels held: a sticker sits on the
+    object it flips, while an object arriving beside another flips its neighbour."""
+    held = reference[blob.reverted]
+    if not held.size:
+        return 0.0
+    flipped_object = np.bincount(held.astype(np.int64)).argmax()
+    return float((reference[blob.pixels] == flipped_object).mean())
 
 
 def _mean_saturation(rgb: np.ndarray, mask: np.ndarray) -> float:

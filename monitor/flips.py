@@ -58,7 +58,8 @@ class FlipConfig(BaseModel):
     appear_change: float = Field(0.06, gt=0, description="mean |RGB| change in [0, 1] that counts as new appearance "
                                  "(a sticker coming into view)")
     appear_blur: int = Field(5, ge=1, description="box filter (px) over the image change for new appearance")
-    appear_open_px: int = Field(5, ge=1, description="opening kernel (px) for blobs of new appearance (1: none)")
+    appear_open_px: int = Field(3, ge=1, description="opening kernel (px) for blobs of new appearance (1: none); a "
+                                "sticker ~6 px across at the working size must survive it")
     near_px: int = Field(7, ge=1, description="new appearance within this many px of a flipped region is its trigger")
     min_trigger_pixels: int = Field(25, ge=0, description="pixels of new appearance near a flipped region that began "
                                     "on the flip's onset frame, needed for a candidate (0: every persistent "
@@ -74,8 +75,11 @@ class FlipConfig(BaseModel):
                                   "the frame is something arriving, not a sticker: not checked")
     max_checked_blobs: int = Field(6, ge=1, description="counterfactual: at most this many blobs per frame (the "
                                    "largest) go into its one batched engine call")
-    restore_px: int = Field(7, ge=1, description="counterfactual: changed pixels within this kernel (px) of a blob are "
-                            "restored with it (a sticker's pixels that barely changed too)")
+    footprint_change: float = Field(0.03, gt=0, description="counterfactual: mean |RGB| change in [0, 1], not blurred, "
+                                    "that marks a blob's own pixels: what is restored (the blurred blob is wider than "
+                                    "the sticker, and restoring its surroundings hides the flip the sticker caused)")
+    footprint_px: int = Field(3, ge=1, description="counterfactual: the footprint grows by this kernel (px) within its "
+                              "blob (a sticker's pixels that barely changed, its anti-aliased rim)")
     min_reverted_pixels: int = Field(10, ge=1, description="counterfactual: pixels outside a restored blob that must "
                                      "read their reference label again before the scorer weighs it")
     skip_hopeless: bool = Field(True, description="counterfactual: no engine call for a blob whose best case cannot "
@@ -143,7 +147,8 @@ class _Frame:
     labels: np.ndarray  # int16
     reference: np.ndarray  # reference labels, carried to this frame
     reference_image: np.ndarray
-    change: np.ndarray  # blurred mean |image - reference_image|
+    difference: np.ndarray  # mean |image - reference_image|, per pixel
+    change: np.ndarray  # the same, blurred
     suspect: np.ndarray
     suspect_age: np.ndarray
     appeared_ago: np.ndarray
@@ -358,8 +363,8 @@ class FlipDetector:
         self._remember_before(difference, image, reference_image, before, touched_ago)
         appeared_ago = np.where(began, 0, np.minimum(appeared_ago + 1, NEVER)).astype(np.int16)
         self._changed_ago = np.where(blobs, 0, np.minimum(changed_ago + 1, NEVER)).astype(np.int16)
-        return _Frame(index, rgb, full_rgb, image, labels16, reference, reference_image, change, suspect, suspect_age,
-                      appeared_ago, changed_ago, areas)
+        return _Frame(index, rgb, full_rgb, image, labels16, reference, reference_image, difference, change, suspect,
+                      suspect_age, appeared_ago, changed_ago, areas)
 
     def _remember_before(self, difference, image, reference_image, before, touched_ago) -> None:
         """How each pixel looked before its latest change (what the counterfactual restores): set when a change
@@ -425,13 +430,13 @@ class FlipDetector:
         outside it to revert and a best case that reaches the scorer's threshold (skipping the others changes no
         alarm: it only saves the engine's time)."""
         config = self.config
-        blobs = new_blobs(frame.appeared_ago == 0, self._touched_ago == 0, config.min_blob_pixels,
-                          config.max_blob_share, config.restore_px)
+        blobs = new_blobs(frame.appeared_ago == 0, frame.difference > config.footprint_change, config.min_blob_pixels,
+                          config.max_blob_share, config.footprint_px)
         blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
         if not blobs:  # most frames: nothing new in view
             return [], None
-        view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.quiet, config.min_stable,
-                    self.motion_px, len(blobs), config.merge_px)
+        view = View(frame.rgb, self._before_uint8(), frame.change, self._stable, frame.reference, frame.quiet,
+                    config.min_stable, self.motion_px, len(blobs), config.merge_px)
         differs = frame.labels != frame.reference
         promising = []
         for blob in blobs:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from monitor.counterfactual import PatchScorer
 from monitor.flips import FlipConfig, FlipDetector
 from monitor.pipeline import JsonLinesSink, Monitor, WebhookSink
 from monitor.cameras import CameraPath, SyntheticCamera
@@ -147,8 +148,11 @@ class StickerFooledSegmenter:
 VIVID = ((255, 255, 0), (0, 0, 255))
 
 
+STICKER = (slice(28, 36), slice(24, 32))  # on the box
+
+
 def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True,
-                  colours=VIVID, config: FlipConfig = FlipConfig(), scale: int = 1):
+                  colours=VIVID, config: FlipConfig = FlipConfig(), scale: int = 1, at=STICKER):
     """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`. With
     `scale` the camera delivers every frame (and the segmenter every label map) `scale` times larger."""
     rng = np.random.default_rng(2)
@@ -168,7 +172,7 @@ def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFoole
         rgb = ground.copy()
         rgb += rng.integers(0, 3, rgb.shape, dtype=np.uint8)  # sensor noise
         if sticker_from is not None and index >= sticker_from:
-            rgb[28:36, 24:32] = np.where(checker[..., None], *colours)
+            rgb[at] = np.where(checker[..., None], *colours)
         segmenter.frame = index
         alarms += detector.update(index, up(rgb), up(segmenter.labels(rgb)))
     return detector, alarms
@@ -189,6 +193,46 @@ def test_counterfactual_alarms_on_the_frame_the_sticker_appears():
     assert alarm.evidence["score"] >= FlipConfig().scorer.threshold
     assert detector.checks == segmenter.calls == 1  # one batched engine call, on the frame something appeared
     assert detector.scored == 1 and detector.below_threshold == 0
+
+
+def test_the_counterfactual_restores_the_sticker_not_its_surroundings():
+    """The blob of new appearance is blurred, so wider than the sticker; what is put back is the sticker's own
+    footprint (its pixels that changed, grown by `footprint_px`), so the flip around it is all counted."""
+    config = FlipConfig()
+    detector = FlipDetector(SHAPES_NAMES, "sticker", config, relabel=StickerFooledSegmenter())
+    rng = np.random.default_rng(2)
+    ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
+    ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
+    checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
+    for index in range(11):
+        rgb = ground + rng.integers(0, 3, ground.shape, dtype=np.uint8)
+        if index == 10:
+            rgb[STICKER] = np.where(checker[..., None], *VIVID)
+        detector.update(index, rgb, detector.relabel.labels(rgb))
+    [blob] = detector.last_blobs
+    sticker = np.zeros((64, 80), bool)
+    sticker[STICKER] = True
+    grown = cv2.dilate(sticker.astype(np.uint8), np.ones((config.footprint_px,) * 2, np.uint8)).astype(bool)
+    assert (blob.restored >= sticker).all() and not (blob.restored & ~grown).any()
+    assert blob.pixels.sum() > blob.restored.sum()  # the blob itself reaches further
+    # the sticker sits on the object it flipped
+    assert blob.cues["on_flipped_object"] == 1.0
+
+
+def test_a_sticker_beside_the_object_it_flips_scores_lower_than_one_on_it():
+    """What arrives beside an object and flips it (an object entering the view) is less patch-like than what
+    appears on the object itself: the cue says which, and the fitted scorer weighs it."""
+    _, on_box = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter())
+    detector, beside = sticker_scene(20, sticker_from=10, segmenter=StickerFooledSegmenter(),
+                                     config=FlipConfig(scorer=PatchScorer(threshold=1e-9)),
+                                     at=(slice(28, 36), slice(66, 74)))
+    assert len(on_box) == 1 and len(beside) == 1
+    assert beside[0].evidence["cues"]["on_flipped_object"] == 0.0
+    assert on_box[0].evidence["cues"]["on_flipped_object"] == 1.0
+    scorer = FlipConfig().scorer
+    assert scorer.weights["on_flipped_object"] > 0
+    cues = beside[0].evidence["cues"]
+    assert scorer.probability(cues) < scorer.probability(cues | {"on_flipped_object": 1.0})
 
 
 def test_a_large_camera_is_watched_at_the_working_width_and_alarms_at_its_own_size():
@@ -288,12 +332,13 @@ def test_the_best_case_bounds_every_score_it_stands_for():
                 continue
             effect = {"log_reverted_pixels": float(np.log1p(reverted.sum())),
                       "reverted_share": reverted.sum() / (reverted.sum() + rng.integers(0, 50)),
-                      "reverted_stable": float(stable[reverted].mean()), "reverted_near": float(near[reverted].mean())}
+                      "reverted_stable": float(stable[reverted].mean()), "reverted_near": float(near[reverted].mean()),
+                      "on_flipped_object": float(rng.random())}
             best = max(best, scorer.probability(blob | effect))
         assert best <= bound + 1e-12
         # the bound is attained: every pixel both stable and near, as many as could revert, all that changed
         everything = {"log_reverted_pixels": float(np.log1p(could_revert)), "reverted_share": 1.0,
-                      "reverted_stable": 1.0, "reverted_near": 1.0}
+                      "reverted_stable": 1.0, "reverted_near": 1.0, "on_flipped_object": 1.0}
         assert scorer.best_case(blob, np.ones(could_revert, bool), np.ones(could_revert, bool), 10) == \
             pytest.approx(scorer.probability(blob | everything))
 
