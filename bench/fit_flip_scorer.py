@@ -148,15 +148,14 @@ def detector_candidates(table, max_false: float) -> list[float]:
     return [t for t in THRESHOLDS if first <= t <= last][::-2][::-1]  # every other one, `last` included
 
 
-def detector_leave_one_seed_out(clips, names, relabel, rows, totals: dict, used: list[int], thresholds, args
-                                ) -> dict[float, tuple[int, int, int, int]]:
+def detector_leave_one_seed_out(clips, names, relabel, rows, totals: dict, used: list[int], thresholds,
+                                settings: dict, args) -> dict[float, tuple[int, int, int, int]]:
     """(caught, effective, false alarms, clean frames) per threshold as the detector raises them, each tuning seed
     run with the scorer fitted on the others."""
     from monitor.counterfactual import CUES, PatchScorer
     from monitor.flips import FlipConfig
     from monitor_detection import judge_clip, summarise
 
-    settings = dict(item.split("=", 1) for item in args.set)
     table = {t: np.zeros(4, int) for t in thresholds}
     for held in sorted(totals):
         fitted, bias = fit([r for r in rows if r.seed != held], args.c)
@@ -256,7 +255,7 @@ def main() -> None:
               f"{false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")
     names = [c.name for c in engine.spec.classes]
     by_detector = detector_leave_one_seed_out(clips, names, engine.segment, rows, totals, used,
-                                              detector_candidates(table, args.max_false), args)
+                                              detector_candidates(table, args.max_false), settings, args)
     for t, (caught, effective, false, frames) in by_detector.items():
         print(f"threshold {t:.2f}, the detector: left-one-seed-out {caught}/{effective} = {caught / effective:.1%} "
               f"caught, {false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")

@@ -113,11 +113,12 @@ def _disk(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
-def new_blobs(appeared_now: np.ndarray, changed: np.ndarray, min_pixels: int, max_share: float,
-              footprint_px: int) -> list[Blob]:
+def new_blobs(appeared_now: np.ndarray, difference: np.ndarray, footprint_change: float, min_pixels: int,
+              max_share: float, footprint_px: int) -> list[Blob]:
     """The blobs of new appearance worth a counterfactual: `min_pixels` up to `max_share` of the frame, each with
-    its footprint, the pixels to restore: those of the blob that `changed` (not blurred), grown by `footprint_px`
-    within the blob. A blob whose pixels barely changed has nothing to restore and is not checked."""
+    its footprint, the pixels to restore: those of the blob whose `difference` (not blurred) clears
+    `footprint_change`, grown by `footprint_px` within the blob. A blob whose pixels barely changed has nothing to
+    restore and is not checked."""
     if not appeared_now.any():  # most frames: nothing new in view, nothing to label
         return []
     count, components, stats, _ = cv2.connectedComponentsWithStats(appeared_now.astype(np.uint8), connectivity=8)
@@ -126,7 +127,7 @@ def new_blobs(appeared_now: np.ndarray, changed: np.ndarray, min_pixels: int, ma
         if not min_pixels <= stats[index, cv2.CC_STAT_AREA] <= max_share * appeared_now.size:
             continue
         pixels = components == index
-        footprint = pixels & changed
+        footprint = pixels & (difference > footprint_change)
         if not footprint.any():
             continue
         if footprint_px > 1:

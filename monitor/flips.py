@@ -430,7 +430,7 @@ class FlipDetector:
         outside it to revert and a best case that reaches the scorer's threshold (skipping the others changes no
         alarm: it only saves the engine's time)."""
         config = self.config
-        blobs = new_blobs(frame.appeared_ago == 0, frame.difference > config.footprint_change, config.min_blob_pixels,
+        blobs = new_blobs(frame.appeared_ago == 0, frame.difference, config.footprint_change, config.min_blob_pixels,
                           config.max_blob_share, config.footprint_px)
         blobs = sorted(blobs, key=lambda b: -int(b.pixels.sum()))[:config.max_checked_blobs]
         if not blobs:  # most frames: nothing new in view
