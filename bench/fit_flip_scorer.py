@@ -10,10 +10,11 @@ standardisation is folded into the weights, so the scorer weighs cues in their o
 The threshold is the one that, left-one-seed-out, catches the most effective patches with at most `--max-false`
 false alarms per 1000 clean frames. Counted per blob, an object arriving over several frames is several false
 alarms, while the detector raises one (a region already alarmed stays quiet): so the candidates near the limit are
-judged by the detector itself, each tuning seed's clips run with the scorer fitted on the others. The scoring seeds
-of bench/monitor_detection.py are never read here.
+judged by the detector itself, each tuning seed's clips run with the scorer fitted on the others, first looks alone.
+bench/fit_second_look.py then fits the second look on these weights and chooses both thresholds together (they
+share one budget of false alarms). The scoring seeds of bench/monitor_detection.py are never read here.
 
-    python bench/fit_flip_scorer.py --tune-seeds 0,1,2      # -> bench/results/monitor/scorer.json (+ .png), the weights
+    python bench/fit_flip_scorer.py    # tuning seeds 0-5 -> bench/results/monitor/scorer.json (+ .png), the weights
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def detector_leave_one_seed_out(clips, names, relabel, rows, totals: dict, used:
         weights = dict.fromkeys(CUES, 0.0) | {CUES[i]: float(w) for i, w in zip(used, fitted)}
         held_clips = [clip for clip in clips if clip.seed == held]
         for t in tqdm(thresholds, desc=f"the detector on seed {held}, fitted on the others"):
-            config = FlipConfig(**settings, scorer=PatchScorer(weights=weights, bias=bias, threshold=t))
+            # first looks alone: the second look is fitted after, on top of them (bench/fit_second_look.py)
+            config = FlipConfig(**settings | {"look_from": 1.0},
+                                scorer=PatchScorer(weights=weights, bias=bias, threshold=t))
             summary = summarise([judge_clip(clip, names, config, relabel, args.min_flip) for clip in held_clips],
                                 args.within)
             caught = round(summary[f"detected_within_{args.within}"] * summary["effective_patches"])
@@ -208,7 +211,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes")
-    parser.add_argument("--tune-seeds", default="0,1,2")
+    parser.add_argument("--tune-seeds", default="0,1,2,3,4,5")
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a FlipConfig field for the detector that finds the blobs, e.g. --set footprint_px=5")

@@ -349,10 +349,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes", help="a campaign run on the shapes twin")
     parser.add_argument("--trials", type=int, help="use only the first N trials of the run (by id)")
-    parser.add_argument("--tune-seeds", default="0,1,2", help="clips thresholds and the scorer may be chosen on ('' for none)")
-    # seeds 0-2 drew the clips of every choice; 10-12 were scored by earlier detectors and one choice was made after
-    # seeing them (a cue not shipped), so the default is 20-22, first rendered after the current detector was fixed
-    parser.add_argument("--score-seeds", default="20,21,22", help="clips the figures come from")
+    parser.add_argument("--tune-seeds", default="0,1,2,3,4,5", help="clips thresholds and the scorers may be chosen "
+                        "on ('' for none)")
+    # seeds 0-5 drew the clips of every choice; 10-12 and 20-34 were scored by earlier detectors (and seeing them
+    # shaped later work: 26-28 validated the last choice), so the default is 35-38, first rendered after it
+    parser.add_argument("--score-seeds", default="35,36,37,38", help="clips the figures come from")
     parser.add_argument("--effective", type=int, default=100, help="effective patches per seed")
     parser.add_argument("--max-clips", type=int, default=400, help="patched clips drawn per seed at most")
     parser.add_argument("--frames", type=int, default=30)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -24,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: the cues the scorer weighs, in a fixed order (the fit and the score agree on it)
 BLOB_CUES = ("log_blob_pixels", "log_blob_pixels_sq", "blob_aspect", "saturation", "saturation_gain", "texture_gain",
-             "image_change", "log_quiet_frames", "motion_px", "log_blobs")  # known before the engine call
+             "image_change", "log_quiet_frames", "motion_px", "log_blobs", "blob_relabelled", "colour_spread_gain",
+             "ring_change", "border_distance")  # known before the engine call
 EFFECT_CUES = ("log_reverted_pixels", "reverted_share", "reverted_stable", "reverted_near",
                "on_flipped_object")  # in [0, 1] but the first
 CUES = BLOB_CUES + EFFECT_CUES
@@ -33,24 +35,42 @@ CUES = BLOB_CUES + EFFECT_CUES
 QUIET_CAP = 60
 
 
-class PatchScorer(BaseModel):
-    """P(patch) = sigmoid(bias + sum(weights[cue] * cue)); an alarm needs P >= threshold. Fitted on tuning seeds
-    (see the module docstring); refit for another engine or camera with the same command."""
+class LogisticScorer(BaseModel):
+    """P = sigmoid(bias + sum(weights[cue] * cue)) over the named cues `CUE_NAMES`; an alarm needs P >= threshold.
+    Fitted on tuning seeds only; the subclasses carry the fitted numbers as their defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_WEIGHTS))
-    bias: float = Field(default=-16.3648, description="the fit's intercept (cues in their own units)")
-    threshold: float = Field(0.87, gt=0, le=1, description="probability that raises an alarm")
+    CUE_NAMES: ClassVar[tuple[str, ...]] = ()
+    weights: dict[str, float]
+    bias: float
+    threshold: float = Field(gt=0, le=1, description="probability that raises an alarm")
 
     @model_validator(mode="after")
-    def _names_every_cue(self) -> PatchScorer:
-        if set(self.weights) != set(CUES):
-            missing, unknown = sorted(set(CUES) - set(self.weights)), sorted(set(self.weights) - set(CUES))
+    def _names_every_cue(self) -> LogisticScorer:
+        names = set(self.CUE_NAMES)
+        if set(self.weights) != names:
+            missing, unknown = sorted(names - set(self.weights)), sorted(set(self.weights) - names)
             raise ValueError(f"scorer weights must name each cue once: missing {missing}, unknown {unknown}")
         return self
 
     def probability(self, cues: dict[str, float]) -> float:
-        return self._sigmoid(self.bias + sum(self.weights[name] * cues[name] for name in CUES))
+        return self._sigmoid(self.bias + sum(self.weights[name] * cues[name] for name in self.CUE_NAMES))
+
+    @staticmethod
+    def _sigmoid(logit: float) -> float:
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+
+class PatchScorer(LogisticScorer):
+    """The counterfactual's score of a blob, over `CUES`. Fitted on tuning seeds (see the module docstring); refit
+    for another engine or camera with the same command."""
+
+    CUE_NAMES: ClassVar[tuple[str, ...]] = CUES
+    weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_WEIGHTS))
+    bias: float = Field(default=-16.3648, description="the fit's intercept (cues in their own units)")
+    threshold: float = Field(1.0, gt=0, le=1, description="probability that raises an alarm on the first look (1: "
+                             "none does, every alarm waits for its second look; chosen together with the second "
+                             "look's: bench/fit_second_look.py)")
 
     def best_case(self, blob_cues: dict[str, float], stable: np.ndarray, near: np.ndarray,
                   min_reverted: int = 1) -> float:
@@ -72,12 +92,8 @@ class PatchScorer(BaseModel):
         logit += max(weights["on_flipped_object"], 0.0)  # which object the reverted pixels belong to is unknown yet
         return self._sigmoid(logit)
 
-    @staticmethod
-    def _sigmoid(logit: float) -> float:
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
-
-#: the weights `bench/fit_flip_scorer.py` found on tuning seeds 0-2 (see the README)
+#: the weights `bench/fit_flip_scorer.py` found on tuning seeds 0-5 (see the README)
 FITTED_WEIGHTS = {
     "log_blob_pixels": 0.7597,
     "log_blob_pixels_sq": 0.0941,
@@ -89,6 +105,10 @@ FITTED_WEIGHTS = {
     "log_quiet_frames": 0.43,
     "motion_px": -1.3883,
     "log_blobs": -0.8763,
+    "blob_relabelled": 0.0,
+    "colour_spread_gain": 0.0,
+    "ring_change": 0.0,
+    "border_distance": 0.0,
     "log_reverted_pixels": 0.9086,
     "reverted_share": 0.3407,
     "reverted_stable": 2.0989,
@@ -158,6 +178,8 @@ class View:
     motion_px: float
     blobs: int
     near_px: int
+    labels: np.ndarray  # the labels now
+    ring_px: int
     texture: np.ndarray = field(init=False)  # |Laplacian| of the grey image now, in [0, 1] units
     texture_before: np.ndarray = field(init=False)  # the same of `before`
 
@@ -183,7 +205,25 @@ def blob_cues(blob: Blob, view: View) -> dict[str, float]:
         "log_quiet_frames": math.log1p(float(np.median(np.minimum(view.quiet[pixels], QUIET_CAP)))),
         "motion_px": view.motion_px,
         "log_blobs": math.log1p(view.blobs),
+        "blob_relabelled": float((view.labels[pixels] != view.reference[pixels]).mean()),
+        "colour_spread_gain": _colour_spread(view.rgb, pixels) - _colour_spread(view.before, pixels),
+        "ring_change": _ring_change(pixels, view),
+        "border_distance": float(min(rows.min(), cols.min(), pixels.shape[0] - 1 - rows.max(),
+                                     pixels.shape[1] - 1 - cols.max())) / pixels.shape[1],
     }
+
+
+def _colour_spread(rgb: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over channels of the standard deviation, in [0, 1] units, of the masked pixels: printed texture is
+    many colours, a surface in new light one."""
+    return float(rgb[mask].std(axis=0).mean()) / 255.0
+
+
+def _ring_change(pixels: np.ndarray, view: View) -> float:
+    """Mean image change in a ring of `ring_px` around the blob: a sticker changes itself, light and arrivals
+    change their surroundings too."""
+    ring = cv2.dilate(pixels.astype(np.uint8), _disk(view.ring_px)).astype(bool) & ~pixels
+    return float(view.change[ring].mean()) if ring.any() else 0.0
 
 
 def effect_cues(blob: Blob, view: View) -> dict[str, float]:

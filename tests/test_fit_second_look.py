@@ -1,0 +1,61 @@
+"""How bench/fit_second_look.py labels looks and counts what the detector would catch (bench/ is not an installed
+package: loaded from its file)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fit():
+    name = "bench_fit_second_look"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "fit_second_look.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_a_look_is_at_the_patch_only_when_its_blob_appeared_at_or_after_onset_and_it_came_in_time(fit):
+    patched, clean = SimpleNamespace(kind="patched", onset=10), SimpleNamespace(kind="smooth", onset=None)
+    assert fit.label(clean, 5, 6, within=3) is False
+    assert fit.label(patched, 9, 10, within=3) is False  # a blob from before the patch: a negative
+    assert fit.label(patched, 10, 11, within=3) is True
+    assert fit.label(patched, 12, 13, within=3) is True
+    assert fit.label(patched, 13, 14, within=3) is None  # too late to count either way
+
+
+def test_a_patch_is_caught_by_either_look_and_a_clean_look_is_false_by_either(fit):
+    outcomes = [fit.ClipOutcome(0, 0, False, True, True, 0, 30),  # caught whatever the thresholds
+                fit.ClipOutcome(0, 1, False, True, False, 0, 30),
+                fit.ClipOutcome(0, 2, False, True, False, 0, 30),
+                fit.ClipOutcome(0, 3, True, False, False, 1, 50)]  # clean, one alarm whatever the thresholds
+    strong, weak = [2.0], [-1.0]  # first scores of 0.88 and 0.27 (their log-odds are the first cue)
+    rows = [fit.Scored(0, 1, 12, strong, False, True), fit.Scored(0, 2, 12, weak, False, True),
+            fit.Scored(0, 2, 5, strong, False, False), fit.Scored(0, 3, 20, weak, True, False),
+            fit.Scored(0, 3, 30, strong, True, False)]
+    p = np.array([0.1, 0.6, 0.95, 0.8, 0.3])  # the second looks' scores
+    assert fit.first_probability(rows[0]) == pytest.approx(0.8808, abs=1e-4)
+    # first look from 0.9, none from the second: only what is caught whatever the thresholds
+    assert fit.outcome(rows, p, outcomes, 0.9, 1.0) == (1, 3, 1, 50)
+    # first look from 0.8: clip 1 caught, and the clean strong blob is a false alarm
+    assert fit.outcome(rows, p, outcomes, 0.8, 1.0) == (2, 3, 2, 50)
+    # second look from 0.5 too: clip 2's weak blob is caught by it, the clean weak blob (0.8) alarms
+    assert fit.outcome(rows, p, outcomes, 0.8, 0.5) == (3, 3, 3, 50)
+    # a look before onset (clip 2, frame 5) is never a catch, and a patched clip's look never a false alarm
+    assert fit.outcome(rows[2:3], p[2:3], outcomes[2:3], 0.5, 0.5) == (0, 1, 0, 0)
+
+
+def test_choose_takes_the_most_caught_within_the_false_alarms_allowed(fit):
+    table = {(0.8, 0.3): (98, 100, 30, 10_000), (0.8, 0.5): (96, 100, 5, 10_000),
+             (0.8, 0.6): (96, 100, 4, 10_000), (0.9, 0.7): (94, 100, 1, 10_000)}
+    assert fit.choose(table, max_false=0.5) == (0.8, 0.6)  # 0.3 allows too many; 0.5 and 0.6 tie: the higher
+    assert fit.choose(table, max_false=0.1) == (0.9, 0.7)
