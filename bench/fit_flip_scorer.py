@@ -199,49 +199,68 @@ def plot(table, by_detector, scorer, out: Path) -> None:
     axes[0].set(xlabel="false alarms / 1000 clean frames", ylabel="effective patches caught within 3 frames",
                 title="left one tuning seed out, per threshold")
     axes[0].legend(loc="lower right", fontsize=8)
-    names = list(scorer.weights)
-    axes[1].barh(names, [scorer.weights[n] for n in names], color="tab:blue")
-    axes[1].set(xlabel="weight (cue in its own units)", title="the scorer's weights")
+    plot_weights(axes[1], scorer.weights, "the scorer's weights")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tuning_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every fit on tuning clips takes: the engine, the campaign, the seeds, the fit's strength, the
+    detector's settings and how the clips are drawn (as bench/monitor_detection.py draws them)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes")
     parser.add_argument("--tune-seeds", default="0,1,2,3,4,5")
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a FlipConfig field for the detector that finds the blobs, e.g. --set footprint_px=5")
-    parser.add_argument("--without", default="", help="comma-separated cues left out of the fit (weight 0): what "
-                        "a cue adds, measured on the same clips")
-    parser.add_argument("--max-false", type=float, default=0.5, help="false alarms per 1000 clean frames allowed")
+                        help="a FlipConfig field of the detector, e.g. --set footprint_px=5")
     parser.add_argument("--within", type=int, default=3)
     parser.add_argument("--min-flip", type=int, default=40)
     for name, default in (("effective", 100), ("max-clips", 400), ("frames", 30), ("clean-scenes", 10),
                           ("clean-frames", 50), ("workers", 2)):
         parser.add_argument(f"--{name}", type=int, default=default, help="as bench/monitor_detection.py")
     parser.add_argument("--cache", default="bench/results/monitor/clips")
+    return parser
+
+
+def plot_weights(axis, weights: dict[str, float], title: str) -> None:
+    names = list(weights)
+    axis.barh(names, [weights[n] for n in names], color="tab:blue")
+    axis.set(xlabel="weight (cue in its own units)", title=title)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = tuning_arguments(__doc__.split("\n\n")[0])
+    parser.add_argument("--without", default="", help="comma-separated cues left out of the fit (weight 0): what "
+                        "a cue adds, measured on the same clips")
+    parser.add_argument("--max-false", type=float, default=0.5, help="false alarms per 1000 clean frames allowed")
     parser.add_argument("--out", default="bench/results/monitor/scorer.json")
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
+def tuning_clips(args):
+    """The engine, every clip of the tuning seeds (rendered once, cached) and the `--set` detector settings."""
     import cv2
 
     from audit.store import trial_scenes
     from export import OnnxRuntimeEngine
-    from monitor.counterfactual import CUES, PatchScorer
     from monitor_detection import seed_clips, seeds
 
+    if len(seeds(args.tune_seeds)) < 2:
+        raise SystemExit(f"--tune-seeds {args.tune_seeds!r}: leaving one seed out needs at least two")
     cv2.setNumThreads(1)
     engine = OnnxRuntimeEngine(args.engine)
     scenes = trial_scenes(args.run)
     clips = [clip for seed in seeds(args.tune_seeds) for clip in seed_clips(engine, scenes, seed, args)]
-    settings = dict(item.split("=", 1) for item in args.set)
+    return engine, clips, dict(item.split("=", 1) for item in args.set)
+
+
+def main() -> None:
+    args = parse_args()
+    from monitor.counterfactual import CUES, PatchScorer
+
+    engine, clips, settings = tuning_clips(args)
     rows, totals = collect(clips, [c.name for c in engine.spec.classes], engine.segment, args.within, args.min_flip,
                            settings)
     left_out = {c.strip() for c in args.without.split(",") if c.strip()}

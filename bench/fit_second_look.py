@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fit_flip_scorer import Scored, fit  # noqa: E402
+from fit_flip_scorer import Scored, fit, plot_weights, tuning_arguments, tuning_clips  # noqa: E402
 
 #: probabilities the second look's threshold is chosen from (0.30 to 0.98 in steps of 0.01)
 THRESHOLDS = tuple(round(0.3 + 0.01 * step, 2) for step in range(69))
@@ -59,7 +59,8 @@ def collect(clips, names, relabel, within: int, min_flip: int, settings: dict
     from monitor.second_look import LOOK_CUES, SecondLookScorer
 
     scorer = FlipConfig(**settings).scorer.model_copy(update={"threshold": 1.0})
-    silent = FlipConfig(**settings | {"scorer": scorer}, second_look=SecondLookScorer(
+    # silenced, no blob could alarm: `skip_hopeless` off, or no blob would be checked at all
+    silent = FlipConfig(**settings | {"scorer": scorer}, skip_hopeless=False, second_look=SecondLookScorer(
         bias=-60.0, weights=dict.fromkeys(LOOK_CUES, 0.0), threshold=1.0))
     rows, outcomes = [], []
     for number, clip in enumerate(tqdm(clips, desc="second looks of every clip")):
@@ -148,34 +149,20 @@ def plot(table, chosen: tuple[float, float], scorer, out: Path) -> None:
     axes[0].set(xlabel="false alarms / 1000 clean frames", ylabel="effective patches caught within the window",
                 xlim=(0, 3), title="left one tuning seed out")
     axes[0].legend(loc="lower right", fontsize=8)
-    names = list(scorer.weights)
-    axes[1].barh(names, [scorer.weights[n] for n in names], color="tab:blue")
-    axes[1].set(xlabel="weight (cue in its own units)", title="the second look's weights")
+    plot_weights(axes[1], scorer.weights, "the second look's weights")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
-    parser.add_argument("--run", default="bench/results/seed000_shapes")
-    parser.add_argument("--tune-seeds", default="0,1,2,3,4,5")
-    parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a FlipConfig field of the detector, e.g. --set look_from=0.3")
+    parser = tuning_arguments(__doc__.split("\n\n")[0])
     # the goal is 0.5; fresh seeds raised more false alarms than the tuning seeds left out every time: a margin
     parser.add_argument("--max-false", type=float, default=0.4, help="false alarms per 1000 clean frames allowed")
     parser.add_argument("--first-look-alarms", action=argparse.BooleanOptionalAction, default=False,
                         help="let a first look alarm on its own (default: every alarm waits for its second look: on "
                         "fresh seeds 26-38, 9 of 12 false alarms were objects entering the view alarmed by a first "
                         "look at 0.82-0.97, and the second look let 2 of them through)")
-    parser.add_argument("--within", type=int, default=3)
-    parser.add_argument("--min-flip", type=int, default=40)
-    for name, default in (("effective", 100), ("max-clips", 400), ("frames", 30), ("clean-scenes", 10),
-                          ("clean-frames", 50), ("workers", 2)):
-        parser.add_argument(f"--{name}", type=int, default=default, help="as bench/monitor_detection.py")
-    parser.add_argument("--cache", default="bench/results/monitor/clips")
     parser.add_argument("--out", default="bench/results/monitor/second_look.json")
     return parser.parse_args()
 
@@ -193,18 +180,9 @@ def report(table, max_false: float) -> None:
 
 def main() -> None:
     args = parse_args()
-    import cv2
-
-    from audit.store import trial_scenes
-    from export import OnnxRuntimeEngine
     from monitor.second_look import LOOK_CUES, SecondLookScorer
-    from monitor_detection import seed_clips, seeds
 
-    cv2.setNumThreads(1)
-    engine = OnnxRuntimeEngine(args.engine)
-    scenes = trial_scenes(args.run)
-    clips = [clip for seed in seeds(args.tune_seeds) for clip in seed_clips(engine, scenes, seed, args)]
-    settings = dict(item.split("=", 1) for item in args.set)
+    engine, clips, settings = tuning_clips(args)
     rows, outcomes = collect(clips, [c.name for c in engine.spec.classes], engine.segment, args.within,
                              args.min_flip, settings)
     table = leave_one_seed_out(rows, outcomes, args.c)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,17 @@ import pytest
 from segmenters.data import default_data_root
 
 DATA_ROOT = default_data_root()
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_module(name: str):
+    """bench/NAME.py, loaded once (bench/ is not an installed package)."""
+    module = f"bench_{name}"
+    if module not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module, BENCH / f"{name}.py")
+        sys.modules[module] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module])
+    return sys.modules[module]
 
 
 @pytest.fixture(scope="session")

@@ -3,21 +3,18 @@ pan), the clean-clip settings drawn for the flip detector's benchmark, and the C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import bench_module
 from monitor.cameras import (CLEAN_KINDS, CameraPath, EnteringObject, LightingChange, SceneChanges, SyntheticCamera,
                              clean_variants)
 
 SCENE = 3  # a val scene with several objects in view
 SIZE = (64, 64)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def frames_of(camera: SyntheticCamera, count: int) -> tuple[list[np.ndarray], list[dict]]:
@@ -171,13 +168,7 @@ def test_clean_variants_draw_one_setting_per_kind_with_its_event_inside_the_clip
 
 # ------------------------------------------------------------------------------------------- CamVid video
 def camvid_video_module():
-    """bench/camvid_video.py (bench/ is not an installed package)."""
-    name = "bench_camvid_video"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "camvid_video.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return bench_module("camvid_video")
 
 
 def test_camvid_order_and_cuts_from_file_names(tmp_path):

@@ -3,25 +3,17 @@ package: loaded from its file)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def fit():
-    name = "bench_fit_second_look"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "fit_second_look.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return bench_module("fit_second_look")
 
 
 def test_a_look_is_at_the_patch_only_when_its_blob_appeared_at_or_after_onset_and_it_came_in_time(fit):

@@ -152,9 +152,10 @@ STICKER = (slice(28, 36), slice(24, 32))  # on the box
 
 
 def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFooledSegmenter, check: bool = True,
-                  colours=VIVID, config: FlipConfig = FlipConfig(), scale: int = 1, at=STICKER):
+                  colours=VIVID, config: FlipConfig = FlipConfig(), scale: int = 1, at=STICKER, paint=None):
     """A still camera on a red box over a textured ground; a sticker appears on the box at `sticker_from`. With
-    `scale` the camera delivers every frame (and the segmenter every label map) `scale` times larger."""
+    `scale` the camera delivers every frame (and the segmenter every label map) `scale` times larger; `paint(index,
+    rgb)` may draw more on each frame."""
     rng = np.random.default_rng(2)
     ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
     ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
@@ -173,6 +174,8 @@ def sticker_scene(frames: int, sticker_from: int | None, segmenter: StickerFoole
         rgb += rng.integers(0, 3, rgb.shape, dtype=np.uint8)  # sensor noise
         if sticker_from is not None and index >= sticker_from:
             rgb[at] = np.where(checker[..., None], *colours)
+        if paint is not None:
+            paint(index, rgb)
         segmenter.frame = index
         alarms += detector.update(index, up(rgb), up(segmenter.labels(rgb)))
     return detector, alarms
@@ -398,19 +401,12 @@ def test_the_second_look_sees_what_keeps_arriving():
     """A sticker that stays put, against the same sticker with more of something arriving beside it on the next
     frame (an object entering): the look's cues tell them apart."""
     def look_at(arriving: bool):
-        segmenter = StickerFooledSegmenter()
-        detector = FlipDetector(SHAPES_NAMES, "look", grey_zone(1.0), relabel=segmenter)
-        rng = np.random.default_rng(2)
-        ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
-        ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
-        checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
-        for index in range(12):
-            rgb = ground + rng.integers(0, 3, ground.shape, dtype=np.uint8)
-            if index >= 10:
-                rgb[STICKER] = np.where(checker[..., None], *VIVID)
+        def paint(index, rgb):
             if arriving and index >= 11:
                 rgb[28:36, 32:44] = (30, 200, 30)
-            detector.update(index, rgb, segmenter.labels(rgb))
+
+        detector, _ = sticker_scene(12, sticker_from=10, segmenter=StickerFooledSegmenter(), config=grey_zone(1.0),
+                                    paint=paint)
         [look] = detector.last_looks
         return look.cues
 
