@@ -7,14 +7,13 @@ reverted enough is kept with its cues. Positives: per effective patched clip, th
 onset. A logistic regression (L2, classes balanced; torch's L-BFGS) is fitted on standardised cues; the
 standardisation is folded into the weights, so the scorer weighs cues in their own units.
 
-The threshold is the one that, left-one-seed-out, catches the most effective patches with at most `--max-false`
-false alarms per 1000 clean frames. Counted per blob, an object arriving over several frames is several false
-alarms, while the detector raises one (a region already alarmed stays quiet): so the candidates near the limit are
-judged by the detector itself, each tuning seed's clips run with the scorer fitted on the others, first looks alone.
-bench/fit_second_look.py then fits the second look on these weights and chooses both thresholds together (they
-share one budget of false alarms). The scoring seeds of bench/monitor_detection.py are never read here.
+Left-one-seed-out, it reports what the first look alone would catch per threshold (false alarms counted per blob:
+an object arriving over several frames is several). It chooses no threshold: every alarm waits for the second look,
+and bench/fit_second_look.py, run next on these weights, chooses both thresholds together (they share one budget of
+false alarms). The clips are read one seed at a time (a seed's clips take ~0.3 GB). The scoring seeds of
+bench/monitor_detection.py are never read here.
 
-    python bench/fit_flip_scorer.py    # tuning seeds 0-5 -> bench/results/monitor/scorer.json (+ .png), the weights
+    python bench/fit_flip_scorer.py    # tuning seeds 0-5 -> bench/results/monitor/scorer.json (+ .png): weights
 """
 
 from __future__ import annotations
@@ -30,11 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: probabilities the threshold is chosen from (0.50 to 0.98 in steps of 0.01)
+#: probabilities the first look alone is reported at (0.50 to 0.98 in steps of 0.01)
 THRESHOLDS = tuple(round(0.5 + 0.01 * step, 2) for step in range(49))
-#: the detector judges every other threshold from the first whose false alarms counted per blob are within this
-#: factor of the allowed rate, up to the one chosen on blob counts
-DETECTOR_FALSE_FACTOR = 3.0
+#: the tuning seeds (the shipped weights: the first look fitted on 0-2, the second on 0-5; see the README)
+TUNE_SEEDS = "0-5"
 
 
 @dataclass
@@ -142,46 +140,8 @@ def leave_one_seed_out(rows: list[Scored], totals: dict, c: float) -> dict[float
     return {t: tuple(int(v) for v in row) for t, row in table.items()}
 
 
-def detector_candidates(table, max_false: float) -> list[float]:
-    first = min((t for t, (_, _, false, frames) in table.items()
-                 if 1000 * false / frames <= DETECTOR_FALSE_FACTOR * max_false), default=max(THRESHOLDS))
-    last = choose(table, max_false)
-    return [t for t in THRESHOLDS if first <= t <= last][::-2][::-1]  # every other one, `last` included
-
-
-def detector_leave_one_seed_out(clips, names, relabel, rows, totals: dict, used: list[int], thresholds,
-                                settings: dict, args) -> dict[float, tuple[int, int, int, int]]:
-    """(caught, effective, false alarms, clean frames) per threshold as the detector raises them, each tuning seed
-    run with the scorer fitted on the others."""
-    from monitor.counterfactual import CUES, PatchScorer
-    from monitor.flips import FlipConfig
-    from monitor_detection import judge_clip, summarise
-
-    table = {t: np.zeros(4, int) for t in thresholds}
-    for held in sorted(totals):
-        fitted, bias = fit([r for r in rows if r.seed != held], args.c)
-        weights = dict.fromkeys(CUES, 0.0) | {CUES[i]: float(w) for i, w in zip(used, fitted)}
-        held_clips = [clip for clip in clips if clip.seed == held]
-        for t in tqdm(thresholds, desc=f"the detector on seed {held}, fitted on the others"):
-            # first looks alone: the second look is fitted after, on top of them (bench/fit_second_look.py)
-            config = FlipConfig(**settings | {"look_from": 1.0},
-                                scorer=PatchScorer(weights=weights, bias=bias, threshold=t))
-            summary = summarise([judge_clip(clip, names, config, relabel, args.min_flip) for clip in held_clips],
-                                args.within)
-            caught = round(summary[f"detected_within_{args.within}"] * summary["effective_patches"])
-            table[t] += (caught, summary["effective_patches"], summary["false_alarms"], summary["clean_frames"])
-    return {t: tuple(int(v) for v in row) for t, row in table.items()}
-
-
-def choose(table, max_false: float) -> float:
-    """The threshold catching most with at most `max_false` false alarms per 1000 clean frames (ties: higher)."""
-    allowed = [t for t, (_, _, false, frames) in table.items() if 1000 * false / frames <= max_false]
-    return max(allowed or [max(THRESHOLDS)], key=lambda t: (table[t][0], t))
-
-
-def plot(table, by_detector, scorer, out: Path) -> None:
-    """Left-one-seed-out detection against false alarms per threshold, counted per blob and as the detector raises
-    them (the chosen one marked), and the weights."""
+def plot(table, scorer, out: Path) -> None:
+    """Left-one-seed-out detection against false alarms per threshold, counted per blob, and the weights."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -191,13 +151,10 @@ def plot(table, by_detector, scorer, out: Path) -> None:
         if round(100 * t) % 5:  # label every 0.05
             continue
         axes[0].annotate(f"{t:.2f}", (false, caught), textcoords="offset points", xytext=(4, -10), fontsize=8)
-    judged = {t: (1000 * v[2] / v[3], v[0] / v[1]) for t, v in by_detector.items()}
-    axes[0].plot(*zip(*judged.values()), "o-", color="tab:green", ms=4, label="as the detector raises them")
-    axes[0].plot(*judged[scorer.threshold], "ks", ms=10, mfc="none", label=f"chosen: {scorer.threshold}")
     axes[0].axvline(0.5, color="k", ls="--", lw=1)
     axes[0].axhline(0.95, color="k", ls=":", lw=1)
     axes[0].set(xlabel="false alarms / 1000 clean frames", ylabel="effective patches caught within 3 frames",
-                title="left one tuning seed out, per threshold")
+                title="first looks alone, left one tuning seed out, per threshold")
     axes[0].legend(loc="lower right", fontsize=8)
     plot_weights(axes[1], scorer.weights, "the scorer's weights")
     fig.tight_layout()
@@ -211,7 +168,7 @@ def tuning_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--engine", default="bench/results/shapes/unet.onnx")
     parser.add_argument("--run", default="bench/results/seed000_shapes")
-    parser.add_argument("--tune-seeds", default="0,1,2,3,4,5")
+    parser.add_argument("--tune-seeds", default=TUNE_SEEDS, help="numbers and ranges, e.g. 0-5,20-42")
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength on standardised cues")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a FlipConfig field of the detector, e.g. --set footprint_px=5")
@@ -234,25 +191,26 @@ def parse_args() -> argparse.Namespace:
     parser = tuning_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--without", default="", help="comma-separated cues left out of the fit (weight 0): what "
                         "a cue adds, measured on the same clips")
-    parser.add_argument("--max-false", type=float, default=0.5, help="false alarms per 1000 clean frames allowed")
     parser.add_argument("--out", default="bench/results/monitor/scorer.json")
     return parser.parse_args()
 
 
 def tuning_clips(args):
-    """The engine, every clip of the tuning seeds (rendered once, cached) and the `--set` detector settings."""
+    """The engine, every clip of the tuning seeds (rendered once, cached; read one seed at a time, as iterated) and
+    the `--set` detector settings."""
     import cv2
+    from monitor_detection import seed_clips, seeds
 
     from audit.store import trial_scenes
     from export import OnnxRuntimeEngine
-    from monitor_detection import seed_clips, seeds
 
-    if len(seeds(args.tune_seeds)) < 2:
+    numbers = seeds(args.tune_seeds)
+    if len(numbers) < 2:
         raise SystemExit(f"--tune-seeds {args.tune_seeds!r}: leaving one seed out needs at least two")
     cv2.setNumThreads(1)
     engine = OnnxRuntimeEngine(args.engine)
     scenes = trial_scenes(args.run)
-    clips = [clip for seed in seeds(args.tune_seeds) for clip in seed_clips(engine, scenes, seed, args)]
+    clips = (clip for seed in numbers for clip in seed_clips(engine, scenes, seed, args))
     return engine, clips, dict(item.split("=", 1) for item in args.set)
 
 
@@ -275,24 +233,16 @@ def main() -> None:
     for t, (caught, effective, false, frames) in table.items():
         print(f"threshold {t:.2f}: left-one-seed-out {caught}/{effective} = {caught / effective:.1%} caught, "
               f"{false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")
-    names = [c.name for c in engine.spec.classes]
-    by_detector = detector_leave_one_seed_out(clips, names, engine.segment, rows, totals, used,
-                                              detector_candidates(table, args.max_false), settings, args)
-    for t, (caught, effective, false, frames) in by_detector.items():
-        print(f"threshold {t:.2f}, the detector: left-one-seed-out {caught}/{effective} = {caught / effective:.1%} "
-              f"caught, {false} false alarms in {frames} clean frames = {1000 * false / frames:.2f} per 1000")
-    threshold = choose(by_detector, args.max_false)
     fitted, bias = fit(rows, args.c)
     weights = dict.fromkeys(CUES, 0.0) | {CUES[i]: round(float(w), 4) for i, w in zip(used, fitted)}
-    scorer = PatchScorer(weights=weights, bias=round(bias, 4), threshold=threshold)
+    scorer = PatchScorer(weights=weights, bias=round(bias, 4))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"scorer": scorer.model_dump(), "tune_seeds": args.tune_seeds,
-                                          "left_one_seed_out": {str(t): v for t, v in table.items()},
-                                          "left_one_seed_out_detector": {str(t): v for t, v in by_detector.items()}},
-                                         indent=1))
-    print(f"threshold {threshold} (at most {args.max_false} false alarms per 1000 left-one-seed-out)")
+                                          "left_one_seed_out": {str(t): v for t, v in table.items()}}, indent=1))
+    print("weights (set them in monitor.counterfactual.FITTED_WEIGHTS and PatchScorer.bias, then run "
+          "bench/fit_second_look.py):")
     print(json.dumps(scorer.model_dump(), indent=1))
-    plot(table, by_detector, scorer, Path(args.out).with_suffix(".png"))
+    plot(table, scorer, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
 
 

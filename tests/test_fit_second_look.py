@@ -51,3 +51,26 @@ def test_choose_takes_the_most_caught_within_the_false_alarms_allowed(fit):
              (0.8, 0.6): (96, 100, 4, 10_000), (0.9, 0.7): (94, 100, 1, 10_000)}
     assert fit.choose(table, max_false=0.5) == (0.8, 0.6)  # 0.3 allows too many; 0.5 and 0.6 tie: the higher
     assert fit.choose(table, max_false=0.1) == (0.9, 0.7)
+
+
+def test_seeds_are_numbers_and_inclusive_ranges_and_a_typo_is_named():
+    detection = bench_module("monitor_detection")
+    assert detection.seeds("0-2,20, 22-23,") == [0, 1, 2, 20, 22, 23]
+    assert detection.seeds("") == []
+    with pytest.raises(SystemExit, match="'2x'"):
+        detection.seeds("0,2x")
+
+
+def test_the_fit_learns_from_every_look_and_counts_only_those_the_detector_takes(fit):
+    rng = np.random.default_rng(0)
+    # seeds 0 and 1: a patch's look and a clean look each; the patch's first score is 0.5 on seed 1, below 0.8
+    rows, outcomes = [], []
+    for seed, patch_first in ((0, 2.0), (1, 0.0)):
+        outcomes += [fit.ClipOutcome(seed, 0, False, True, False, 0, 30),
+                     fit.ClipOutcome(seed, 1, True, False, False, 0, 50)]
+        rows += [fit.Scored(seed, 0, 11, [patch_first, 1.0 + 0.1 * rng.random()], False, True),
+                 fit.Scored(seed, 1, 20, [2.0, -1.0 - 0.1 * rng.random()], True, False)]
+    counted_low = fit.leave_one_seed_out(rows, outcomes, c=1.0, look_from=0.2)
+    counted_high = fit.leave_one_seed_out(rows, outcomes, c=1.0, look_from=0.8)
+    assert counted_low[(1.0, 0.5)] == (2, 2, 0, 100)  # the second cue tells them apart: both patches caught
+    assert counted_high[(1.0, 0.5)] == (1, 2, 0, 100)  # seed 1's patch is never looked at from 0.8
