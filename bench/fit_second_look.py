@@ -17,7 +17,7 @@ first threshold or its look reaches the second; the false alarms are every clean
 look: the detector raises one alarm per region, so this errs on the safe side). The scoring seeds of
 bench/monitor_detection.py are never read here.
 
-    python bench/fit_second_look.py    # tuning seeds 0-5 -> bench/results/monitor/second_look.json (+ .png)
+    python bench/fit_second_look.py    # tuning seeds 0-5,20-30 -> bench/results/monitor/second_look.json (+ .png)
 """
 
 from __future__ import annotations

@@ -67,20 +67,20 @@ class PatchScorer(LogisticScorer):
 
     CUE_NAMES: ClassVar[tuple[str, ...]] = CUES
     weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_WEIGHTS))
-    bias: float = Field(default=-16.3648, description="the fit's intercept (cues in their own units)")
+    bias: float = Field(default=-19.433, description="the fit's intercept (cues in their own units)")
     threshold: float = Field(1.0, gt=0, le=1, description="probability that raises an alarm on the first look (1: "
                              "none does, every alarm waits for its second look; chosen together with the second "
                              "look's: bench/fit_second_look.py)")
 
     def best_case(self, blob_cues: dict[str, float], stable: np.ndarray, near: np.ndarray,
-                  min_reverted: int = 1) -> float:
+                  min_reverted: int = 1, on_flipped_object: float = 1.0) -> float:
         """The highest probability a blob can reach whatever its counterfactual shows (below the threshold, the
         engine call would be wasted). Only pixels whose label differs from the reference outside what is restored
         can revert: `stable` and `near` say, for each of them, whether its label had held `min_stable` frames and
         whether it lies within `near_px` of the blob, which is all the effect cues ask of a reverted pixel. Exact:
         for each count of reverted pixels from `min_reverted` up (fewer are not scored), the best set of that size
         is the one whose pixels weigh most, and the share of the labels that changed at whichever end of (0, 1]
-        its weight favours."""
+        its weight favours. `on_flipped_object` is the most that cue can read (`flipped_object_bound`)."""
         if len(stable) < min_reverted:
             return 0.0
         weights = self.weights
@@ -89,31 +89,31 @@ class PatchScorer(LogisticScorer):
         effect = weights["log_reverted_pixels"] * np.log1p(count) + np.cumsum(values) / count
         logit = self.bias + sum(weights[name] * blob_cues[name] for name in BLOB_CUES)
         logit += float(effect[max(min_reverted, 1) - 1:].max()) + max(weights["reverted_share"], 0.0)
-        logit += max(weights["on_flipped_object"], 0.0)  # which object the reverted pixels belong to is unknown yet
+        logit += max(weights["on_flipped_object"] * on_flipped_object, 0.0)  # which object reverts is unknown yet
         return self._sigmoid(logit)
 
 
-#: the weights `bench/fit_flip_scorer.py` found on tuning seeds 0-5 (see the README)
+#: the weights `bench/fit_flip_scorer.py` found on tuning seeds 0-5 and 20-30 (see the README)
 FITTED_WEIGHTS = {
-    "log_blob_pixels": 0.7597,
-    "log_blob_pixels_sq": 0.0941,
-    "blob_aspect": 2.2986,
-    "saturation": 3.7298,
-    "saturation_gain": -1.4579,
-    "texture_gain": 2.5296,
-    "image_change": 10.6961,
-    "log_quiet_frames": 0.43,
-    "motion_px": -1.3883,
-    "log_blobs": -0.8763,
-    "blob_relabelled": 0.0,
-    "colour_spread_gain": 0.0,
-    "ring_change": 0.0,
-    "border_distance": 0.0,
-    "log_reverted_pixels": 0.9086,
-    "reverted_share": 0.3407,
-    "reverted_stable": 2.0989,
-    "reverted_near": 0.5844,
-    "on_flipped_object": 2.0405,
+    "log_blob_pixels": 1.0679,
+    "log_blob_pixels_sq": 0.0806,
+    "blob_aspect": 3.4232,
+    "saturation": 3.9636,
+    "saturation_gain": -1.0421,
+    "texture_gain": 3.04,
+    "image_change": 20.4254,
+    "log_quiet_frames": 0.2677,
+    "motion_px": -1.6277,
+    "log_blobs": -0.9564,
+    "blob_relabelled": 0.7411,
+    "colour_spread_gain": 4.8466,
+    "ring_change": -19.7005,
+    "border_distance": 2.9035,
+    "log_reverted_pixels": 1.2247,
+    "reverted_share": -0.3199,
+    "reverted_stable": 1.1718,
+    "reverted_near": 0.9316,
+    "on_flipped_object": 1.8463,
 }
 
 
@@ -248,6 +248,14 @@ def _on_flipped_object(blob: Blob, reference: np.ndarray) -> float:
         return 0.0
     flipped_object = np.bincount(held.astype(np.int64)).argmax()
     return float((reference[blob.pixels] == flipped_object).mean())
+
+
+def flipped_object_bound(blob_pixels: np.ndarray, could_revert: np.ndarray, reference: np.ndarray) -> float:
+    """The most `on_flipped_object` can read before the engine call: the object that reverts is one whose reference
+    label some pixel that could revert holds, so the share is at most the blob's largest share on such a label."""
+    held = np.bincount(reference[could_revert].ravel().astype(np.int64))
+    under = np.bincount(reference[blob_pixels].ravel().astype(np.int64), minlength=held.size)[:held.size]
+    return float(under[held > 0].max(initial=0)) / max(int(blob_pixels.sum()), 1)
 
 
 def _mean_saturation(rgb: np.ndarray, mask: np.ndarray) -> float:

@@ -42,7 +42,8 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.counterfactual import Blob, PatchScorer, View, blob_cues, effect_cues, judge_effect, new_blobs
+from monitor.counterfactual import (Blob, PatchScorer, View, blob_cues, effect_cues, flipped_object_bound, judge_effect,
+                                    new_blobs)
 from monitor.second_look import Look, SecondLookScorer, look_cues
 
 #: "never" for the per-pixel frame counters (int16)
@@ -94,8 +95,8 @@ class FlipConfig(BaseModel):
     look_from: float = Field(0.8, gt=0, le=1, description="counterfactual: a blob scoring this or more, but below the "
                              "scorer's threshold, gets a second look on the next frame (at the threshold or above: "
                              "no second looks). Lower catches more but sends more blobs to the engine: on a moving "
-                             "camera's clean clips the monitor kept 53 % of the engine's frames/s at 0.2, 78 % at "
-                             "0.6, 96 % at 0.8 (bench/monitor_throughput.py)")
+                             "camera's clean clips the monitor kept 85 % of the engine's frames/s at 0.5 and 97-99 % "
+                             "at 0.8 (bench/monitor_throughput.py)")
     look_zone_px: int = Field(5, ge=1, description="second look: the blob grown by this kernel (px) is where it asks "
                               "whether something is still appearing")
     look_ring_px: int = Field(11, ge=1, description="second look: new appearance within this kernel (px) of the blob "
@@ -513,7 +514,8 @@ class FlipDetector:
     def _best_case(self, blob: Blob, could_revert: np.ndarray, view: View) -> float:
         near = cv2.dilate(blob.restored.astype(np.uint8), _disk(view.near_px)).astype(bool)
         return self.config.scorer.best_case(blob.cues, self._stable[could_revert] >= self.config.min_stable,
-                                            near[could_revert], self.config.min_reverted_pixels)
+                                            near[could_revert], self.config.min_reverted_pixels,
+                                            flipped_object_bound(blob.pixels, could_revert, view.reference))
 
     def _already_alarmed(self, region: np.ndarray) -> bool:
         return any((region & mask).sum() >= self.config.min_pixels // 2 for mask in self.active)

@@ -39,8 +39,8 @@ class SecondLookScorer(LogisticScorer):
 
     CUE_NAMES: ClassVar[tuple[str, ...]] = LOOK_CUES
     weights: dict[str, float] = Field(default_factory=lambda: dict(FITTED_LOOK_WEIGHTS))
-    bias: float = Field(default=-1.404, description="the fit's intercept (cues in their own units)")
-    threshold: float = Field(0.38, gt=0, le=1, description="probability that raises an alarm")
+    bias: float = Field(default=-1.7531, description="the fit's intercept (cues in their own units)")
+    threshold: float = Field(0.18, gt=0, le=1, description="probability that raises an alarm")
 
     def lowest_first_probability(self) -> float:
         """The lowest first score whose second look can reach the threshold, whatever the look sees (a blob
@@ -59,14 +59,14 @@ class SecondLookScorer(LogisticScorer):
         return 1.0 / (1.0 + math.exp(-max(-LOGIT_CAP, min(LOGIT_CAP, needed / weight))))
 
 
-#: the weights `bench/fit_second_look.py` found on tuning seeds 0-5 (see the README)
+#: the weights `bench/fit_second_look.py` found on tuning seeds 0-5 and 20-30 (see the README)
 FITTED_LOOK_WEIGHTS = {
-    "first_logit": 0.8973,
-    "appearing_around": 0.5142,
-    "log_new_around": -0.2027,
-    "flip_kept": 0.1582,
-    "flip_suspect": 0.831,
-    "blob_change": -7.5719,
+    "first_logit": 0.9076,
+    "appearing_around": 1.6385,
+    "log_new_around": -0.3352,
+    "flip_kept": 0.4131,
+    "flip_suspect": 0.5032,
+    "blob_change": -6.3863,
 }
 
 

@@ -348,11 +348,35 @@ def test_the_best_case_bounds_every_score_it_stands_for():
                       "on_flipped_object": float(rng.random())}
             best = max(best, scorer.probability(blob | effect))
         assert best <= bound + 1e-12
-        # the bound is attained: every pixel both stable and near, as many as could revert, all that changed
-        everything = {"log_reverted_pixels": float(np.log1p(could_revert)), "reverted_share": 1.0,
-                      "reverted_stable": 1.0, "reverted_near": 1.0, "on_flipped_object": 1.0}
+        # the bound is attained (as a supremum): every pixel both stable and near, as many as could revert, the
+        # shares at whichever end their weights favour
+        favoured = {name: float(scorer.weights[name] > 0) for name in ("reverted_share", "on_flipped_object")}
+        everything = {"log_reverted_pixels": float(np.log1p(could_revert)), "reverted_stable": 1.0,
+                      "reverted_near": 1.0} | favoured
         assert scorer.best_case(blob, np.ones(could_revert, bool), np.ones(could_revert, bool), 10) == \
             pytest.approx(scorer.probability(blob | everything))
+
+
+def test_the_flipped_object_bound_holds_for_every_set_that_can_revert_and_is_reached():
+    """`on_flipped_object` reads at most `flipped_object_bound` whatever reverts, as long as it could revert; the
+    bound is what it reads when the blob's best-sharing object is the one that reverts."""
+    from monitor.counterfactual import Blob, _on_flipped_object, flipped_object_bound
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        reference = rng.integers(0, 5, size=(24, 24))
+        pixels, could_revert = rng.random((24, 24)) < 0.2, rng.random((24, 24)) < rng.random() * 0.3
+        if not pixels.any() or not could_revert.any():
+            continue
+        bound = flipped_object_bound(pixels, could_revert, reference)
+        for _ in range(10):
+            reverted = could_revert & (rng.random((24, 24)) < rng.random())
+            assert _on_flipped_object(Blob(pixels, pixels, reverted), reference) <= bound + 1e-12
+        shares = {int(c): float((reference[pixels] == c).mean()) for c in np.unique(reference[could_revert])}
+        best = max(shares, key=shares.get)
+        reached = Blob(pixels, pixels, could_revert & (reference == best))
+        assert _on_flipped_object(reached, reference) == pytest.approx(bound)
+        assert bound == pytest.approx(max(shares.values()))
 
 
 def test_hopeless_blobs_cost_no_engine_call_and_change_no_alarm():
