@@ -92,17 +92,21 @@ class TimedEngine:
             self.busy += time.perf_counter() - started
 
 
-def pipeline(engine, clips, detect_workers: int | None) -> tuple[float, float, dict]:
+def pipeline(engine, clips, detect_workers: int | None, config=None, counterfactual=None
+             ) -> tuple[float, float, dict]:
     """Frames/s and CPU ms per frame of the whole monitor over in-memory streams whose queues hold the whole clip
     before the clock starts: every frame is processed, so this measures buffers, batching and detectors, not
     sources or drops. The summary's "engine_busy_share" is the share of the time the monitor was in an engine
-    call (1.0: the engine never waited for the monitor)."""
+    call (1.0: the engine never waited for the monitor). `counterfactual`: the engine the detectors'
+    counterfactuals run on (default: `engine`)."""
+    from monitor.flips import FlipConfig
     from monitor.pipeline import Monitor
     from monitor.streams import ReplaySource, Stream
 
     per_stream = len(clips[0])
     engine = TimedEngine(engine)
-    monitor = Monitor(engine, max_batch=len(clips), detect_workers=detect_workers)
+    monitor = Monitor(engine, flip_config=config or FlipConfig(), max_batch=len(clips), detect_workers=detect_workers,
+                      counterfactual_engine=counterfactual)
     for s, clip in enumerate(clips):
         monitor.add(Stream(ReplaySource(clip, name=f"cam{s}"), policy="drop_oldest", capacity=per_stream)).start()
     while any(len(s.buffer) < per_stream and not s.ended.is_set() for s in monitor.streams.values()):
@@ -140,7 +144,7 @@ def throughput(engine, streams: int = 4, frames_per_stream: int = 150, repeats: 
 def throughput_placements(placements: dict, streams: int, frames_per_stream: int, repeats: int, clips=None,
                           config=None) -> dict:
     """`throughput` for several placements (name -> (engine, detector threads or None for the monitor's
-    choice)) and the detector alone, all alternated round by round."""
+    choice[, the counterfactuals' engine])) and the detector alone, all alternated round by round."""
     from monitor.flips import FlipConfig
 
     config = config or FlipConfig()
@@ -148,15 +152,16 @@ def throughput_placements(placements: dict, streams: int, frames_per_stream: int
     clips = clips or make_clips(tuple(first.spec.input_size), streams, frames_per_stream)
     labels = [first.segment(np.stack(clip)) for clip in clips]
     names = [c.name for c in first.spec.classes]
-    for engine, _ in placements.values():  # warm up: sessions built, pools started
+    for engine, *_ in placements.values():  # warm up: sessions built, pools started
         engine.segment(np.stack([clip[0] for clip in clips]))
     rounds = {name: [] for name in placements}
     detector = []
     for _ in tqdm(range(repeats), desc=f"rounds ({'; '.join(placements)}; detector alone)"):
-        for name, (engine, workers) in placements.items():
+        for name, placement in placements.items():
+            engine, workers, counterfactual = (*placement, None)[:3]
             load = os.getloadavg()[0]
             alone, alone_cpu = engine_alone(engine, clips)
-            piped, piped_cpu, summary = pipeline(engine, clips, workers)
+            piped, piped_cpu, summary = pipeline(engine, clips, workers, config, counterfactual)
             rounds[name].append({"engine_fps": alone, "pipeline_fps": piped, "kept_share": piped / alone,
                                  "engine_cpu_ms_per_frame": alone_cpu, "pipeline_cpu_ms_per_frame": piped_cpu,
                                  "load_1min": load, "detect_workers": summary["detect_workers"],
@@ -349,6 +354,10 @@ def placements_of(engines: dict, args) -> dict:
     for workers in args.also_workers:
         placements.update({f"{name}, {workers} detector threads": (engine, workers)
                            for name, engine in engines.items()})
+    if args.local_counterfactual:  # where the engine computes elsewhere: its counterfactuals on the monitor's core
+        local = onnx_engine(args.engine, threads=1, device="cpu")
+        placements.update({f"{name}, local counterfactual": (engine, args.detect_workers, local)
+                           for name, engine in engines.items() if name.startswith("own_process")})
     return placements
 
 
@@ -387,6 +396,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--also-workers", type=int, nargs="*", default=[],
                         help="also run each placement with these detector thread counts")
     parser.add_argument("--profile", action="store_true", help="also time the detector line by line")
+    parser.add_argument("--look-from", type=float, help="FlipConfig.look_from (default: its own)")
+    parser.add_argument("--local-counterfactual", action="store_true", help="also run the engine-process placement "
+                        "with the counterfactuals on a local one-thread copy of the engine (Monitor's "
+                        "counterfactual_engine, `patchwatch monitor --counterfactual-engine`)")
     parser.add_argument("--out", default="bench/results/monitor/throughput.json")
     return parser.parse_args()
 
@@ -394,6 +407,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     import cv2
+
+    from monitor.flips import FlipConfig
 
     cv2.setNumThreads(1)  # as bench/monitor.py: the detector threads are the parallelism, not OpenCV's own
     engines = open_engines(args)
@@ -404,8 +419,9 @@ def main() -> None:
         if args.profile:  # first: the longer the run, the likelier monitor/flips.py changes on disk meanwhile
             labels = [first.segment(np.stack(clip)) for clip in clips]
             result["profile"] = detector_profile(clips, labels, [c.name for c in first.spec.classes])
+        config = FlipConfig(**({"look_from": args.look_from} if args.look_from else {}))
         result["throughput"] = throughput_placements(placements_of(engines, args), args.streams, args.frames,
-                                                     args.repeats, clips)
+                                                     args.repeats, clips, config)
     finally:
         for engine in engines.values():
             getattr(engine, "close", lambda: None)()

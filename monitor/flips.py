@@ -94,9 +94,10 @@ class FlipConfig(BaseModel):
     scorer: PatchScorer = Field(default_factory=PatchScorer, description="the learned patch score and its threshold")
     look_from: float = Field(0.8, gt=0, le=1, description="counterfactual: a blob scoring this or more, but below the "
                              "scorer's threshold, gets a second look on the next frame (at the threshold or above: "
-                             "no second looks). Lower catches more but sends more blobs to the engine: on a moving "
-                             "camera's clean clips the monitor kept 85 % of the engine's frames/s at 0.5 and 97-99 % "
-                             "at 0.8 (bench/monitor_throughput.py)")
+                             "no second looks). Lower sends more blobs to the counterfactual's engine: on a moving "
+                             "camera's clean clips, with the engine in its own process, the monitor kept 85 % of its "
+                             "frames/s at 0.5 and 97-99 % at 0.8; with the counterfactuals on a local copy "
+                             "(Monitor's counterfactual_engine) 96 % at 0.2 (bench/monitor_throughput.py)")
     look_zone_px: int = Field(5, ge=1, description="second look: the blob grown by this kernel (px) is where it asks "
                               "whether something is still appearing")
     look_ring_px: int = Field(11, ge=1, description="second look: new appearance within this kernel (px) of the blob "

@@ -126,15 +126,33 @@ class StreamStats:
                 "ended": stream.ended.is_set()}
 
 
+def same_model(engine: Engine, counterfactual: Engine) -> None:
+    """A counterfactual must ask the model the monitor watches: another model's labels would 'revert' anywhere."""
+    if counterfactual is engine:
+        return
+    ours, theirs = engine.spec, counterfactual.spec
+    if [c.name for c in ours.classes] != [c.name for c in theirs.classes]:
+        raise ValueError(f"the counterfactual engine's classes {[c.name for c in theirs.classes]} are not the "
+                         f"engine's {[c.name for c in ours.classes]}")
+    if ours.checkpoint_digest and theirs.checkpoint_digest and ours.checkpoint_digest != theirs.checkpoint_digest:
+        raise ValueError(f"the counterfactual engine runs checkpoint {theirs.checkpoint_digest}, the engine "
+                         f"{ours.checkpoint_digest}: give a copy of the engine's own model")
+
+
 class Monitor:
     """Streams -> batched engine calls -> one `FlipDetector` per stream -> sinks."""
 
     def __init__(self, engine: Engine, sinks=(), flip_config: FlipConfig = FlipConfig(), max_batch: int = 8,
-                 on_frame=None, confirm=None, detect_workers: int | None = None, detector_lag: int = 2):
+                 on_frame=None, confirm=None, detect_workers: int | None = None, detector_lag: int = 2,
+                 counterfactual_engine: Engine | None = None):
         if detector_lag < 1:
             raise ValueError(f"detector_lag must be at least 1 (batches whose detectors may still run), got "
                              f"{detector_lag}")
         self.engine, self.sinks, self.flip_config, self.max_batch = engine, list(sinks), flip_config, max_batch
+        # where the detectors' counterfactuals run: by default the engine itself; a local copy on the monitor's own
+        # core spares an engine computing elsewhere every counterfactual call (bench/monitor_throughput.py)
+        self.counterfactual_engine = counterfactual_engine or engine
+        same_model(engine, self.counterfactual_engine)
         # batches whose detectors may still be running while the engine segments the next one: at 2, a detector
         # waiting for its counterfactual's engine call holds up nothing (the engine is busy with that call, and
         # the loop's next batch queues behind it instead of waiting for the detector to finish)
@@ -162,9 +180,9 @@ class Monitor:
             raise ValueError(f"a stream named {stream.name!r} is already monitored")
         stream.on_event = self._on_stream_event
         self.streams[stream.name] = stream
-        # the counterfactual re-segments a frame with new blobs with the same engine (one batched call)
+        # the counterfactual re-segments a frame with new blobs with the same model (one batched call)
         self.detectors[stream.name] = FlipDetector(self._names, stream.name, self.flip_config,
-                                                   relabel=self.engine.segment)
+                                                   relabel=self.counterfactual_engine.segment)
         self.stats[stream.name] = StreamStats()
         return stream
 

@@ -135,6 +135,9 @@ def serve_until_stopped(url: str, stopped: threading.Event) -> None:
 @click.option("--model", help="served model name")
 @click.option("--version", help="served model version (default: the latest)")
 @click.option("--handle", help="Serve deployment handle NAME:VERSION (run inside the cluster)")
+@click.option("--counterfactual-engine", "counterfactual_path", type=click.Path(exists=True, dir_okay=False),
+              help="a local copy of the served model's engine file: the detectors' counterfactuals run on it (one "
+                   "thread, the monitor's own core) instead of costing the served engine a call each")
 @click.option("--api-key-env", help="environment variable with the service's API key")
 @click.option("--events", default="runs/monitor/events.jsonl", show_default=True, help="JSON-lines event log")
 @click.option("--webhook", help="POST every event as JSON here")
@@ -159,8 +162,8 @@ def serve_until_stopped(url: str, stopped: threading.Event) -> None:
               help="confirm each alarm on the engine's twin (--twin): vgatt adds VGatt evidence to the alarm")
 @click.option("--twin", type=click.Path(exists=True, dir_okay=False), help="the engine's twin checkpoint, for --confirm")
 @device_option("the twin of --confirm runs")
-def monitor(sources, engine_path, url, model, version, handle, api_key_env, events, webhook, page_port, no_page,
-            keep_page, policy, every_frame, fps, frames, duration, confirm, twin, device) -> None:
+def monitor(sources, engine_path, url, model, version, handle, counterfactual_path, api_key_env, events, webhook,
+            page_port, no_page, keep_page, policy, every_frame, fps, frames, duration, confirm, twin, device) -> None:
     """Watch SOURCES (video files, image folders or globs, rtsp/http URLs, camera indices, synthetic:INDEX,
     trial:RUN:TRIAL[@ONSET]) for patch-induced class flips. A file plays at its own frame rate, as a live camera
     would deliver it (frames the engine has no time for are dropped by --policy); --every-frame processes every
@@ -179,7 +182,15 @@ def monitor(sources, engine_path, url, model, version, handle, api_key_env, even
     hook = WebhookSink(webhook) if webhook else None
     if hook:
         sinks.append(hook)
-    watcher = Monitor(engine, sinks=sinks, confirm=confirmer)
+    counterfactual = None
+    if counterfactual_path:
+        from export import load_engine
+
+        counterfactual = load_engine(counterfactual_path, device="cpu", threads=1)
+    try:
+        watcher = Monitor(engine, sinks=sinks, confirm=confirmer, counterfactual_engine=counterfactual)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--counterfactual-engine") from None
     for text, source in zip(sources, opened):
         watcher.add(monitored_stream(text, source, policy, fps, every_frame))
     server = None

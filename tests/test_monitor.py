@@ -707,3 +707,78 @@ def test_detectors_lag_the_engine_by_a_bounded_number_of_batches_each_stream_in_
     assert all(started <= index + lag + 1 for _, index, started in seen)
     with pytest.raises(ValueError, match="detector_lag"):
         Monitor(engine, detector_lag=0)
+
+
+def shapes_torch_engine(size=(64, 80), digest: str | None = None):
+    import torch
+
+    from export import TorchEngine
+    from segmenters.data import dataset_classes
+    from segmenters.models import build_model
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import Twin
+
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="unet", classes=dataset_classes("shapes"), input_size=size, dataset="shapes",
+                     checkpoint_digest=digest)
+    return TorchEngine(Twin(build_model("unet", spec.num_classes).eval(), spec), device="cpu")
+
+
+def test_counterfactuals_run_on_the_counterfactual_engine_and_the_engine_sees_only_the_streams():
+    """With `counterfactual_engine`, every counterfactual call goes to it (a local copy on the monitor's core) and
+    the engine segments only the streams' batches; the same frames give the same alarms either way."""
+    import time
+
+    from monitor.pipeline import Monitor
+    from monitor.streams import ReplaySource, Stream
+
+    rng = np.random.default_rng(2)
+    ground = (rng.random((64, 80, 3)) * 60 + 40).astype(np.uint8)
+    ground[StickerFooledSegmenter.BOX] = (200, 50, 50)
+    checker = np.indices((8, 8)).sum(axis=0) % 2 == 0
+    clips = []
+    for sticker_from in (6, 9):  # two still cameras on the red box; a sticker appears on it
+        clip = []
+        for index in range(14):
+            rgb = ground + rng.integers(0, 3, ground.shape, dtype=np.uint8)
+            if index >= sticker_from:
+                rgb[STICKER] = np.where(checker[..., None], *VIVID)
+            clip.append(rgb)
+        clips.append(clip)
+
+    def engine_counting(calls: list):  # the sticker-fooled model behind the Engine the monitor holds
+        engine, model = shapes_torch_engine(), StickerFooledSegmenter()
+        engine.segment = lambda frames: (calls.append(len(frames)), model(np.asarray(frames)))[1]
+        return engine
+
+    def run(counterfactual: bool):
+        calls = {"engine": [], "local": []}
+        local = engine_counting(calls["local"]) if counterfactual else None
+        monitor = Monitor(engine_counting(calls["engine"]), max_batch=2, counterfactual_engine=local)
+        for s, clip in enumerate(clips):
+            monitor.add(Stream(ReplaySource(clip, name=f"cam{s}"), policy="drop_oldest", capacity=len(clip))).start()
+        while any(len(stream.buffer) < len(clips[0]) for stream in monitor.streams.values()):
+            time.sleep(0.01)
+        monitor.run(duration=120)
+        checks = sum(d.checks for d in monitor.detectors.values())
+        return calls, checks, sorted((a.stream, a.onset_frame, a.frame) for a in monitor.alarms)
+
+    calls, checks, alarms = run(counterfactual=True)
+    assert alarms == [("cam0", 6, 7), ("cam1", 9, 10)]  # each sticker caught at its second look
+    assert checks >= 2 and len(calls["local"]) == checks  # every counterfactual on the local copy ...
+    assert calls["engine"] == [2] * len(clips[0])  # ... and the engine got the streams' batches alone
+    shared_calls, shared_checks, shared_alarms = run(counterfactual=False)
+    assert shared_alarms == alarms and shared_checks == checks
+    assert len(shared_calls["engine"]) == len(clips[0]) + checks
+
+
+def test_a_counterfactual_engine_must_run_the_engines_own_model():
+    from monitor.pipeline import Monitor
+
+    with pytest.raises(ValueError, match="checkpoint b.*the engine a"):
+        Monitor(shapes_torch_engine(digest="a"), counterfactual_engine=shapes_torch_engine(digest="b"))
+    other = shapes_torch_engine()
+    other.spec = other.spec.with_updates(classes=other.spec.classes[:-1])
+    with pytest.raises(ValueError, match="classes"):
+        Monitor(shapes_torch_engine(), counterfactual_engine=other)
+    Monitor(shapes_torch_engine(digest="a"), counterfactual_engine=shapes_torch_engine())  # a digest unknown: trusted

@@ -222,3 +222,27 @@ def test_keep_page_serves_the_finished_run_until_signalled(tmp_path, shapes_twin
     assert json.loads(out[out.index("{"):])["streams"][video]["processed"] == 4
     with pytest.raises(requests.ConnectionError):
         requests.get(url, timeout=10)
+
+
+@pytest.mark.slow  # the ONNX export of the twin
+def test_counterfactuals_can_run_on_a_local_copy_of_the_engine(tmp_path, shapes_twin_and_engine):
+    _, engine = shapes_twin_and_engine
+    result = invoke("synthetic:3", "--engine", str(engine), "--counterfactual-engine", str(engine), "--frames", "4",
+                    "--policy", "block", "--no-page", "--events", str(tmp_path / "events.jsonl"))
+    assert result.exit_code == 0, result.output
+    assert summary_of(result)["streams"]["synthetic:3"]["processed"] == 4
+    # another model's copy is refused, naming the option: its labels would "revert" anywhere
+    import torch
+
+    from export import export_onnx
+    from segmenters.models import build_model
+    from segmenters.twin import load_twin, save_twin
+
+    twin = load_twin(shapes_twin_and_engine[0])
+    torch.manual_seed(1)
+    save_twin(tmp_path / "other.pt", build_model("unet", twin.spec.num_classes), twin.spec.with_updates(
+        checkpoint_digest=None))
+    export_onnx(load_twin(tmp_path / "other.pt"), tmp_path / "other.onnx")
+    refused = invoke("synthetic:3", "--engine", str(engine), "--counterfactual-engine", str(tmp_path / "other.onnx"),
+                     "--frames", "2", "--no-page", "--events", str(tmp_path / "refused.jsonl"))
+    assert refused.exit_code == 2 and "--counterfactual-engine" in refused.output and "checkpoint" in refused.output
