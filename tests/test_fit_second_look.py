@@ -61,16 +61,52 @@ def test_seeds_are_numbers_and_inclusive_ranges_and_a_typo_is_named():
         detection.seeds("0,2x")
 
 
+def look_rows(seed: int, patch_first: float, rng, looks: int = 12) -> list:
+    """A patch's looks and clean looks of one seed: the patch's first score is `patch_first` (log-odds), the clean
+    ones' 2.0; only `flip_kept` tells them apart (kept by a patch, not by the clean blobs)."""
+    from monitor.second_look import SECOND_LOOK_CUES
+
+    def cues(first_logit: float, flip_kept: float) -> list[float]:
+        values = dict.fromkeys(SECOND_LOOK_CUES, 0.0) | {"first_logit": first_logit, "flip_kept": flip_kept}
+        values["blob_change"] = float(rng.random())  # noise the trees must not need
+        return [values[c] for c in SECOND_LOOK_CUES]
+
+    fit = bench_module("fit_second_look")
+    return ([fit.Scored(seed, 0, 11 + k, cues(patch_first, 0.9 + 0.1 * rng.random()), False, True)
+             for k in range(looks)] +
+            [fit.Scored(seed, 1, 20 + k, cues(2.0, 0.1 * rng.random()), True, False) for k in range(looks)])
+
+
 def test_the_fit_learns_from_every_look_and_counts_only_those_the_detector_takes(fit):
     rng = np.random.default_rng(0)
-    # seeds 0 and 1: a patch's look and a clean look each; the patch's first score is 0.5 on seed 1, below 0.8
+    # seeds 0 and 1: a patch's looks and clean looks each; the patch's first score is 0.5 on seed 1, below 0.8
     rows, outcomes = [], []
     for seed, patch_first in ((0, 2.0), (1, 0.0)):
         outcomes += [fit.ClipOutcome(seed, 0, False, True, False, 0, 30),
                      fit.ClipOutcome(seed, 1, True, False, False, 0, 50)]
-        rows += [fit.Scored(seed, 0, 11, [patch_first, 1.0 + 0.1 * rng.random()], False, True),
-                 fit.Scored(seed, 1, 20, [2.0, -1.0 - 0.1 * rng.random()], True, False)]
-    counted_low = fit.leave_one_seed_out(rows, outcomes, c=1.0, look_from=0.2)
-    counted_high = fit.leave_one_seed_out(rows, outcomes, c=1.0, look_from=0.8)
-    assert counted_low[(1.0, 0.5)] == (2, 2, 0, 100)  # the second cue tells them apart: both patches caught
+        rows += look_rows(seed, patch_first, rng)
+    settings = {"trees": 5, "depth": 2, "rate": 0.5, "min_leaf": 1}
+    counted_low = fit.leave_one_seed_out(rows, outcomes, look_from=0.2, **settings)
+    counted_high = fit.leave_one_seed_out(rows, outcomes, look_from=0.8, **settings)
+    assert counted_low[(1.0, 0.5)] == (2, 2, 0, 100)  # `flip_kept` tells them apart: both patches caught
     assert counted_high[(1.0, 0.5)] == (1, 2, 0, 100)  # seed 1's patch is never looked at from 0.8
+
+
+def test_the_fitted_trees_score_as_scikit_learn_does(fit):
+    """The scorer's trees are scikit-learn's, written out: the same probabilities on looks it never saw."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    rng = np.random.default_rng(1)
+    rows = look_rows(0, 0.5, rng, looks=40) + look_rows(1, 1.5, rng, looks=40)
+    for row in rows:  # overlapping classes, so the trees have work to do
+        row.cues = [c + float(rng.normal(0, 0.3)) for c in row.cues]
+    scorer, importances = fit.fit(rows, trees=8, depth=2, rate=0.3, min_leaf=5)
+    x = np.array([r.cues for r in rows])
+    y = np.array([r.patch for r in rows])
+    reference = GradientBoostingClassifier(n_estimators=8, max_depth=2, learning_rate=0.3, min_samples_leaf=5,
+                                           random_state=0)
+    reference.fit(x, y, sample_weight=np.where(y, 0.5 / y.mean(), 0.5 / (1 - y.mean())))
+    fresh = look_rows(2, 1.0, rng, looks=20)
+    expected = reference.predict_proba(np.array([r.cues for r in fresh]))[:, 1]
+    assert fit.probabilities(fresh, scorer) == pytest.approx(expected, abs=2e-3)
+    assert len(scorer.trees) == 8 and max(importances, key=importances.get) == "flip_kept"

@@ -400,11 +400,10 @@ def test_hopeless_blobs_cost_no_engine_call_and_change_no_alarm():
 def grey_zone(look_threshold: float, look_from: float = 1e-9) -> FlipConfig:
     """No first look alarms (threshold 1), every scored blob from `look_from` up gets a second look whose score is
     ~0.99 whatever it sees, alarming from `look_threshold` (at 1 it never can: every blob is checked all the same)."""
-    from monitor.second_look import LOOK_CUES, SecondLookScorer
+    from monitor.second_look import SecondLookScorer
 
     return FlipConfig(scorer=PatchScorer(threshold=1.0), look_from=look_from, skip_hopeless=False,
-                      second_look=SecondLookScorer(weights=dict.fromkeys(LOOK_CUES, 0.0), bias=5.0,
-                                                   threshold=look_threshold))
+                      second_look=SecondLookScorer(trees=(), bias=5.0, threshold=look_threshold))
 
 
 def test_a_blob_below_the_threshold_gets_one_second_look_on_the_next_frame():
@@ -443,27 +442,14 @@ def test_the_second_look_sees_what_keeps_arriving():
     assert stays["first_logit"] == arrives["first_logit"]
 
 
-def test_no_second_look_alarms_below_the_lowest_first_probability_and_the_best_one_reaches_it():
-    from monitor.second_look import LOOK_CUE_RANGES, SecondLookScorer, logit
+def test_second_look_trees_name_known_cues():
+    from monitor.second_look import SECOND_LOOK_CUES, SecondLookScorer, _cues_of, logit
 
-    scorer, rng = SecondLookScorer(), np.random.default_rng(0)
-    lowest = scorer.lowest_first_probability()
-    assert 0 < lowest < 1
-    for _ in range(500):
-        cues = {name: float(rng.uniform(low, high if high is not None else 8.0))
-                for name, (low, high) in LOOK_CUE_RANGES.items()}
-        assert scorer.probability(cues | {"first_logit": logit(lowest * 0.999)}) < scorer.threshold
-    best = {name: (high if scorer.weights[name] > 0 else low) for name, (low, high) in LOOK_CUE_RANGES.items()}
-    assert scorer.probability(best | {"first_logit": logit(lowest)}) == pytest.approx(scorer.threshold)
-
-
-def test_second_look_scorer_names_every_cue():
-    from monitor.second_look import LOOK_CUES, SecondLookScorer, logit
-
-    with pytest.raises(ValueError, match="missing \\['flip_kept'\\]"):
-        SecondLookScorer(weights={c: 1.0 for c in LOOK_CUES if c != "flip_kept"})
+    with pytest.raises(ValueError, match="unknown cues \\['flip_kep'\\]"):
+        SecondLookScorer(trees=(("flip_kep", 0.5, -1.0, 1.0),))
     scorer = SecondLookScorer()
-    assert set(scorer.weights) == set(LOOK_CUES) and 0 < scorer.threshold <= 1
+    assert scorer.trees and {c for tree in scorer.trees for c in _cues_of(tree)} <= set(SECOND_LOOK_CUES)
+    assert 0 < scorer.threshold <= 1
     assert logit(0.5) == 0.0 and logit(0.0) == -logit(1.0) < 0
 
 
