@@ -27,6 +27,10 @@ def parse_model(text: str, defaults: dict) -> dict:
     return {**defaults, "name": name, "version": version, "path": str(path)}
 
 
+#: how often the idle service wakes to act on a Ctrl-C or SIGTERM
+SIGNAL_CHECK_S = 0.5
+
+
 def _interrupt(signum, frame) -> None:
     """SIGTERM (from a supervisor or a test) stops the service as cleanly as Ctrl-C."""
     raise KeyboardInterrupt
@@ -93,7 +97,9 @@ def serve(models, config_path, host, port, grpc_port, direct_port, api_key_env, 
         sys.stdout.flush()
         click.echo("ready; Ctrl-C stops the service", err=True)
         while True:
-            time.sleep(3600)
+            # short sleeps: a Ctrl-C that one of Ray's threads takes only sets Python's flag, which the main thread
+            # acts on when it next wakes (asleep for an hour, the service ignored Ctrl-C for up to an hour)
+            time.sleep(SIGNAL_CHECK_S)
     except KeyboardInterrupt:
         click.echo("stopping ...", err=True)
     finally:
