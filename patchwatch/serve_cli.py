@@ -36,6 +36,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def stop_hint() -> str:
+    """How this process can be stopped: a background job of a script (`patchwatch serve ... &`) inherits SIGINT
+    ignored, and then Ctrl-C never reaches it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return "ready; SIGTERM stops the service (it ignores Ctrl-C: SIGINT was ignored when it started)"
+    return "ready; Ctrl-C stops the service"
+
+
 @click.command()
 @click.argument("models", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
@@ -56,8 +64,8 @@ def _interrupt(signum, frame) -> None:
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Ray's Prometheus port")
 @click.option("--address", help="join the Ray cluster at this GCS address (e.g. `patchwatch cluster up`'s head; its "
               "RAY_AUTH_MODE/RAY_AUTH_TOKEN in the environment) instead of starting one [default: a local cluster]")
-def serve(models, config_path, host, port, grpc_port, direct_port, api_key_env, max_batch_size, batch_wait_ms, replicas, threads,
-          gpus, max_body_mb, metrics_port, address) -> None:
+def serve(models, config_path, host, port, grpc_port, direct_port, api_key_env, max_batch_size, batch_wait_ms, replicas,
+          threads, gpus, max_body_mb, metrics_port, address) -> None:
     """Serve engines over the Open Inference Protocol (KServe v2 REST) on a local Ray cluster.
 
     MODELS are engine files, each `PATH` or `NAME[:VERSION]=PATH`, e.g.
@@ -95,7 +103,7 @@ def serve(models, config_path, host, port, grpc_port, direct_port, api_key_env, 
         click.echo(json.dumps({"serving": service.url, "auth": bool(config.api_key_env), "urls": service.urls()},
                               indent=2))
         sys.stdout.flush()
-        click.echo("ready; Ctrl-C stops the service", err=True)
+        click.echo(stop_hint(), err=True)
         while True:
             # short sleeps: a Ctrl-C that one of Ray's threads takes only sets Python's flag, which the main thread
             # acts on when it next wakes (asleep for an hour, the service ignored Ctrl-C for up to an hour)

@@ -138,13 +138,20 @@ def _wait_until_answers(url: str, server: subprocess.Popen, block: ReadmeBlock, 
     pytest.fail(f"README block {block.name}: {url} did not answer within {SERVER_READY_TIMEOUT_S} s")
 
 
+def _as_from_a_terminal() -> None:
+    """A server started from a terminal takes Ctrl-C; one started by a suite that runs as a background job (`make
+    test &`) would inherit SIGINT ignored and never stop on the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_with_server(script: str, block: ReadmeBlock, state: dict) -> None:
     first, rest = split_background(script)
     # the server's output goes to a file: a pipe nobody reads until the end can fill and block the server
     log = state["dir"].parent / f"server-{block.name}.log"
     with log.open("wb") as output:
         server = subprocess.Popen(["bash", "-c", f"exec {first}"], cwd=state["dir"], env={**state["env"], **block.env},
-                                  stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=_as_from_a_terminal)
     try:
         _wait_until_answers(block.background_url, server, block, log)
         _run(rest, block, state)

@@ -46,7 +46,9 @@ def test_serve_command_with_an_api_key(camvid_unet_engines, tmp_path):
     process = subprocess.Popen(
         [*PATCHWATCH, "serve", f"camvid={camvid_unet_engines['1']}", "--port", str(port),
          "--metrics-port", str(metrics_port), "--api-key-env", "PATCHWATCH_TEST_KEY", "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        # as a script's background job (`patchwatch serve ... &`) starts it: SIGINT ignored, so SIGTERM stops it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -59,7 +61,7 @@ def test_serve_command_with_an_api_key(camvid_unet_engines, tmp_path):
                 pass
             assert time.monotonic() < deadline, "patchwatch serve never became ready"
             time.sleep(1)
-        while "ready; Ctrl-C" not in (tmp_path / "serve.err").read_text():  # it has printed its URLs
+        while "ready; SIGTERM stops the service (it ignores Ctrl-C" not in (tmp_path / "serve.err").read_text():
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.5)
 

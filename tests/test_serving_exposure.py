@@ -87,7 +87,7 @@ def patchwatch_serve(engine, host: str, log_path):
         stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, KEY_VARIABLE: key})
     try:
         deadline = time.monotonic() + 300
-        while "ready; Ctrl-C" not in log_path.read_text():
+        while "\nready; " not in log_path.read_text():  # printed after its URLs, however it can be stopped
             assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "patchwatch serve never became ready"
             time.sleep(1)
