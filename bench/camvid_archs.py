@@ -34,7 +34,9 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, plus_minus, yes_no, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves, print_plan, run_styles, table_keys, train_config, write_page,
+    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
+    add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves,
+    print_plan, run_styles, table_keys, train_config, write_page,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -66,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fps-batch", type=int, default=1, help="frames per timed call")
     parser.add_argument("--fps-warmup", type=int, default=3, help="untimed calls first (allocation, autotuning)")
     parser.add_argument("--fps-calls", type=int, default=20, help="timed calls; frames/s from their median")
-    add_budget_arguments(parser, size="360x480", epochs=200, eval_every=10)
+    add_budget_arguments(parser, size=FAIR_SIZE, crop=FAIR_CROP, epochs=FAIR_EPOCHS, eval_every=FAIR_EVAL_EVERY,
+                         runs=FAIR_RUNS)
     args = parser.parse_args()
     unknown = set(args.engines.split(",")) - set(ENGINES)
     if unknown:
@@ -76,7 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 def build_plan(args: argparse.Namespace) -> list[PlannedRun]:
     seeds = [int(v) for v in args.seeds.split(",")]
-    return [PlannedRun(f"{arch}_s{seed}", arch, "ppce", None, seed, arch)
+    return [PlannedRun(f"{arch}_ppce_s{seed}", arch, "ppce", None, seed, arch)
             for seed in seeds for arch in args.archs.split(",")]
 
 
@@ -185,7 +188,8 @@ def print_table(table: dict[str, dict], engines: list[str]) -> None:
     print(f"\n{'arch':22s}{'params (M)':>11s}{'mIoU':>16s}" + "".join(f"{k + ' fps':>20s}" for k in engines))
     for arch, row in table.items():
         fps = [f"{row['speed'][k]['fps']:.1f}" if "fps" in row["speed"].get(k, {}) else "n/a" for k in engines]
-        print(f"{arch:22s}{row['parameters'] / 1e6:11.2f}{plus_minus(row['miou']):>16s}" + "".join(f"{f:>20s}" for f in fps))
+        print(f"{arch:22s}{row['parameters'] / 1e6:11.2f}{plus_minus(row['miou']):>16s}"
+              + "".join(f"{f:>20s}" for f in fps))
 
 
 def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: Path) -> None:
@@ -217,7 +221,7 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    configs = partial(train_config, args=args, out=out)
+    configs = partial(train_config, args=args)
     expand = partial(build_plan, args)
     if args.list:
         print_plan(expand(), configs)

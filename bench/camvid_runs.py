@@ -38,6 +38,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 #: and where and how it runs (device, amp, threads, workers, compile, val_limit) may change between pieces
 RUN_IDENTITY = ("arch", "dataset", "loss", "lambdas", "size", "crop", "scale_range", "batch_size", "lr",
                 "weight_decay", "poly_power", "seed", "semeda_pretrain_batches", "bn_recalibration_batches")
+#: the budget bench/camvid_semeda.py --plan fair and bench/camvid_archs.py share (issue 18, items 2 and 3), sized for
+#: this project's 2-core CPU machines: CamVid's full 360x480 frames, trained on random 240x320 crops of the randomly
+#: scaled frame (2.25x fewer pixels a step), validated on whole frames; 60 epochs (2760 steps at batch 8)
+FAIR_SIZE, FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY = "360x480", "240x320", 60, 6
+FAIR_RUNS = "bench/results/camvid_runs"
 #: overlay panels the final evaluation writes per run (eval/overlays/)
 EVAL_OVERLAYS = 4
 #: trimap band width (px) the summary tables show; every band is in comparison.json and trimap.png
@@ -67,9 +72,16 @@ class PlannedRun:
 
 
 # ------------------------------------------------------------------------------------------------ arguments
-def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str, epochs: int, eval_every: int) -> None:
-    """The budget every run of a plan shares, and how the plan is run (slices, device, threads)."""
+def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str | None, crop: str | None, epochs: int | None,
+                         eval_every: int | None, runs: str) -> None:
+    """The budget every run of a plan shares, where its runs live, and how the plan is run (slices, device,
+    precision, threads)."""
+    parser.add_argument("--runs", default=runs, help="folder of the run folders; bench/camvid_semeda.py --plan fair "
+                                                     "and bench/camvid_archs.py share it, so a run both plan (the "
+                                                     "same arch, loss, seed and budget) is trained once")
     parser.add_argument("--size", default=size, help="HEIGHTxWIDTH (CamVid is 360x480)")
+    parser.add_argument("--crop", default=crop, help="HEIGHTxWIDTH training crop of the randomly scaled image "
+                                                     "(default: --size); validation sees the whole --size image")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--max-steps", type=int, default=None, help="bound on each run's optimiser steps")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -79,6 +91,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str, epochs: 
     parser.add_argument("--val-limit", type=int, default=None, help="evaluate on at most this many val images")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--amp", default="auto", help="training precision, as TrainConfig.amp: auto (CUDA: bf16 or "
+                                                      "fp16; CPU: off), bf16, fp16 or off. On a CPU with AMX, bf16 "
+                                                      "trains DeepLabV3-R18 2.9x and the ladder DenseNet 2x faster")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train()'s)")
     parser.add_argument("--only", default=None, help="comma-separated run names: train only these")
@@ -98,14 +113,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def train_config(run: PlannedRun, args: argparse.Namespace, out: Path) -> TrainConfig:
-    """The run's TrainConfig: the plan's budget, the run's arch, loss, lambdas and seed."""
+def train_config(run: PlannedRun, args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the plan's budget, the run's arch, loss, lambdas and seed; its folder under --runs."""
     return TrainConfig(
         arch=run.arch, dataset="camvid", data_root=args.data_root, loss=run.loss, lambdas=run.lambdas,
-        size=parse_size(args.size), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        size=parse_size(args.size), crop=parse_size(args.crop) if args.crop else None, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size,
         lr=args.lr, seed=run.seed, semeda_pretrain_batches=args.semeda_pretrain_batches, val_limit=args.val_limit,
-        eval_every=args.eval_every, threads=args.threads, device=args.device, workers=args.workers,
-        out=str(out / run.name),
+        eval_every=args.eval_every, threads=args.threads, device=args.device, amp=args.amp, workers=args.workers,
+        out=str(Path(args.runs) / run.name),
     )
 
 

@@ -19,8 +19,12 @@ mIoU, every seed both have); the convergence curves of every run (curves.png) an
 Writes comparison.json and index.html under `--out`.
 
 Why DeepLabV3-ResNet-18 for `fair`: it is the stronger of the two zoo models that fit (output stride 8 and ASPP
-against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used); at
-360x480 batch 8 it needs a few GB, and on a GPU it costs minutes a run, not hours.
+against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used). The
+budget (bench/camvid_runs.FAIR_*: 60 epochs of 240x320 crops of the 360x480 frames, validated on whole frames) is
+sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX a PPCE epoch takes ~80 s (DeepLabV3
+trains 2.9x faster than in fp32; LR-ASPP, mostly depthwise, gains nothing), so a run is 1-1.5 h and the plan ~15 h,
+spent in pieces. No pretrained weights may be downloaded here, so every model starts from scratch, unlike the
+thesis' ImageNet-pretrained DeepLab-v3+.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    PlannedRun, plus_minus, yes_no, RunMismatch, add_budget_arguments, announce_device, collect, execute, html_table,
+    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
+    add_budget_arguments, announce_device, collect, execute, html_table,
     mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, run_state,
     run_styles, table_keys, train_config, write_page,
 )
@@ -45,10 +50,10 @@ from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
 
 #: per plan, the defaults of the options it reads differently (None in argparse: "the plan's")
 PLAN_DEFAULTS = {
-    "losses": {"arch": "lraspp_mobilenetv3", "size": "180x240", "epochs": 30, "eval_every": 5,
-               "out": "bench/results/camvid"},
-    "fair": {"arch": "deeplabv3_resnet18", "size": "360x480", "epochs": 200, "eval_every": 10,
-             "out": "bench/results/camvid_fair"},
+    "losses": {"arch": "lraspp_mobilenetv3", "size": "180x240", "crop": None, "epochs": 30, "eval_every": 5,
+               "out": "bench/results/camvid", "runs": "bench/results/camvid"},
+    "fair": {"arch": "deeplabv3_resnet18", "size": FAIR_SIZE, "crop": FAIR_CROP, "epochs": FAIR_EPOCHS,
+             "eval_every": FAIR_EVAL_EVERY, "out": "bench/results/camvid_fair", "runs": FAIR_RUNS},
 }
 #: Table 3.1's three best SEMEDA settings on Cityscapes (77.3, 76.9, 76.9 % mIoU), the driving scenes CamVid is like
 FAIR_LAMBDA_SWEEP = "4,2,0;2,4,0;0.5,0.5,0.5"
@@ -60,14 +65,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", choices=sorted(PLAN_DEFAULTS), default="losses")
     parser.add_argument("--arch", default=None, help="zoo model (default: the plan's)")
-    parser.add_argument("--out", default=None, help="runs and report (default: the plan's)")
+    parser.add_argument("--out", default=None, help="the report (default: the plan's)")
     parser.add_argument("--losses", default="ppce,semeda", help="plan losses: the losses, one run each")
     parser.add_argument("--lambdas", default="4,2,0", help="plan losses: SEMEDA lambda_1..3")
     parser.add_argument("--seed", type=int, default=0, help="plan losses: the seed")
     parser.add_argument("--seeds", default="0,1,2", help="plan fair: PPCE and the best lambda at each")
     parser.add_argument("--lambda-sweep", default=FAIR_LAMBDA_SWEEP, help="plan fair: ';'-separated settings")
     parser.add_argument("--sobel-lambda", type=float, default=DEFAULT_LAMBDAS["sobel"][0], help="plan fair")
-    add_budget_arguments(parser, size=None, epochs=None, eval_every=None)
+    add_budget_arguments(parser, size=None, crop=None, epochs=None, eval_every=None, runs=None)
     args = parser.parse_args()
     for key, value in PLAN_DEFAULTS[args.plan].items():
         if getattr(args, key) is None:
@@ -86,7 +91,7 @@ def losses_plan(args: argparse.Namespace) -> list[PlannedRun]:
 
 
 def semeda_run(args: argparse.Namespace, lambdas: tuple[float, ...], seed: int) -> PlannedRun:
-    return PlannedRun(f"semeda_{lambdas_text(lambdas, '-')}_s{seed}", args.arch, "semeda", lambdas, seed,
+    return PlannedRun(f"{args.arch}_semeda_{lambdas_text(lambdas, '-')}_s{seed}", args.arch, "semeda", lambdas, seed,
                       f"semeda {lambdas_text(lambdas)}")
 
 
@@ -94,10 +99,10 @@ def fair_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
     """PPCE at the first seed, the lambda sweep and Sobel there, PPCE at the other seeds, then (once the sweep is
     finished) the best lambda at the other seeds."""
     seeds = [int(v) for v in args.seeds.split(",")]
-    ppce = [PlannedRun(f"ppce_s{s}", args.arch, "ppce", None, s, "ppce") for s in seeds]
+    ppce = [PlannedRun(f"{args.arch}_ppce_s{s}", args.arch, "ppce", None, s, "ppce") for s in seeds]
     sweep = [semeda_run(args, tuple(float(v) for v in text.split(",")), seeds[0])
              for text in args.lambda_sweep.split(";")]
-    sobel = PlannedRun(f"sobel_{args.sobel_lambda:g}_s{seeds[0]}", args.arch, "sobel", (args.sobel_lambda,),
+    sobel = PlannedRun(f"{args.arch}_sobel_{args.sobel_lambda:g}_s{seeds[0]}", args.arch, "sobel", (args.sobel_lambda,),
                        seeds[0], f"sobel {args.sobel_lambda:g}")
     best = best_lambdas(sweep, configs)
     later = [] if best is None else [semeda_run(args, best, s) for s in seeds[1:]]
@@ -257,7 +262,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    configs = partial(train_config, args=args, out=out)
+    configs = partial(train_config, args=args)
     expand = partial(build_plan, args, configs)
     if args.list:
         print_plan(expand(), configs)

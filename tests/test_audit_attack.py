@@ -10,7 +10,8 @@ from PIL import Image
 
 from audit.attack import (IGNORE, AttackConfig, class_switch_target, disappear_target, mask_target, measure_trial,
                           patch_attack, success_rate)
-from audit.patches import EOTConfig, Rect, apply_patch_eot, largest_inscribed_rectangle, paste, patch_position, pool_patch
+from audit.patches import (EOTConfig, Rect, apply_patch_eot, largest_inscribed_rectangle, paste, patch_position,
+                           pool_patch)
 
 
 def brute_force_rectangle_area(mask: np.ndarray) -> int:
@@ -132,6 +133,31 @@ def test_momentum_attack_switches_an_objects_class(attack_scene, camvid_unet_eng
     own = image[:, top:top + 16, left:left + 16].numpy()
     unchanged = measure_trial(twin, image, own, top, left, target, EOTConfig.none(), eot_draws=1)
     assert unchanged.changed == 0 and unchanged.success == 0.0
+
+
+def test_a_bf16_attack_runs_the_twin_in_bf16_and_is_measured_in_fp32(attack_scene):
+    twin, image, predicted, obj, source, majority = attack_scene
+    target = class_switch_target(obj, majority, source)
+    top, left = patch_position(obj, 16)
+    conv = next(module for module in twin.model.modules() if isinstance(module, torch.nn.Conv2d))
+    dtypes = []
+    handle = conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    try:
+        result = patch_attack(twin, image, target, 16, top, left,
+                              AttackConfig(steps=60, step_size=4 / 255, eot=EOTConfig.none(), eot_samples=1,
+                                           skip_flipped=False, precision="bf16"), seed=0)
+        after = len(dtypes)
+        metrics = measure_trial(twin, image, result.patch, top, left, target, EOTConfig.none(), eot_draws=1)
+    finally:
+        handle.remove()
+    # every forward of the optimisation (two a step: the EOT batch and the nominal check) in bf16, the measurement
+    # after it in fp32; the patch itself is fp32 pixels in [0, 1]
+    assert after == 2 * 60 and set(dtypes[:after]) == {torch.bfloat16}
+    assert set(dtypes[after:]) == {torch.float32}
+    assert result.patch.dtype == np.float32 and 0 <= result.patch.min() and result.patch.max() <= 1
+    assert result.losses[-1] < result.losses[0]
+    # bf16 gradients still find a patch that flips a good part of the object, as the fp32 twin reads it
+    assert metrics.success >= 0.25, (metrics.success, result.successes[-10:])
 
 
 @pytest.mark.data
