@@ -38,8 +38,8 @@ def main() -> None:
 @click.option("--semeda-pretrain-batches", type=click.IntRange(min=1),
               help="SEMEDA: batches (one optimiser step each) that pretrain the edge network first (default 300)")
 @click.option("--bn-recalibration-batches", type=click.IntRange(min=0),
-              help="training batches batch-norm statistics are recomputed over before each validation and save "
-                   "(default 10; 0: off)")
+              help="training batches batch-norm statistics are recomputed over before each validation (so each "
+                   "best.pt and the final last.pt; default 10; 0: off)")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
 @click.option("--train-length", type=int, help="synthetic scenes to train on")

@@ -15,9 +15,13 @@ set. Validation runs after the first epoch, every `eval_every` epochs and after 
 has a `best.pt` from its first epoch on.
 
 Batch-norm running statistics are recomputed over `bn_recalibration_batches` training batches (a cumulative
-average, `torch.optim.swa_utils.update_bn`) at the end of every epoch, before it is validated and saved: the running
-averages training leaves behind lag the weights (torchvision's MobileNetV3 keeps 1 % of each batch), and a short
-CamVid LR-ASPP run evaluated with them predicted one class everywhere (issue 20).
+average, `torch.optim.swa_utils.update_bn`) at the end of every epoch that is validated (so before every best.pt and
+the final last.pt): the running averages training leaves behind lag the weights (torchvision's MobileNetV3 keeps 1 %
+of each batch), and a short CamVid LR-ASPP run evaluated with them predicted one class everywhere (issue 20). The
+recalibration starts from nothing each time and training's forward passes never read the running statistics, so
+skipping it at the epochs in between changes no validated figure and no final weight; it saves its cost (a quarter
+of a DeepLabV3 epoch on the CPU) at those epochs, whose last.pt, kept only to resume from, holds training's own
+running averages.
 """
 
 from __future__ import annotations
@@ -89,8 +93,9 @@ class TrainConfig(BaseModel):
     semeda_pretrain_batches: int = Field(300, ge=1, description="SEMEDA: optimiser steps (one batch of training "
                                                                "masks each) that pretrain g_phi before training")
     bn_recalibration_batches: int = Field(10, ge=0, description="training batches batch-norm running statistics "
-                                                                "are recomputed over before each validation and "
-                                                                "save; 0 keeps training's running averages")
+                                                                "are recomputed over before each validation (and "
+                                                                "so each best.pt and the final last.pt); 0 keeps "
+                                                                "training's running averages")
     val_limit: int | None = Field(None, description="evaluate on at most this many validation images")
     eval_every: int = Field(7, description="validate after epoch 1, every this many epochs and after the last")
     threads: int | None = None
@@ -438,9 +443,9 @@ def _run_epochs(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: R
         torch.manual_seed(config.seed * 10_000 + epoch)
         means = _train_epoch(step, loader, config, total_steps, run, f"epoch {epoch + 1}/{config.epochs}", progress)
         record = {"epoch": epoch + 1, "step": run.step, **means, "device": str(step.device), "amp": step.amp}
-        recalibrate_batch_norm(step.model, loader, spec.normalization, step.device, config.bn_recalibration_batches,
-                               seed=config.seed)
         if _validation_due(config, epoch + 1, run.step >= total_steps):
+            recalibrate_batch_norm(step.model, loader, spec.normalization, step.device,
+                                   config.bn_recalibration_batches, seed=config.seed)
             record.update(_validate(config, spec, step, val_set, workers, f"epoch {epoch + 1}" if progress else None))
         run.epoch = epoch + 1
         run.history.append(record)

@@ -49,6 +49,20 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert twin.spec.arch == "unet" and twin.spec.dataset == "shapes" and twin.spec.input_size == (48, 48)
 
 
+def test_a_run_validated_less_often_ends_with_the_same_weights_and_batch_norm_statistics(tmp_path):
+    """Batch norm is recalibrated only at validated epochs; it starts from nothing each time and training never reads
+    the running statistics, so a run validated at every epoch and one validated at its first and last end equal."""
+    config = dict(TINY, epochs=3)
+    train(TrainConfig(out=str(tmp_path / "every"), **config), progress=False)
+    train(TrainConfig(out=str(tmp_path / "ends"), **dict(config, eval_every=5)), progress=False)
+    every = read_checkpoint(tmp_path / "every" / "last.pt")
+    ends = read_checkpoint(tmp_path / "ends" / "last.pt")
+    assert [h.get("val_miou") is not None for h in ends["history"]] == [True, False, True]
+    statistics = [k for k in every["model"] if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(every["model"][k], ends["model"][k]) for k in every["model"])
+    assert every["history"][-1]["val_miou"] == ends["history"][-1]["val_miou"]
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     train(TrainConfig(epochs=1, out=str(tmp_path), **TINY), progress=False)
     with pytest.raises(ValueError, match="loss='ppce'"):
