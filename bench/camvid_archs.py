@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
 from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
     add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves,
-    print_plan, run_styles, table_keys, train_config, write_page,
+    print_plan, run_styles, table_keys, train_config, trained_on, write_page,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -194,15 +194,16 @@ def print_table(table: dict[str, dict], engines: list[str]) -> None:
 
 def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: Path) -> None:
     engines = args.engines.split(",")
-    budget = {k: getattr(args, k) for k in ("size", "epochs", "max_steps", "batch_size", "lr", "eval_every",
-                                            "val_limit", "fps_size", "fps_batch", "fps_warmup", "fps_calls")}
+    budget = {k: getattr(args, k) for k in ("size", "crop", "epochs", "max_steps", "batch_size", "lr", "eval_every",
+                                            "val_limit", "amp", "fps_size", "fps_batch", "fps_warmup", "fps_calls")}
     runs = {name: {"arch": e["run"].arch, "seed": e["run"].seed, "state": e["state"], "metrics": e.get("metrics"),
                    "convergence": e["convergence"], "pieces": e["pieces"]} for name, e in results.items()}
     (out / "comparison.json").write_text(json.dumps({"budget": budget, "archs": table, "runs": runs}, indent=2))
-    devices = sorted({p["device"] for e in results.values() for p in e["pieces"] if p.get("device")})
+    devices = trained_on(results)
     keys = table_keys()
-    parts = [f"<p>PPCE, {args.size}, {args.epochs} epochs (max steps {args.max_steps}), batch {args.batch_size}, lr "
-             f"{args.lr} (AdamW, poly), seeds {args.seeds}; trained on: {', '.join(devices) or 'n/a'}. mIoU: final "
+    parts = [f"<p>PPCE, {args.size} (training crops {args.crop or args.size}), {args.epochs} epochs (max steps "
+             f"{args.max_steps}), batch {args.batch_size}, lr {args.lr} (AdamW, poly), seeds {args.seeds}; trained "
+             f"on: {', '.join(devices) or 'n/a'}. mIoU: final "
              f"weights on CamVid val, %. Frames/s: Engine.segment on {args.fps_batch} uint8 frame(s) of "
              f"{args.fps_size}, median of {args.fps_calls} calls after {args.fps_warmup} warm-up calls.</p>",
              html_table(["arch", "params (M)", *keys, *(f"{k} fps" for k in engines)],
@@ -221,6 +222,7 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
     configs = partial(train_config, args=args)
     expand = partial(build_plan, args)
     if args.list:

@@ -431,6 +431,12 @@ def percent(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{100 * value:.{digits}f}"
 
 
+def trained_on(results: dict[str, dict]) -> list[str]:
+    """Where and in what precision the runs' pieces trained, e.g. 'cpu (bf16)', from their pieces.jsonl."""
+    return sorted({f"{p['device']} ({p.get('amp') or 'off'})" for e in results.values() for p in e["pieces"]
+                   if p.get("device")})
+
+
 def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)

@@ -21,10 +21,10 @@ Writes comparison.json and index.html under `--out`.
 Why DeepLabV3-ResNet-18 for `fair`: it is the stronger of the two zoo models that fit (output stride 8 and ASPP
 against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used). The
 budget (bench/camvid_runs.FAIR_*: 60 epochs of 240x320 crops of the 360x480 frames, validated on whole frames) is
-sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX a PPCE epoch takes ~80 s (DeepLabV3
-trains 2.9x faster than in fp32; LR-ASPP, mostly depthwise, gains nothing), so a run is 1-1.5 h and the plan ~15 h,
-spent in pieces. No pretrained weights may be downloaded here, so every model starts from scratch, unlike the
-thesis' ImageNet-pretrained DeepLab-v3+.
+sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX a PPCE epoch takes ~50 s (DeepLabV3
+trains 2.9x faster than in fp32; LR-ASPP, mostly depthwise, gains nothing), so a PPCE run is ~1 h, a SEMEDA run
+~1.3 h and the plan ~10 h, spent in pieces. No pretrained weights may be downloaded here, so every model starts
+from scratch, unlike the thesis' ImageNet-pretrained DeepLab-v3+.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
     add_budget_arguments, announce_device, collect, execute, html_table,
     mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, run_state,
-    run_styles, table_keys, train_config, write_page,
+    run_styles, table_keys, train_config, trained_on, write_page,
 )
 from segmenters.evaluate import plot_trimap  # noqa: E402
 from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
@@ -208,8 +208,8 @@ def write_outputs(args, results, stats, tests, compared, out: Path) -> None:
                    "seed": e["run"].seed, "state": e["state"], "metrics": e.get("metrics"),
                    "convergence": e["convergence"], "pieces": e["pieces"],
                    "per_image_miou": e.get("per_image")} for name, e in results.items()}
-    budget = {k: getattr(args, k) for k in ("plan", "arch", "size", "epochs", "max_steps", "batch_size", "lr",
-                                            "eval_every", "semeda_pretrain_batches", "val_limit")}
+    budget = {k: getattr(args, k) for k in ("plan", "arch", "size", "crop", "epochs", "max_steps", "batch_size", "lr",
+                                            "eval_every", "semeda_pretrain_batches", "val_limit", "amp")}
     result = {"budget": budget, "compared": compared, "baseline": BASELINE, "runs": runs, "groups": stats,
               "tests": tests, "selection_note": SELECTION_NOTE if args.plan == "fair" else None}
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
@@ -226,9 +226,10 @@ SELECTION_NOTE = ("The best lambda is chosen by the first seed's final val mIoU 
 
 def page_parts(args, results, stats, tests, compared) -> list[str]:
     keys = table_keys()
-    devices = sorted({p["device"] for e in results.values() for p in e["pieces"] if p.get("device")})
-    parts = [f"<p>{args.arch} at {args.size}, {args.epochs} epochs (max steps {args.max_steps}), batch "
-             f"{args.batch_size}, lr {args.lr} (AdamW, poly), val mIoU every {args.eval_every} epochs; trained on: "
+    devices = trained_on(results)
+    parts = [f"<p>{args.arch} at {args.size} (training crops {args.crop or args.size}), {args.epochs} epochs "
+             f"(max steps {args.max_steps}), batch {args.batch_size}, lr {args.lr} (AdamW, poly), val mIoU every "
+             f"{args.eval_every} epochs; trained on: "
              f"{', '.join(devices) or 'n/a'}. Figures in %, final weights on CamVid val"
              f"{'' if args.val_limit is None else f' (first {args.val_limit} images)'}.</p>"]
     if args.plan == "fair":
@@ -262,6 +263,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
     configs = partial(train_config, args=args)
     expand = partial(build_plan, args, configs)
     if args.list:
