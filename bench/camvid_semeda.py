@@ -20,10 +20,10 @@ Writes comparison.json and index.html under `--out`.
 
 Why DeepLabV3-ResNet-18 for `fair`: it is the stronger of the two zoo models that fit (output stride 8 and ASPP
 against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used). The
-budget (bench/camvid_runs.FAIR_*: 60 epochs of 240x320 crops of the 360x480 frames, validated on whole frames) is
-sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX a PPCE epoch takes ~50 s (DeepLabV3
-trains 2.9x faster than in fp32; LR-ASPP, mostly depthwise, gains nothing), so a PPCE run is ~1 h, a SEMEDA run
-~1.3 h and the plan ~10 h, spent in pieces. No pretrained weights may be downloaded here, so every model starts
+budget (bench/camvid_runs.FAIR_*: 200 epochs of 180x240 crops of the 360x480 frames, validated on whole frames) is
+sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX (DeepLabV3 trains 2.9x faster than
+in fp32; LR-ASPP, mostly depthwise, gains nothing) a 240x320-crop PPCE epoch took ~50 s, so a run is ~2 h and the
+plan ~19 h, spent in pieces. No pretrained weights may be downloaded here, so every model starts
 from scratch, unlike the thesis' ImageNet-pretrained DeepLab-v3+.
 """
 
