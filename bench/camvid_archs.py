@@ -1,14 +1,15 @@
 """Seed 001 on CamVid (issue 18, item 3): the ladder DenseNet-121 beside LR-ASPP and DeepLabV3-ResNet-18.
 
 Each `--archs` model is trained with PPCE on the same budget (size, epochs, max steps, batch, learning rate and
-poly schedule, seed), each run in its own folder under `--out`, skipped when finished and continued when partly
-done (bench/camvid_runs.py: `--only`, `--max-runs`, `--stop-after`, `--list`, `--report-only`). Then, like seed
-001's accuracy/speed comparison: val mIoU of the final weights (last.pt), and frames/s of each model at
-`--fps-size` (CamVid's 360x480) through the project's engines: `Engine.segment` on uint8 CamVid val frames, batch
-`--fps-batch`, `--fps-warmup` untimed calls, then the median of `--fps-calls` timed ones (labels back on the host,
-so every call has finished). Engines (`--engines`): `torch` (the eager twin, fp32 with TF32 off on CUDA),
-`torch-fp16` (autocast, CUDA only), `onnxruntime` (export.export_onnx, ONNX Runtime on `--device`) and
-`onnxruntime-cpu`.
+poly schedule, seed), each run in its own folder under `--runs`, skipped when finished (or recorded under `--records`
+by another machine) and continued when partly done (bench/camvid_runs.py: `--only`, `--max-runs`, `--stop-after`,
+`--list`, `--report-only`). Then, like seed 001's accuracy/speed comparison: val mIoU of the final weights
+(last.pt), and frames/s of each model at `--fps-size` (CamVid's 360x480; a run recorded elsewhere is timed with
+its arch's seeded initial weights, the same computation) through the project's engines: `Engine.segment` on uint8
+CamVid val frames, batch `--fps-batch`, `--fps-warmup` untimed calls, then the median of `--fps-calls` timed ones
+(labels back on the host, so every call has finished). Engines (`--engines`): `torch` (the eager twin, fp32 with
+TF32 off on CUDA), `torch-fp16` (autocast, CUDA only), `onnxruntime` (export.export_onnx, ONNX Runtime on
+`--device`) and `onnxruntime-cpu`.
 
 Writes comparison.json, accuracy_fps.png (mIoU against frames/s), curves.png (val mIoU and training PPCE against
 epoch) and index.html under `--out`. The defaults are bench/camvid_semeda.py --plan fair's budget, so the
@@ -34,14 +35,16 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
+    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
     add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves,
-    print_plan, run_styles, table_keys, train_config, trained_on, write_page,
+    plus_minus, print_plan, run_styles, table_keys, trained_on, write_page, yes_no,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
-from segmenters.data import build_dataset  # noqa: E402
-from segmenters.twin import load_twin  # noqa: E402
+from segmenters.data import build_dataset, dataset_classes  # noqa: E402
+from segmenters.models import build_model  # noqa: E402
+from segmenters.spec import ModelSpec, Normalization  # noqa: E402
+from segmenters.twin import Twin, load_twin  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fps-warmup", type=int, default=3, help="untimed calls first (allocation, autotuning)")
     parser.add_argument("--fps-calls", type=int, default=20, help="timed calls; frames/s from their median")
     add_budget_arguments(parser, size=FAIR_SIZE, crop=FAIR_CROP, epochs=FAIR_EPOCHS, eval_every=FAIR_EVAL_EVERY,
-                         runs=FAIR_RUNS)
+                         runs=FAIR_RUNS, records=FAIR_RECORDS)
     args = parser.parse_args()
     unknown = set(args.engines.split(",")) - set(ENGINES)
     if unknown:
@@ -84,17 +87,29 @@ def build_plan(args: argparse.Namespace) -> list[PlannedRun]:
 
 
 # ------------------------------------------------------------------------------------------------ frames/s
-def build_engine(kind: str, folder: Path, device: torch.device, fps_size: tuple[int, int],
+def timed_twin(arch: str, folder: Path, device: torch.device, size: tuple[int, int]) -> Twin:
+    """The run's final weights when they are on this machine; else (a run recorded elsewhere) the arch with seeded
+    initial weights: the same computation, so the same frames/s."""
+    if (folder / "last.pt").is_file():
+        return load_twin(folder / "last.pt", map_location=device)
+    torch.manual_seed(0)
+    classes = dataset_classes("camvid")
+    spec = ModelSpec(arch=arch, classes=classes, normalization=Normalization(), input_size=size, dataset="camvid")
+    return Twin(build_model(arch, len(classes)).eval().to(device), spec)
+
+
+def build_engine(kind: str, arch: str, folder: Path, device: torch.device, fps_size: tuple[int, int],
                  threads: int | None) -> Engine:
-    """The run's final weights behind `kind`; the ONNX file (folder/model.onnx) is exported again only when its
-    spec's weight digest is not last.pt's."""
-    twin = load_twin(folder / "last.pt", map_location=device)
+    """The run's twin (timed_twin) behind `kind`; the ONNX file (folder/model.onnx) is exported again only when its
+    spec's weight digest is not the twin's."""
+    twin = timed_twin(arch, folder, device, fps_size)
     if kind == "torch":
         return TorchEngine(twin, device, "fp32")
     if kind == "torch-fp16":
         if device.type != "cuda":
             raise EngineUnavailable("fp16 autocast is timed on CUDA only")
         return TorchEngine(twin, device, "fp16")
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.onnx"
     if not path.is_file() or model_metadata(path)[0].checkpoint_digest != twin.spec.checkpoint_digest:
         export_onnx(twin, path, sample_size=fps_size)
@@ -127,7 +142,7 @@ def frames_per_second(engine: Engine, frames: np.ndarray, warmup: int, calls: in
 
 
 def measure_speed(args: argparse.Namespace, folders: dict[str, Path], device: torch.device) -> dict[str, dict]:
-    """Per arch, per engine: frames/s (or why the engine was not timed)."""
+    """Per arch (its run's folder under --runs), per engine: frames/s (or why the engine was not timed)."""
     size = parse_size(args.fps_size)
     frames = val_frames(args, size)
     speed: dict[str, dict] = {}
@@ -135,7 +150,7 @@ def measure_speed(args: argparse.Namespace, folders: dict[str, Path], device: to
         speed[arch] = {}
         for kind in args.engines.split(","):
             try:
-                engine = build_engine(kind, folder, device, size, args.threads)
+                engine = build_engine(kind, arch, folder, device, size, args.threads)
                 speed[arch][kind] = frames_per_second(engine, frames, args.fps_warmup, args.fps_calls)
                 print(f"{arch:22s} {kind:16s} {speed[arch][kind]['fps']:9.1f} frames/s "
                       f"({speed[arch][kind]['median_ms']:.1f} ms median, {engine.backend})", flush=True)
@@ -149,15 +164,16 @@ def measure_speed(args: argparse.Namespace, folders: dict[str, Path], device: to
 
 # ------------------------------------------------------------------------------------------------ report
 def arch_table(results: dict[str, dict], speed: dict[str, dict], args: argparse.Namespace) -> dict[str, dict]:
-    """Per arch with finished runs: parameters, mean +- std of the summary metrics over seeds, frames/s."""
+    """Per arch: parameters, frames/s and, over its finished runs' seeds, mean +- std of every summary metric (no
+    figure before one is finished: a mean of no value is None)."""
     table = {}
+    classes = len(dataset_classes("camvid"))
     for arch in args.archs.split(","):
         entries = [e for e in results.values() if e["run"].arch == arch and "metrics" in e]
-        if not entries:
-            continue
-        parameters = sum(p.numel() for p in load_twin(entries[0]["folder"] / "last.pt").model.parameters())
-        table[arch] = {"parameters": parameters, "seeds": [e["run"].seed for e in entries],
-                       **{k: mean_std([e["metrics"][k] for e in entries]) for k in entries[0]["metrics"]},
+        keys = entries[0]["metrics"] if entries else table_keys()
+        table[arch] = {"parameters": sum(p.numel() for p in build_model(arch, classes).parameters()),
+                       "seeds": [e["run"].seed for e in entries],
+                       **{k: mean_std([e["metrics"][k] for e in entries]) for k in keys},
                        "speed": speed.get(arch, {})}
     return table
 
@@ -168,6 +184,8 @@ def plot_accuracy_fps(table: dict[str, dict], path: Path, fps_size: str) -> None
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for index, (arch, row) in enumerate(table.items()):
         timed = {kind: figures["fps"] for kind, figures in row["speed"].items() if "fps" in figures}
+        if row["miou"]["mean"] is None:  # not trained yet: no point to place
+            continue
         miou, spread = 100 * row["miou"]["mean"], 100 * (row["miou"]["std"] or 0.0)
         for kind, fps in timed.items():
             ax.errorbar(fps, miou, yerr=spread or None, color=f"C{index}", marker=ENGINE_MARKERS[kind],
@@ -223,19 +241,19 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
-    configs = partial(train_config, args=args)
+    folders = RunFolders(args)
     expand = partial(build_plan, args)
     if args.list:
-        print_plan(expand(), configs)
+        print_plan(expand(), folders)
         return
     device = announce_device(args)
     if not args.report_only:
-        execute(expand, args, configs)
+        execute(expand, args, folders)
     plan = expand()
-    results = collect(plan, args, configs, device)
-    first_seed = plan[0].seed
-    folders = {e["run"].arch: e["folder"] for e in results.values() if "metrics" in e and e["run"].seed == first_seed}
-    table = arch_table(results, measure_speed(args, folders, device), args)
+    results = collect(plan, args, folders, device)
+    # every arch is timed, trained or not: frames/s are the arch's, whatever its weights (timed_twin)
+    timed = {run.arch: folders.folder(run) for run in plan if run.seed == plan[0].seed}
+    table = arch_table(results, measure_speed(args, timed, device), args)
     print_table(table, args.engines.split(","))
     plot_curves({n: e["history"] for n, e in results.items()}, run_styles([e["run"] for e in results.values()]),
                 out / "curves.png")

@@ -1,11 +1,16 @@
 """Shared by bench/camvid_semeda.py and bench/camvid_archs.py: a plan of CamVid training runs, each in its own folder
-under `--out`, skipped when finished and continued (`train(..., resume=True)`) when partly done, so that a long
+under `--runs`, skipped when finished and continued (`train(..., resume=True)`) when partly done, so that a long
 budget can be spent in pieces; the final evaluation of each run (cached by checkpoint digest), per-image mIoU,
 paired tests, convergence curves and a static index.html.
 
 A run is finished when its `history.json` (written by `train()` after every epoch, after `last.pt`) reaches the
 planned epochs or `max_steps`. A folder trained with other settings (loss, lambdas, seed, size, schedule...) is
-refused rather than continued."""
+refused rather than continued.
+
+A finished run, once evaluated, leaves a record under `--records` (RECORD_FILES: its config, history, pieces and
+final evaluation; no weights), which is committed. The project's machines keep nothing between sessions for sure,
+and a run takes most of one, so a plan adds up run by run in git: a recorded run is not trained again (state
+"recorded"), and the reports read it from its record wherever its weights are gone."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import html
 import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,9 +48,13 @@ RUN_IDENTITY = ("arch", "dataset", "loss", "lambdas", "size", "crop", "scale_ran
 #: this project's 2-core CPU machines: CamVid's full 360x480 frames, trained on random 180x240 crops of the randomly
 #: scaled frame (a quarter of its pixels a step), validated on whole frames; 200 epochs (9000 steps at batch 8). A
 #: 60-epoch run on 240x320 crops was still gaining 1.4 points of val mIoU every 6 epochs at epoch 48 (from scratch:
-#: no pretrained weights here), so the budget buys steps with smaller crops
+#: no pretrained weights here), so the budget buys steps with smaller crops; an LR-ASPP run fits one session (~1.1 h)
 FAIR_SIZE, FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY = "360x480", "180x240", 200, 10
 FAIR_RUNS = "bench/results/camvid_runs"
+#: committed records of the finished runs of the fair budget (bench/records/README.md)
+FAIR_RECORDS = "bench/records/camvid_runs"
+#: what a run's record holds: enough for every report figure, curve and paired test; never weights
+RECORD_FILES = ("config.yaml", "history.json", "pieces.jsonl", "final_eval.json")
 #: overlay panels the final evaluation writes per run (eval/overlays/)
 EVAL_OVERLAYS = 4
 #: trimap band width (px) the summary tables show; every band is in comparison.json and trimap.png
@@ -75,12 +85,16 @@ class PlannedRun:
 
 # ------------------------------------------------------------------------------------------------ arguments
 def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str | None, crop: str | None, epochs: int | None,
-                         eval_every: int | None, runs: str) -> None:
-    """The budget every run of a plan shares, where its runs live, and how the plan is run (slices, device,
-    precision, threads)."""
+                         eval_every: int | None, runs: str | None, records: str | None) -> None:
+    """The budget every run of a plan shares, where its runs and their records live, and how the plan is run
+    (slices, device, precision, threads)."""
     parser.add_argument("--runs", default=runs, help="folder of the run folders; bench/camvid_semeda.py --plan fair "
                                                      "and bench/camvid_archs.py share it, so a run both plan (the "
                                                      "same arch, loss, seed and budget) is trained once")
+    parser.add_argument("--records", default=records,
+                        help="folder of the finished runs' records (config, history, pieces, final evaluation; no "
+                             "weights), committed so that a plan spent over several machines adds up; a recorded "
+                             "run is not trained again. 'none': keep no records")
     parser.add_argument("--size", default=size, help="HEIGHTxWIDTH (CamVid is 360x480)")
     parser.add_argument("--crop", default=crop, help="HEIGHTxWIDTH training crop of the randomly scaled image "
                                                      "(default: --size); validation sees the whole --size image")
@@ -104,7 +118,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str | None, c
                         help="minutes: start no further run after this long (a run in progress is not cut)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report what is finished")
     parser.add_argument("--list", action="store_true", help="print the plan with each run's state and exit")
-    parser.add_argument("--fresh", action="store_true", help="retrain the selected unfinished runs from scratch")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain the selected unfinished runs from scratch; with --only, a run recorded "
+                             "elsewhere is trained again too, for its weights (its record is then rewritten)")
     parser.add_argument("--resume", action="store_true",
                         help="accepted for old command lines: partly done runs are always continued")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -142,30 +158,81 @@ def finished(history: list[dict], config: TrainConfig) -> bool:
     return last["epoch"] >= config.epochs or steps_done
 
 
-def run_state(config: TrainConfig) -> str:
-    """"new" (no checkpoint), "partial" (continue it) or "done"; RunMismatch for a folder of another run."""
-    folder = Path(config.out)
-    if not (folder / "last.pt").is_file():
-        return "new"
+def check_identity(folder: Path, config: TrainConfig) -> None:
+    """RunMismatch unless the run (or record) in `folder` was trained with the plan's RUN_IDENTITY settings."""
     saved = TrainConfig.from_yaml(folder / "config.yaml")
     differing = [f"{key}={getattr(saved, key)!r} (plan: {getattr(config, key)!r})"
                  for key in RUN_IDENTITY if getattr(saved, key) != getattr(config, key)]
     if differing:
-        raise RunMismatch(f"{folder} holds another run: {', '.join(differing)}; give another --out or remove it")
-    return "done" if finished(read_history(folder), config) else "partial"
+        raise RunMismatch(f"{folder} holds another run: {', '.join(differing)}; give another --runs / --records "
+                          f"or remove it")
 
 
-def print_plan(plan: Iterable[PlannedRun], configs: Callable[[PlannedRun], TrainConfig]) -> None:
+@dataclass(frozen=True)
+class RunFolders:
+    """Where a plan's runs are: `--runs/<name>` (checkpoints, on the machine that trained them) and, once finished
+    and evaluated, `--records/<name>` (RECORD_FILES, committed)."""
+
+    args: argparse.Namespace
+
+    def config(self, run: PlannedRun) -> TrainConfig:
+        return train_config(run, self.args)
+
+    def folder(self, run: PlannedRun) -> Path:
+        return Path(self.args.runs) / run.name
+
+    def record(self, run: PlannedRun) -> Path | None:
+        records = self.args.records
+        return None if records in (None, "", "none") else Path(records) / run.name
+
+    def state(self, run: PlannedRun) -> str:
+        """"new", "partial" (continue it), "done" (finished, weights here) or "recorded" (finished, its record only:
+        trained on another machine); RunMismatch for a folder or record of another run."""
+        config, folder = self.config(run), self.folder(run)
+        if (folder / "last.pt").is_file():
+            check_identity(folder, config)
+            return "done" if finished(read_history(folder), config) else "partial"
+        record = self.record(run)
+        if record is not None and all((record / name).is_file() for name in RECORD_FILES):
+            check_identity(record, config)
+            if finished(read_history(record), config):
+                return "recorded"
+        return "new"
+
+    def source(self, run: PlannedRun) -> Path:
+        """The folder to read the run's history, pieces and final evaluation from: its weights' folder when they are
+        here, else its record."""
+        folder, record = self.folder(run), self.record(run)
+        return record if record is not None and not (folder / "last.pt").is_file() else folder
+
+    def history(self, run: PlannedRun) -> list[dict]:
+        return read_history(self.source(run))
+
+    def pieces(self, run: PlannedRun) -> list[dict]:
+        path = self.source(run) / "pieces.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+    def write_record(self, run: PlannedRun) -> None:
+        """Copy the finished, evaluated run's RECORD_FILES to its record (none when --records is 'none')."""
+        record = self.record(run)
+        if record is None:
+            return
+        record.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            shutil.copyfile(self.folder(run) / name, record / name)
+
+
+def print_plan(plan: Iterable[PlannedRun], folders: RunFolders) -> None:
     for run in plan:
-        config = configs(run)
-        history = read_history(Path(config.out))
+        config = folders.config(run)
+        history = folders.history(run)
         where = f"epoch {history[-1]['epoch']}/{config.epochs}" if history else ""
-        print(f"{run.name:32s} {run_state(config):8s} {where}")
+        print(f"{run.name:40s} {folders.state(run):9s} {where}")
 
 
-def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace,
-            configs: Callable[[PlannedRun], TrainConfig]) -> None:
-    """Train the plan's unfinished runs in order (within --only, --max-runs, --stop-after); skip finished ones.
+def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace, folders: RunFolders) -> None:
+    """Train the plan's unfinished runs in order (within --only, --max-runs, --stop-after); skip finished and
+    recorded ones.
 
     The plan is expanded again after every run: a run that depends on others (SEMEDA's best lambda on more seeds)
     joins it once they are finished, and is trained in the same invocation."""
@@ -179,10 +246,10 @@ def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace,
                 print(f"--only: not in the plan (yet): {sorted(missing)}")
             return
         seen.add(run.name)
-        config = configs(run)
-        state = run_state(config)
-        if state == "done":
-            print(f"{run.name}: finished, skipped")
+        state = folders.state(run)
+        retrain = state == "recorded" and args.fresh and only is not None  # its weights wanted here again
+        if state == "done" or (state == "recorded" and not retrain):
+            print(f"{run.name}: {'finished' if state == 'done' else 'recorded (trained elsewhere)'}, skipped")
             continue
         if args.max_runs is not None and trained >= args.max_runs:
             print(f"stopping before {run.name}: --max-runs {args.max_runs} reached")
@@ -190,6 +257,7 @@ def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace,
         if args.stop_after is not None and time.monotonic() - started > 60 * args.stop_after:
             print(f"stopping before {run.name}: --stop-after {args.stop_after} min reached")
             return
+        config = folders.config(run)
         resume = state == "partial" and not args.fresh
         print(f"{run.name}: {'continuing' if resume else 'training'} ({config.loss}, lambdas {config.lambdas}, "
               f"seed {config.seed}, {config.arch} at {config.size[0]}x{config.size[1]})", flush=True)
@@ -203,11 +271,6 @@ def _record_piece(folder: Path, summary: dict) -> None:
     keys = ("steps", "epochs", "final_val_miou", "train_seconds_this_run", "device", "amp", "compiled", "workers")
     with (folder / "pieces.jsonl").open("a") as file:
         file.write(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: summary.get(k) for k in keys}}) + "\n")
-
-
-def read_pieces(folder: Path) -> list[dict]:
-    path = folder / "pieces.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -236,7 +299,7 @@ def final_evaluation(folder: Path, val, device: torch.device, batch_size: int, l
     """The run's final weights (last.pt: the same budget for every run, not the best on val) on val: evaluate()'s
     report (eval/ holds its plots and overlays) and per-image mIoU; cached in final_eval.json by weight digest."""
     twin = load_twin(folder / "last.pt", map_location=device)
-    key = {"digest": twin.spec.checkpoint_digest, "images": len(val) if limit is None else min(limit, len(val)),
+    key = {"digest": twin.spec.checkpoint_digest, "images": evaluated_images(val, limit),
            "size": list(twin.spec.input_size)}
     cache = folder / "final_eval.json"
     if cache.is_file():
@@ -250,22 +313,41 @@ def final_evaluation(folder: Path, val, device: torch.device, batch_size: int, l
     return result
 
 
-def collect(plan: list[PlannedRun], args: argparse.Namespace, configs, device: torch.device) -> dict[str, dict]:
+def evaluated_images(val, limit: int | None) -> int:
+    return len(val) if limit is None else min(limit, len(val))
+
+
+def recorded_evaluation(record: Path, val, limit: int | None) -> dict | None:
+    """A recorded run's final evaluation, or None (said) when it was made on another number of val images."""
+    recorded = json.loads((record / "final_eval.json").read_text())
+    if recorded["key"]["images"] != evaluated_images(val, limit):
+        print(f"{record}: evaluated on {recorded['key']['images']} val images, this report on "
+              f"{evaluated_images(val, limit)}; its weights are not here to evaluate again: left out of the figures")
+        return None
+    return recorded
+
+
+def collect(plan: list[PlannedRun], args: argparse.Namespace, folders: RunFolders,
+            device: torch.device) -> dict[str, dict]:
     """Per run begun: its history, convergence, pieces and folder; for a finished run also the final evaluation
-    (`report`, its `metrics` and the `per_image` mIoU)."""
+    (`report`, its `metrics` and the `per_image` mIoU). A finished run with weights here is evaluated
+    (cached) and recorded; a recorded one is read from its record."""
     val = val_dataset(args)
     results = {}
     for run in plan:
-        config = configs(run)
-        folder = Path(config.out)
-        state = run_state(config)
+        state = folders.state(run)
         if state == "new":
             continue
-        history = read_history(folder)
+        history = folders.history(run)
         entry = {"run": run, "state": state, "history": history, "convergence": convergence(history),
-                 "pieces": read_pieces(folder), "folder": folder}
+                 "pieces": folders.pieces(run), "folder": folders.source(run)}
+        evaluation = None
         if state == "done":
-            evaluation = final_evaluation(folder, val, device, args.batch_size, args.val_limit)
+            evaluation = final_evaluation(folders.folder(run), val, device, args.batch_size, args.val_limit)
+            folders.write_record(run)
+        elif state == "recorded":
+            evaluation = recorded_evaluation(folders.record(run), val, args.val_limit)
+        if evaluation is not None:
             entry.update(report=evaluation["report"], metrics=summary_metrics(evaluation["report"]),
                          per_image=evaluation["per_image_miou"])
         results[run.name] = entry

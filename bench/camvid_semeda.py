@@ -1,13 +1,15 @@
 """PPCE vs SEMEDA (and the Sobel baseline) on CamVid, the same model and budget for each.
 
-Two plans (`--plan`), each run in its own folder under `--out`, skipped when finished and continued when partly
+Two plans (`--plan`), each run in its own folder under `--runs`, skipped when finished and continued when partly
 done (bench/camvid_runs.py), so a long budget can be spent in pieces (`--only NAME`, `--max-runs N`,
-`--stop-after MIN`); `--list` prints the plan and each run's state, `--report-only` reports what is finished.
+`--stop-after MIN`); `--list` prints the plan and each run's state, `--report-only` reports what is finished. The
+fair plan's finished runs leave records (no weights) under `--records`, committed, so the plan adds up run by run
+over machines that keep nothing; a recorded run is not trained again.
 
 * `losses` (default; what this script always did): `--arch` (LR-ASPP) at 180x240 with each of `--losses` at one
   `--seed`, runs named by loss (bench/results/camvid/semeda/best.pt is the twin the audit benches read).
 * `fair` (issue 18, item 2): the thesis' protocol (seed 002, section 3.4) as far as it transfers to CamVid:
-  DeepLabV3-ResNet-18 at full resolution 360x480, Algorithm 3.1 (g_phi pretrained on masks, then frozen);
+  `--arch` (LR-ASPP) at full resolution 360x480, Algorithm 3.1 (g_phi pretrained on masks, then frozen);
   PPCE at every `--seeds`; SEMEDA at each `--lambda-sweep` setting (Table 3.1's three best on Cityscapes) and the
   Sobel baseline (lambda_1 = 4, Table 3.1's best) at the first seed; then the sweep's best lambda (final val
   mIoU of the first seed) at the other seeds.
@@ -18,13 +20,15 @@ PPCE paired by seed (paired t-test and exact sign-flip test) and per image (Wilc
 mIoU, every seed both have); the convergence curves of every run (curves.png) and the trimap plot (trimap.png).
 Writes comparison.json and index.html under `--out`.
 
-Why DeepLabV3-ResNet-18 for `fair`: it is the stronger of the two zoo models that fit (output stride 8 and ASPP
-against LR-ASPP's stride-16 features and 8x head, 5x the parameters, the DeepLab family the thesis used). The
-budget (bench/camvid_runs.FAIR_*: 200 epochs of 180x240 crops of the 360x480 frames, validated on whole frames) is
-sized for this project's 2-core CPU machines: with `--amp bf16` on a CPU with AMX (DeepLabV3 trains 2.9x faster than
-in fp32; LR-ASPP, mostly depthwise, gains nothing) a 240x320-crop PPCE epoch took ~50 s, so a run is ~2 h and the
-plan ~19 h, spent in pieces. No pretrained weights may be downloaded here, so every model starts
-from scratch, unlike the thesis' ImageNet-pretrained DeepLab-v3+.
+Why LR-ASPP for `fair`: a run must finish within one session of this project's 2-core CPU machines, because
+nothing but git outlives a session for sure (weights are never committed; a record is written once a run is
+finished). The budget (bench/camvid_runs.FAIR_*: 200 epochs of 180x240 crops of the 360x480 frames, 9000 steps,
+validated on whole frames) takes LR-ASPP 0.40 s a step on an AMD EPYC (fp32; bf16 gains nothing on its depthwise
+convolutions), ~1.1 h a run. DeepLabV3-ResNet-18, the stronger model (output stride 8, the DeepLab family the thesis
+used), takes 0.67 s a step in bf16 on an Intel Xeon with AMX (1.8 h a run, a 200-epoch PPCE run reached 58.6 val
+mIoU at epoch 110) but 1.44 s on the AMD EPYC (3.6 h: more than a session), so it is `--arch deeplabv3_resnet18`
+where a GPU or a machine that keeps its runs is at hand. No pretrained weights may be downloaded here, so every
+model starts from scratch, unlike the thesis' ImageNet-pretrained DeepLab-v3+.
 """
 
 from __future__ import annotations
@@ -40,10 +44,9 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
     sys.path.insert(0, str(REPO))
 
 from bench.camvid_runs import (  # noqa: E402
-    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RUNS, FAIR_SIZE, PlannedRun, plus_minus, yes_no, RunMismatch,
-    add_budget_arguments, announce_device, collect, execute, html_table,
-    mean_std, paired_by_image, paired_by_seed, percent, plot_curves, print_plan, read_history, run_state,
-    run_styles, table_keys, train_config, trained_on, write_page,
+    FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
+    add_budget_arguments, announce_device, collect, execute, html_table, mean_std, paired_by_image, paired_by_seed,
+    percent, plot_curves, plus_minus, print_plan, run_styles, table_keys, trained_on, write_page, yes_no,
 )
 from segmenters.evaluate import plot_trimap  # noqa: E402
 from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
@@ -51,9 +54,10 @@ from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
 #: per plan, the defaults of the options it reads differently (None in argparse: "the plan's")
 PLAN_DEFAULTS = {
     "losses": {"arch": "lraspp_mobilenetv3", "size": "180x240", "crop": None, "epochs": 30, "eval_every": 5,
-               "out": "bench/results/camvid", "runs": "bench/results/camvid"},
-    "fair": {"arch": "deeplabv3_resnet18", "size": FAIR_SIZE, "crop": FAIR_CROP, "epochs": FAIR_EPOCHS,
-             "eval_every": FAIR_EVAL_EVERY, "out": "bench/results/camvid_fair", "runs": FAIR_RUNS},
+               "out": "bench/results/camvid", "runs": "bench/results/camvid", "records": "none"},
+    "fair": {"arch": "lraspp_mobilenetv3", "size": FAIR_SIZE, "crop": FAIR_CROP, "epochs": FAIR_EPOCHS,
+             "eval_every": FAIR_EVAL_EVERY, "out": "bench/results/camvid_fair", "runs": FAIR_RUNS,
+             "records": FAIR_RECORDS},
 }
 #: Table 3.1's three best SEMEDA settings on Cityscapes (77.3, 76.9, 76.9 % mIoU), the driving scenes CamVid is like
 FAIR_LAMBDA_SWEEP = "4,2,0;2,4,0;0.5,0.5,0.5"
@@ -72,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="plan fair: PPCE and the best lambda at each")
     parser.add_argument("--lambda-sweep", default=FAIR_LAMBDA_SWEEP, help="plan fair: ';'-separated settings")
     parser.add_argument("--sobel-lambda", type=float, default=DEFAULT_LAMBDAS["sobel"][0], help="plan fair")
-    add_budget_arguments(parser, size=None, crop=None, epochs=None, eval_every=None, runs=None)
+    add_budget_arguments(parser, size=None, crop=None, epochs=None, eval_every=None, runs=None, records=None)
     args = parser.parse_args()
     for key, value in PLAN_DEFAULTS[args.plan].items():
         if getattr(args, key) is None:
@@ -95,7 +99,7 @@ def semeda_run(args: argparse.Namespace, lambdas: tuple[float, ...], seed: int) 
                       f"semeda {lambdas_text(lambdas)}")
 
 
-def fair_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
+def fair_plan(args: argparse.Namespace, folders: RunFolders) -> list[PlannedRun]:
     """PPCE at the first seed, the lambda sweep and Sobel there, PPCE at the other seeds, then (once the sweep is
     finished) the best lambda at the other seeds."""
     seeds = [int(v) for v in args.seeds.split(",")]
@@ -104,31 +108,32 @@ def fair_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
              for text in args.lambda_sweep.split(";")]
     sobel = PlannedRun(f"{args.arch}_sobel_{args.sobel_lambda:g}_s{seeds[0]}", args.arch, "sobel", (args.sobel_lambda,),
                        seeds[0], f"sobel {args.sobel_lambda:g}")
-    best = best_lambdas(sweep, configs)
+    best = best_lambdas(sweep, folders)
     later = [] if best is None else [semeda_run(args, best, s) for s in seeds[1:]]
     return [ppce[0], *sweep, sobel, *ppce[1:], *later]
 
 
-def best_lambdas(sweep: list[PlannedRun], configs) -> tuple[float, ...] | None:
-    """The sweep's setting with the highest final val mIoU, once every sweep run is finished (else None)."""
-    if any(run_state(configs(run)) != "done" for run in sweep):
+def best_lambdas(sweep: list[PlannedRun], folders: RunFolders) -> tuple[float, ...] | None:
+    """The sweep's setting with the highest final val mIoU, once every sweep run is finished or recorded (else
+    None)."""
+    if any(folders.state(run) not in ("done", "recorded") for run in sweep):
         return None
-    final = {run.lambdas: read_history(Path(configs(run).out))[-1].get("val_miou") or -1.0 for run in sweep}
+    final = {run.lambdas: folders.history(run)[-1].get("val_miou") or -1.0 for run in sweep}
     return max(final, key=final.get)
 
 
-def build_plan(args: argparse.Namespace, configs) -> list[PlannedRun]:
-    return losses_plan(args) if args.plan == "losses" else fair_plan(args, configs)
+def build_plan(args: argparse.Namespace, folders: RunFolders) -> list[PlannedRun]:
+    return losses_plan(args) if args.plan == "losses" else fair_plan(args, folders)
 
 
-def comparison_group(plan: list[PlannedRun], configs) -> str | None:
+def comparison_group(plan: list[PlannedRun], folders: RunFolders) -> str | None:
     """The SEMEDA group compared with PPCE: the best lambda's (fair), the one SEMEDA run's (losses)."""
     semeda = [run for run in plan if run.loss == "semeda"]
     if not semeda:
         return None
     if len({run.lambdas for run in semeda}) == 1:
         return semeda[0].group
-    best = best_lambdas([run for run in semeda if run.seed == semeda[0].seed], configs)
+    best = best_lambdas([run for run in semeda if run.seed == semeda[0].seed], folders)
     return None if best is None else f"semeda {lambdas_text(best)}"
 
 
@@ -264,17 +269,17 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
-    configs = partial(train_config, args=args)
-    expand = partial(build_plan, args, configs)
+    folders = RunFolders(args)
+    expand = partial(build_plan, args, folders)
     if args.list:
-        print_plan(expand(), configs)
+        print_plan(expand(), folders)
         return
     device = announce_device(args)
     if not args.report_only:
-        execute(expand, args, configs)
+        execute(expand, args, folders)
     plan = expand()
-    compared = comparison_group(plan, configs)
-    results = collect(plan, args, configs, device)
+    compared = comparison_group(plan, folders)
+    results = collect(plan, args, folders, device)
     stats = group_statistics(results)
     tests = paired_tests(results, compared)
     print_report(results, stats, tests, compared)

@@ -114,7 +114,8 @@ def search(args: argparse.Namespace, out: Path) -> Path:
 
     twin = Path(args.twin) if args.twin else strongest_twin(Path(args.fair_report), Path(args.runs))
     if not twin.is_file():
-        raise SystemExit(f"error: no checkpoint at {twin}")
+        raise SystemExit(f"error: no checkpoint at {twin}: a run recorded on another machine leaves no weights; train "
+                         f"it again here with bench/camvid_semeda.py --plan fair --only {twin.parent.name} --fresh")
     out.mkdir(parents=True, exist_ok=True)
     campaign = out / "campaign.yaml"
     campaign.write_text(yaml.safe_dump(campaign_document(args, twin), sort_keys=False))
