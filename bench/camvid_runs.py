@@ -261,12 +261,12 @@ def execute(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace, fo
         resume = state == "partial" and not args.fresh
         print(f"{run.name}: {'continuing' if resume else 'training'} ({config.loss}, lambdas {config.lambdas}, "
               f"seed {config.seed}, {config.arch} at {config.size[0]}x{config.size[1]})", flush=True)
-        _record_piece(Path(config.out), train(config, resume=resume, progress=not args.quiet))
+        _log_piece(Path(config.out), train(config, resume=resume, progress=not args.quiet))
         torch._dynamo.reset()  # the next run compiles its own model afresh, not against this one's cached graphs
         trained += 1
 
 
-def _record_piece(folder: Path, summary: dict) -> None:
+def _log_piece(folder: Path, summary: dict) -> None:
     """One line per train() call of the run in pieces.jsonl: how and where its budget was spent."""
     keys = ("steps", "epochs", "final_val_miou", "train_seconds_this_run", "device", "amp", "compiled", "workers")
     with (folder / "pieces.jsonl").open("a") as file:
