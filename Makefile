@@ -18,8 +18,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/patchwatch demo --out runs/demo
 
+# -X faulthandler: a crash after pytest's own handler is gone (a native thread at exit) still prints every thread's stack
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -X faulthandler -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python bench/shapes_render.py

@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,20 @@ def data_root() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_matplotlib():
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+#: the thread a Serve deployment handle starts in its process, never stopped (Ray 2.60's SingletonThreadRouter)
+SERVE_ROUTER_THREAD = "_run_router_event_loop"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_serve_router_in_the_test_process():
+    """Tests start and stop Ray in this process again and again; a deployment handle used here leaves Serve's
+    router thread polling the stopped cluster's actors through every later Ray session, which can crash the
+    process (ray-project/ray#31145). Handles belong in the cluster's workers (a Ray task, as a Ray job's monitor)."""
+    yield
+    routers = [thread.name for thread in threading.enumerate() if SERVE_ROUTER_THREAD in thread.name]
+    assert not routers, f"a Serve deployment handle was used in the test process: {routers} outlive its cluster"
 
 
 def fit_camvid_twin(path: Path, data_root: Path, arch: str = "unet", size=(96, 128), steps: int = 60, seed: int = 0):

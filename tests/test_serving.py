@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import zlib
 import time
@@ -151,28 +152,54 @@ def test_remote_engine_is_an_engine(service, local, val_frames):
     np.testing.assert_array_equal(remote.segment(small(frames[:2])), local["1"].labels(images))
 
 
-def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, val_frames):
-    """The monitor's engine inside the cluster: the deployment handle, no HTTP; same labels as in process."""
-    from serving.model import ServeHandleEngine
+def monitor_inside_the_cluster(clip: np.ndarray) -> dict:
+    """A Ray task's body: what a monitor running inside the cluster does with its engine (the deployment handle,
+    no HTTP). It runs in a worker of the service's cluster, as `patchwatch monitor` does in a Ray job, because a
+    deployment handle leaves Serve's router thread in its process for good: in this test process it would outlive
+    the cluster and poll dead actors through every later test's Ray session."""
     from monitor.pipeline import Monitor
     from monitor.streams import ReplaySource, Stream
+    from serving.model import ServeHandleEngine
 
     handle = ServeHandleEngine("camvid", "1")
-    assert handle.spec == local["1"].spec and handle.precision == "fp32" and "camvid_v1" in handle.backend
-    frames, _ = val_frames
-    clip = small(frames)
     images = handle.prepare(clip)
-    np.testing.assert_allclose(handle.infer(images), local["1"].infer(images), atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(handle.segment(clip), local["1"].labels(images))
     seen = []
     monitor = Monitor(handle, on_frame=lambda frame, labels, alarms: seen.append((frame.index, labels)))
     monitor.add(Stream(ReplaySource(list(clip), name="cam"), policy="drop_oldest", capacity=8))
     summary = monitor.run(duration=60)
-    assert summary["streams"]["cam"]["processed"] == len(clip) and summary["engine_errors"] == 0
-    for index, labels in seen:
-        np.testing.assert_array_equal(labels, local["1"].labels(images[index:index + 1])[0])
-    with pytest.raises(Exception, match="no served model 'camvid' version '9'"):
+    try:
         ServeHandleEngine("camvid", "9")
+        unknown_version_error = None
+    except Exception as exc:  # noqa: BLE001 - the message is what is checked
+        unknown_version_error = str(exc)
+    return {"spec": handle.spec, "precision": handle.precision, "backend": handle.backend, "images": images,
+            "logits": handle.infer(images), "segment": handle.segment(clip), "summary": summary, "seen": seen,
+            "unknown_version_error": unknown_version_error}
+
+
+def test_monitor_inside_the_cluster_holds_a_serve_handle_engine(service, local, val_frames):
+    """The monitor's engine inside the cluster: the deployment handle, no HTTP; same labels as in process."""
+    import ray
+    from ray import cloudpickle  # the pickler Ray sends tasks with
+
+    frames, _ = val_frames
+    clip = small(frames)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # this test module is not importable by workers
+    try:
+        task = ray.remote(monitor_inside_the_cluster).options(num_cpus=0, max_retries=0)
+        found = ray.get(task.remote(clip), timeout=300)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert found["spec"] == local["1"].spec and found["precision"] == "fp32" and "camvid_v1" in found["backend"]
+    images = found["images"]
+    np.testing.assert_array_equal(images, local["1"].prepare(clip))
+    np.testing.assert_allclose(found["logits"], local["1"].infer(images), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(found["segment"], local["1"].labels(images))
+    summary = found["summary"]
+    assert summary["streams"]["cam"]["processed"] == len(clip) and summary["engine_errors"] == 0
+    for index, labels in found["seen"]:
+        np.testing.assert_array_equal(labels, local["1"].labels(images[index:index + 1])[0])
+    assert "no served model 'camvid' version '9'" in found["unknown_version_error"]
 
 
 def test_segment_endpoint_answers_in_three_forms(service, local, val_frames):
