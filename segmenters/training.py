@@ -6,8 +6,10 @@ RNG seeds and the pretrained SEMEDA network, all on the CPU, so a killed run con
 
 On CUDA the step runs under mixed precision (bf16 autocast where the GPU has it, else fp16 with a grad scaler),
 channels_last and torch.compile, fed by DataLoader workers through pinned memory; on the CPU the default is the
-eager fp32 step (torch.compile is asked for with `compile: true`: on 2 CPU cores it took minutes to compile the
-LR-ASPP and was no faster after).
+eager fp32 forward (torch.compile is asked for with `compile: true`: on 2 CPU cores it took minutes to compile the
+LR-ASPP and was no faster after). The loss is compiled wherever it has an embedding term (SEMEDA, Sobel): on the CPU
+inductor fuses the term's elementwise work around g_phi's convolutions, 4x faster than eager for ~40 s of compiling
+once a run, and the term cost a SEMEDA step more than the segmenter did (bench/semeda_step.py).
 
 Budgets: `max_steps` bounds every optimiser step of the run, the SEMEDA network's pretraining batches included
 (pretraining takes its `semeda_pretrain_batches`, training the rest); `epochs` bounds the passes over the training
@@ -29,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import matplotlib
 import torch
@@ -99,8 +102,9 @@ class TrainConfig(BaseModel):
     val_limit: int | None = Field(None, description="evaluate on at most this many validation images")
     eval_every: int = Field(7, description="validate after epoch 1, every this many epochs and after the last")
     threads: int | None = None
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step: auto (on CUDA "
-                                                                "only), true or false; eager if compiling fails")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step: auto (the model "
+                                                                "on CUDA, a SEMEDA/Sobel loss everywhere), true or "
+                                                                "false; eager if compiling fails")
     device: str = Field("auto", description=f"where to train: {DEVICE_HELP}")
     amp: AmpMode = Field("auto", description="mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 "
                                              "with a grad scaler; CPU: off), bf16, fp16 or off")
@@ -164,11 +168,21 @@ def resolve_amp(request: str, device: torch.device) -> str:
     return request
 
 
-def resolve_compile(request: bool | str, device: torch.device) -> bool:
-    """Whether the training step is compiled: `auto` on CUDA only (on the CPU inductor spent minutes compiling the
-    LR-ASPP and the step was no faster; it also probes for a CUDA toolkit and warns when it finds one without a
-    GPU), else as asked."""
-    return device.type == "cuda" if request == "auto" else bool(request)
+class CompilePlan(NamedTuple):
+    """Which parts of the training step torch.compile runs: the model's forward, the loss (forward and backward)."""
+
+    model: bool
+    loss: bool
+
+
+def resolve_compile(request: bool | str, device: torch.device, loss: str) -> CompilePlan:
+    """`auto`: the model on CUDA only (on the CPU inductor spent minutes compiling the LR-ASPP and the step was no
+    faster); the loss wherever it has an embedding term (SEMEDA, Sobel), which fuses well on either. True or false:
+    both parts or neither. PPCE, one cross entropy, is never compiled: there is nothing to fuse."""
+    embedding_term = loss != "ppce"
+    if request == "auto":
+        return CompilePlan(model=device.type == "cuda", loss=embedding_term)
+    return CompilePlan(model=bool(request), loss=bool(request) and embedding_term)
 
 
 def _cuda_has_bf16(device: torch.device) -> bool:
@@ -176,28 +190,46 @@ def _cuda_has_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Inductor imports torch's C++ extension loader, which warns "No CUDA runtime is found" wherever a CUDA toolkit
+    is installed without a GPU: noise in a CPU run, whose compiled code needs no CUDA."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _quiet_cuda_probe(device: torch.device) -> None:
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    if device.type == "cpu" and not any(isinstance(f, _NoCudaRuntimeNotice) for f in extension_log.filters):
+        extension_log.addFilter(_NoCudaRuntimeNotice())
+
+
 class TrainingStep:
     """One optimiser step of `train()`: the batch to the device (non-blocking), normalised, channels_last; forward
-    (compiled, eager if compiling fails) and loss under the run's autocast; backward through the grad scaler (fp16
-    only; a no-op otherwise); update. The learning rate is the caller's."""
+    and loss (each compiled as `compile` says, eager if compiling fails) under the run's autocast; backward through
+    the grad scaler (fp16 only; a no-op otherwise); update. The learning rate is the caller's."""
 
     def __init__(self, model: torch.nn.Module, criterion: SegmentationLoss, optimizer: torch.optim.Optimizer,
-                 normalization: Normalization, device: torch.device, amp: str, compile: bool):
+                 normalization: Normalization, device: torch.device, amp: str, compile: CompilePlan):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.normalization, self.device, self.amp = normalization, device, amp
-        self.forward = torch.compile(model) if compile else model
+        if any(compile):
+            _quiet_cuda_probe(device)
+        self.forward = torch.compile(model) if compile.model else model
+        self.loss = torch.compile(criterion) if compile.loss else criterion
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     @property
-    def compiled(self) -> bool:
-        return self.forward is not self.model
+    def compiled(self) -> CompilePlan:
+        return CompilePlan(model=self.forward is not self.model, loss=self.loss is not self.criterion)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         inputs = self.normalization.normalize(images).contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            loss, parts = self.criterion(self._logits(inputs), labels)
+            logits = self._compiled_or_eager("forward", self.model, inputs)
+            loss, parts = self._compiled_or_eager("loss", self.criterion, logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -209,15 +241,17 @@ class TrainingStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
 
-    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _compiled_or_eager(self, part: str, eager: torch.nn.Module, *args):
+        """Run `part` ("forward" or "loss"); if its compiled version fails, run `eager` from then on."""
+        run = getattr(self, part)
         try:
-            return self.forward(inputs)
+            return run(*args)
         except Exception as exc:  # no C compiler, unsupported op, ...: train eagerly rather than not at all
-            if not self.compiled:
+            if run is eager:
                 raise
-            tqdm.write(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
-            self.forward = self.model
-            return self.forward(inputs)
+            tqdm.write(f"torch.compile of the {part} failed ({type(exc).__name__}: {exc}); running it eagerly")
+            setattr(self, part, eager)
+            return eager(*args)
 
     def scaler_state(self) -> dict | None:
         """The grad scaler's state (plain numbers, no tensors), or None when there is no scaler (bf16, fp32)."""
@@ -400,7 +434,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     semeda_state = None if semeda_net is None else to_cpu(semeda_net.state_dict())
     criterion = SegmentationLoss(config.loss, spec.num_classes, spec.ignore_index, config.lambdas, semeda_net)
     step = TrainingStep(model, criterion, optimizer, spec.normalization, device, amp,
-                        resolve_compile(config.compile, device))
+                        resolve_compile(config.compile, device, config.loss))
     run = _restore(checkpoint, step)
 
     started = time.time()
@@ -419,7 +453,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         "device": describe_device(device),
         "amp": amp,
         "workers": workers,
-        "compiled": step.compiled,
+        "compiled": step.compiled._asdict(),
         # the last validation's one-class warning: a twin that predicts one class everywhere is not refused
         "warnings": [run.history[-1]["val_warning"]] if run.history and "val_warning" in run.history[-1] else [],
     }
@@ -496,11 +530,13 @@ def recalibrate_batch_norm(model: torch.nn.Module, loader, normalization: Normal
 
 def training_throughput(arch: str, size: tuple[int, int], batch_size: int, device: str | torch.device,
                         amp: str = "auto", steps: int = 20, warmup: int = 3, classes: int = 19, loss: str = "ppce",
-                        compile: bool = True) -> dict:
+                        compile: bool | str = "auto", lambdas: tuple[float, ...] | None = None) -> dict:
     """Training images/s of `train()`'s own step (model, criterion, AdamW, precision, channels_last, compile, the
     host-to-device copy of a pinned batch) on random data: `warmup` untimed steps (compilation, autotuning), then
     `steps` timed ones, the device synchronised before and after. Writes nothing. `device`: a `torch.device` or
-    what `--device` takes; `amp` as `TrainConfig.amp`; `loss="semeda"` uses an untrained g_phi (it costs the same)."""
+    what `--device` takes; `amp` as `TrainConfig.amp`; `loss="semeda"` uses an untrained g_phi (it costs the same);
+    `lambdas` as `TrainConfig.lambdas` (the loss's default when None: what is computed depends on them); `compile`
+    as `TrainConfig.compile`."""
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 1, warmup >= 0 and batch_size >= 1, got {steps}, {warmup}, {batch_size}")
     device = resolve_device(device)
@@ -510,8 +546,9 @@ def training_throughput(arch: str, size: tuple[int, int], batch_size: int, devic
     model = build_model(arch, classes).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
     semeda_net = SemedaNet(classes).to(device) if loss == "semeda" else None
-    criterion = SegmentationLoss(loss, classes, semeda_net=semeda_net)
-    step = TrainingStep(model.train(), criterion, optimizer, Normalization(), device, amp, compile)
+    criterion = SegmentationLoss(loss, classes, lambdas=lambdas, semeda_net=semeda_net)
+    step = TrainingStep(model.train(), criterion, optimizer, Normalization(), device, amp,
+                        resolve_compile(compile, device, loss))
     images, labels = _random_batch(batch_size, size, classes, device)
     with _cudnn_autotune(device):
         for _ in range(warmup):
@@ -523,7 +560,8 @@ def training_throughput(arch: str, size: tuple[int, int], batch_size: int, devic
         _synchronize(device)
         seconds = time.perf_counter() - started
     return {"arch": arch, "size": list(size), "batch_size": batch_size, "device": describe_device(device), "amp": amp,
-            "loss": loss, "classes": classes, "compile": step.compiled, "steps": steps, "seconds": round(seconds, 4),
+            "loss": loss, "lambdas": list(criterion.lambdas), "classes": classes, "compile": step.compiled._asdict(),
+            "steps": steps, "seconds": round(seconds, 4),
             "img_per_s": round(batch_size * steps / seconds, 2)}
 
 

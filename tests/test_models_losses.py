@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from segmenters.losses import SegmentationLoss, ppce_loss
 from segmenters.losses.semeda import SemedaNet, embedding_match, one_hot_masks, pretrain_semeda_net, sobel_embeddings
@@ -93,6 +94,46 @@ def test_semeda_and_sobel_vanish_on_a_perfect_prediction_only():
         assert float(sum(embedding_match(embed, perfect, labels, lambdas))) == pytest.approx(0.0, abs=1e-7)
         wrong = perfect.roll(1, dims=1)
         assert float(sum(embedding_match(embed, wrong, labels, lambdas))) > 1e-3
+
+
+def _eq_3_5_over_every_layer(net, probs, labels, lambdas):
+    """Eq. 3.5-3.6 written out over all of g_phi's layers, in NCHW, as the thesis states it."""
+    target = torch.where((labels != 255)[:, None], one_hot_masks(labels, 3, 255), probs.detach())
+    weight = (labels != 255)[:, None].float()
+    terms = []
+    x_hat, x_star = probs, target
+    for index, layer in enumerate(net.layers):
+        x_hat, x_star = layer(x_hat), layer(x_star).detach()
+        last = index == len(net.layers) - 1
+        x_hat, x_star = (x_hat.softmax(1), x_star.softmax(1)) if last else (F.relu(x_hat), F.relu(x_star))
+        diff = (x_hat - x_star).abs().mean(dim=1, keepdim=True)
+        terms.append(lambdas[index] * (diff * weight).sum() / weight.sum())
+    return terms
+
+
+@pytest.mark.parametrize("lambdas", [(4.0, 2.0, 0.0), (0.5, 0.5, 0.5), (0.0, 3.0, 0.0), (0.0, 0.0, 0.0)])
+def test_semeda_term_skips_only_layers_whose_lambda_is_zero_and_stays_exact(lambdas):
+    torch.manual_seed(2)
+    labels = _labels()
+    labels[:, :6, :6] = 255
+    net = SemedaNet(3).requires_grad_(False)
+    logits = torch.randn(2, 3, 24, 24, requires_grad=True)
+    computed_layers = []
+
+    def recording_embed(masks, layers):
+        computed_layers.append(layers)
+        return net.embeddings(masks, layers)
+
+    terms = embedding_match(recording_embed, logits.softmax(1), labels, lambdas)
+    expected = _eq_3_5_over_every_layer(net, logits.softmax(1), labels, lambdas)
+    needed = max((i + 1 for i, lam in enumerate(lambdas) if lam), default=0)
+    assert computed_layers == [needed, needed]  # prediction and ground truth
+    values, expected_values = [float(t.detach()) for t in terms], [float(t.detach()) for t in expected]
+    assert values == pytest.approx(expected_values, rel=1e-5, abs=1e-7)
+    if needed:
+        (grad,) = torch.autograd.grad(sum(terms), logits)
+        (expected_grad,) = torch.autograd.grad(sum(expected), logits)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_ignored_pixels_do_not_contribute():

@@ -138,10 +138,12 @@ def test_training_throughput_times_the_training_step_and_writes_nothing(tmp_path
     monkeypatch.chdir(tmp_path)
     figure = training_throughput("unet", (32, 32), 2, "cpu", steps=2, warmup=1, classes=4, compile=False)
     assert figure["img_per_s"] > 0 and figure["steps"] == 2 and figure["batch_size"] == 2
-    assert (figure["device"], figure["amp"], figure["compile"], figure["size"]) == ("cpu", "off", False, [32, 32])
+    assert (figure["device"], figure["amp"], figure["size"]) == ("cpu", "off", [32, 32])
+    assert figure["compile"] == {"model": False, "loss": False}
     semeda = training_throughput("unet", (32, 32), 2, "cpu", amp="bf16", steps=1, warmup=0, classes=4,
-                                 loss="semeda", compile=False)
-    assert semeda["amp"] == "bf16" and semeda["loss"] == "semeda"
+                                 loss="semeda", compile=False, lambdas=(0.5, 0.5, 0.5))
+    assert semeda["amp"] == "bf16" and semeda["loss"] == "semeda" and semeda["lambdas"] == [0.5, 0.5, 0.5]
+    assert figure["lambdas"] == []
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="steps >= 1"):
         training_throughput("unet", (32, 32), 2, "cpu", steps=0)

@@ -181,7 +181,7 @@ def test_a_run_stopped_after_its_first_epoch_has_a_best_checkpoint(tmp_path):
                "--val-length", "8", "--batch-size", "8", "--epochs", "14", "--threads", "1", "--loss", "semeda",
                "--semeda-pretrain-batches", "2", "--bn-recalibration-batches", "2", "--quiet", "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # a hang guard: the default CPU run compiles its SEMEDA loss first
     while not (out / "last.pt").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.kill()
@@ -189,4 +189,4 @@ def test_a_run_stopped_after_its_first_epoch_has_a_best_checkpoint(tmp_path):
     assert (out / "last.pt").exists(), stderr
     best = read_checkpoint(out / "best.pt")
     assert best["epoch"] >= 1 and best["history"][0]["val_miou"] is not None
-    assert "No CUDA runtime" not in stderr  # the CPU run is not compiled, so inductor never probes for CUDA
+    assert "No CUDA runtime" not in stderr  # the CPU run compiles its loss, but no CUDA notice reaches the user
