@@ -206,8 +206,9 @@ def _quiet_cuda_probe(device: torch.device) -> None:
 
 class TrainingStep:
     """One optimiser step of `train()`: the batch to the device (non-blocking), normalised, channels_last; forward
-    and loss (each compiled as `compile` says, eager if compiling fails) under the run's autocast; backward through
-    the grad scaler (fp16 only; a no-op otherwise); update. The learning rate is the caller's."""
+    and loss (each compiled as `compile` says) under the run's autocast; backward through the grad scaler (fp16
+    only; a no-op otherwise); update. If a compiled part fails, forward or backward, the step is redone eagerly and
+    the run stays eager. The learning rate is the caller's."""
 
     def __init__(self, model: torch.nn.Module, criterion: SegmentationLoss, optimizer: torch.optim.Optimizer,
                  normalization: Normalization, device: torch.device, amp: str, compile: CompilePlan):
@@ -227,31 +228,29 @@ class TrainingStep:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         inputs = self.normalization.normalize(images).contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits = self._compiled_or_eager("forward", self.model, inputs)
-            loss, parts = self._compiled_or_eager("loss", self.criterion, logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        try:
+            loss, parts = self._forward_backward(inputs, labels)
+        except Exception as exc:  # no C compiler, unsupported op, a wrong stride in backward...: train eagerly
+            if not any(self.compiled):
+                raise
+            tqdm.write(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
+            self.forward, self.loss = self.model, self.criterion
+            loss, parts = self._forward_backward(inputs, labels)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        return loss, parts
+
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, parts = self.loss(self.forward(inputs), labels)
+        self.scaler.scale(loss).backward()
         return loss, parts
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp == "off":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
-
-    def _compiled_or_eager(self, part: str, eager: torch.nn.Module, *args):
-        """Run `part` ("forward" or "loss"); if its compiled version fails, run `eager` from then on."""
-        run = getattr(self, part)
-        try:
-            return run(*args)
-        except Exception as exc:  # no C compiler, unsupported op, ...: train eagerly rather than not at all
-            if run is eager:
-                raise
-            tqdm.write(f"torch.compile of the {part} failed ({type(exc).__name__}: {exc}); running it eagerly")
-            setattr(self, part, eager)
-            return eager(*args)
 
     def scaler_state(self) -> dict | None:
         """The grad scaler's state (plain numbers, no tensors), or None when there is no scaler (bf16, fp32)."""

@@ -119,7 +119,14 @@ def sobel_embeddings(masks: torch.Tensor, layers: int | None = None) -> list[tor
     c = masks.shape[1]
     kernel = torch.stack([_SOBEL_X, _SOBEL_X.T]).to(masks)[:, None]  # (2, 1, 3, 3)
     weight = kernel.repeat(c, 1, 1, 1)  # depthwise: x and y gradient per class
-    return [F.conv2d(F.pad(masks, (1, 1, 1, 1), mode="replicate"), weight, groups=c)]
+    return [F.conv2d(_replicate_border(masks), weight, groups=c)]
+
+
+def _replicate_border(masks: torch.Tensor) -> torch.Tensor:
+    """F.pad(masks, (1, 1, 1, 1), mode="replicate") by concatenation: inductor (torch 2.14) gets the strides of
+    replication padding's backward wrong and the compiled loss fails in backward."""
+    rows = torch.cat([masks[..., :1, :], masks, masks[..., -1:, :]], dim=-2)
+    return torch.cat([rows[..., :1], rows, rows[..., -1:]], dim=-1)
 
 
 def embedding_match(
