@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", choices=("auto", "off"), default="auto",
-                        help="auto: each tree's own CPU default (this one compiles a SEMEDA/Sobel loss); off: eager")
+                        help="auto: each tree's own CPU default (this one compiles a SEMEDA loss); off: eager")
     parser.add_argument("--out", default="bench/results/semeda_step")
     return parser.parse_args(argv)
 

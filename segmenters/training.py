@@ -7,9 +7,9 @@ RNG seeds and the pretrained SEMEDA network, all on the CPU, so a killed run con
 On CUDA the step runs under mixed precision (bf16 autocast where the GPU has it, else fp16 with a grad scaler),
 channels_last and torch.compile, fed by DataLoader workers through pinned memory; on the CPU the default is the
 eager fp32 forward (torch.compile is asked for with `compile: true`: on 2 CPU cores it took minutes to compile the
-LR-ASPP and was no faster after). The loss is compiled wherever it has an embedding term (SEMEDA, Sobel): on the CPU
-inductor fuses the term's elementwise work around g_phi's convolutions, 4x faster than eager for ~40 s of compiling
-once a run, and the term cost a SEMEDA step more than the segmenter did (bench/semeda_step.py).
+LR-ASPP and was no faster after). A SEMEDA loss is compiled on every device: on the CPU inductor fuses the
+elementwise work around g_phi's convolutions, and the fair plan's step went from 1.98x to 1.24x a PPCE step for
+~40 s of compiling once a run (bench/semeda_step.py; the Sobel step, 1.2x PPCE, was no faster compiled).
 
 Budgets: `max_steps` bounds every optimiser step of the run, the SEMEDA network's pretraining batches included
 (pretraining takes its `semeda_pretrain_batches`, training the rest); `epochs` bounds the passes over the training
@@ -103,8 +103,8 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(7, description="validate after epoch 1, every this many epochs and after the last")
     threads: int | None = None
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the training step: auto (the model "
-                                                                "on CUDA, a SEMEDA/Sobel loss everywhere), true or "
-                                                                "false; eager if compiling fails")
+                                                                "on CUDA, a SEMEDA loss everywhere), true or false; "
+                                                                "eager if compiling fails")
     device: str = Field("auto", description=f"where to train: {DEVICE_HELP}")
     amp: AmpMode = Field("auto", description="mixed precision: auto (CUDA: bf16 where the GPU has it, else fp16 "
                                              "with a grad scaler; CPU: off), bf16, fp16 or off")
@@ -177,11 +177,11 @@ class CompilePlan(NamedTuple):
 
 def resolve_compile(request: bool | str, device: torch.device, loss: str) -> CompilePlan:
     """`auto`: the model on CUDA only (on the CPU inductor spent minutes compiling the LR-ASPP and the step was no
-    faster); the loss wherever it has an embedding term (SEMEDA, Sobel), which fuses well on either. True or false:
-    both parts or neither. PPCE, one cross entropy, is never compiled: there is nothing to fuse."""
+    faster); a SEMEDA loss everywhere (its step: 1.98x -> 1.24x PPCE's on the CPU; Sobel's gained nothing). True or
+    false: both parts or neither. PPCE, one cross entropy, is never compiled: there is nothing to fuse."""
     embedding_term = loss != "ppce"
     if request == "auto":
-        return CompilePlan(model=device.type == "cuda", loss=embedding_term)
+        return CompilePlan(model=device.type == "cuda", loss=loss == "semeda")
     return CompilePlan(model=bool(request), loss=bool(request) and embedding_term)
 
 
