@@ -96,6 +96,23 @@ def test_semeda_and_sobel_vanish_on_a_perfect_prediction_only():
         assert float(sum(embedding_match(embed, wrong, labels, lambdas))) > 1e-3
 
 
+def test_sobel_embeddings_are_the_sobel_operator_per_class_channel():
+    """x then y gradient per class, replicate-padded to the input's size: against the 3x3 kernels written out and
+    torch's own replicate padding (the loss pads by concatenation for inductor), values and gradients."""
+    torch.manual_seed(3)
+    masks = torch.rand(2, 3, 13, 17, requires_grad=True)
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([sobel_x, sobel_x.T])[:, None].repeat(3, 1, 1, 1)
+    expected = F.conv2d(F.pad(masks, (1, 1, 1, 1), mode="replicate"), kernels, groups=3)
+    (computed,) = sobel_embeddings(masks)
+    torch.testing.assert_close(computed, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(computed, masks, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, masks, upstream)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    assert sobel_embeddings(masks, 0) == []
+
+
 def _eq_3_5_over_every_layer(net, probs, labels, lambdas):
     """Eq. 3.5-3.6 written out over all of g_phi's layers, in NCHW, as the thesis states it."""
     target = torch.where((labels != 255)[:, None], one_hot_masks(labels, 3, 255), probs.detach())
