@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import itertools
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import scipy.stats
 import torch
 
 from segmenters.data import build_dataset
@@ -59,9 +59,8 @@ RECORD_FILES = ("config.yaml", "history.json", "pieces.jsonl", "final_eval.json"
 EVAL_OVERLAYS = 4
 #: trimap band width (px) the summary tables show; every band is in comparison.json and trimap.png
 TABLE_BAND = 5
-#: the sign-flip test enumerates all 2^n sign patterns up to this n, and draws SIGN_FLIP_DRAWS of them beyond
-EXACT_SIGN_FLIP_MAX_N = 16
-SIGN_FLIP_DRAWS = 100_000
+#: the sign-flip test enumerates every sign pattern while there are at most this many, and draws this many beyond
+SIGN_FLIP_RESAMPLES = 100_000
 #: convergence: the val mIoU gain over the last CONVERGENCE_TAIL of the epochs; below CONVERGED_GAIN = converged
 CONVERGENCE_TAIL = 0.25
 CONVERGED_GAIN = 0.01
@@ -390,58 +389,27 @@ def mean_std(values: list[float]) -> dict:
 
 
 def sign_flip_p(values: np.ndarray, seed: int = 0) -> tuple[float, str]:
-    """Two-sided p of sum(values) under random signs (the null of a symmetric paired difference): every sign
-    pattern up to EXACT_SIGN_FLIP_MAX_N values, else SIGN_FLIP_DRAWS seeded draws (p = (1 + hits) / (1 + draws))."""
-    values = np.asarray(values, dtype=np.float64)
-    observed = abs(values.sum()) * (1 - 1e-12)  # the observed pattern itself counts despite rounding
-    if values.size <= EXACT_SIGN_FLIP_MAX_N:
-        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=values.size)))
-        return float(np.mean(np.abs(signs @ values) >= observed)), f"exact over {len(signs)} sign patterns"
-    signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(SIGN_FLIP_DRAWS, values.size))
-    hits = int(np.sum(np.abs(signs @ values) >= observed))
-    return (1 + hits) / (1 + SIGN_FLIP_DRAWS), f"{SIGN_FLIP_DRAWS} seeded sign draws"
-
-
-def _midranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(values.size)
-    ranks[order] = np.arange(1, values.size + 1)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    """Two-sided p of mean(values) under random signs (the null of a symmetric paired difference):
+    scipy.stats.permutation_test on one sample, exact up to 2^n <= SIGN_FLIP_RESAMPLES patterns, drawn beyond."""
+    result = scipy.stats.permutation_test((np.asarray(values, dtype=np.float64),), np.mean,
+                                          permutation_type="samples", n_resamples=SIGN_FLIP_RESAMPLES,
+                                          rng=np.random.default_rng(seed))
+    exact = 2 ** len(values) <= SIGN_FLIP_RESAMPLES
+    return float(result.pvalue), ("exact over all sign patterns" if exact else f"{SIGN_FLIP_RESAMPLES} seeded draws")
 
 
 def paired_t_p(differences: np.ndarray) -> tuple[float | None, str]:
-    """Two-sided paired t-test p: scipy.stats.ttest_rel's when scipy is installed, else the same Student t tail
-    from mpmath's regularised incomplete beta (mpmath comes with torch through sympy)."""
-    n = differences.size
-    if n < 2 or np.std(differences) == 0:
+    """Two-sided paired t-test p (scipy.stats.ttest_1samp of the differences against 0)."""
+    if differences.size < 2 or np.std(differences) == 0:
         return None, "paired t-test (undefined: fewer than 2 pairs or no spread)"
-    try:
-        from scipy.stats import ttest_1samp
-        return float(ttest_1samp(differences, 0.0).pvalue), "paired t-test (scipy)"
-    except ImportError:
-        import mpmath
-    t = differences.mean() / (differences.std(ddof=1) / math.sqrt(n))
-    dof = n - 1
-    p = mpmath.betainc(dof / 2, 0.5, 0, dof / (dof + t * t), regularized=True)
-    return float(p), "paired t-test (Student t tail via mpmath)"
+    return float(scipy.stats.ttest_1samp(differences, 0.0).pvalue), "paired t-test"
 
 
 def wilcoxon_p(differences: np.ndarray) -> tuple[float | None, str]:
-    """Wilcoxon signed-rank test, two-sided (zero differences dropped): scipy.stats.wilcoxon when installed, else
-    the signed midranks' sign-flip distribution (exact up to EXACT_SIGN_FLIP_MAX_N pairs, drawn beyond)."""
-    nonzero = differences[differences != 0]
-    if nonzero.size == 0:
+    """Wilcoxon signed-rank test, two-sided, zero differences dropped (scipy.stats.wilcoxon)."""
+    if not np.any(differences != 0):
         return None, "Wilcoxon signed-rank (undefined: every difference is 0)"
-    try:
-        from scipy.stats import wilcoxon
-        return float(wilcoxon(nonzero).pvalue), "Wilcoxon signed-rank (scipy)"
-    except ImportError:
-        pass
-    p, how = sign_flip_p(np.sign(nonzero) * _midranks(np.abs(nonzero)))
-    return p, f"Wilcoxon signed-rank, permutation null ({how})"
+    return float(scipy.stats.wilcoxon(differences, zero_method="wilcox").pvalue), "Wilcoxon signed-rank"
 
 
 def paired_by_seed(first: dict[int, float], second: dict[int, float]) -> dict:
