@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from audit.patches import EOTConfig, apply_patch_eot, draw_eot, paste, place_patch, pool_patch
+from segmenters.device import native_bf16
 from segmenters.twin import Twin
 
 IGNORE = 255
@@ -98,8 +99,10 @@ class AttackConfig(BaseModel):
     #: stop early once this share of the target region holds under the nominal placement
     stop_at_success: float | None = Field(None, gt=0, le=1)
     #: the optimisation's forward and backward passes: fp32, or bf16 autocast (CPUs with AMX and recent GPUs run
-    #: it several times faster). The patch stays fp32 and a trial is always measured on the fp32 twin.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: it several times faster; elsewhere it is emulated and slower), or auto: bf16 where the trial's device does it
+    #: in hardware (segmenters.device.native_bf16), else fp32. The patch stays fp32 and a trial is always measured
+    #: on the fp32 twin.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
 
 @dataclass
@@ -184,7 +187,7 @@ def deterministic_convolutions() -> Iterator[None]:
 
 def attack_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Within: the twin's forward (and so its backward) runs in `precision`: bf16 under autocast, else as is."""
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

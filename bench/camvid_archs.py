@@ -13,7 +13,7 @@ TF32 off on CUDA), `torch-fp16` (autocast, CUDA only), `onnxruntime` (export.exp
 
 Writes comparison.json, accuracy_fps.png (mIoU against frames/s), curves.png (val mIoU and training PPCE against
 epoch) and index.html under `--out`. The defaults are bench/camvid_semeda.py --plan fair's budget, so the
-DeepLabV3 run here is trained exactly as that plan's ppce_s0.
+LR-ASPP run here is that plan's lraspp_mobilenetv3_ppce_s0 (the same folder and record, not trained twice).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ rerun continues where the last stopped), written by this script into `--out`/cam
   inscribed rectangle) and every `SWITCH` class switch on up to `--objects` connected components drawn at random
   (so many patch positions);
 * the momentum attack without EOT (the digital reach, as the seed measured it), `--steps` steps in `--precision`
-  (bf16 autocast: several times faster on a CPU with AMX); every trial is measured on the fp32 twin.
+  (auto: bf16 autocast where the device has bf16 hardware, AMX or a recent GPU, several times faster there; fp32
+  elsewhere, where bf16 is emulated and ~10x slower); every trial is measured on the fp32 twin.
 
 Writes reach.json (per trial: changed pixels, share of the frame, target, position; the distribution's
 quantiles; the best case), reach.png (histogram and cumulative distribution of the share, the seed's line on
@@ -70,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=2, help="class-switch objects (positions) per frame")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--step-size", type=float, default=4 / 255)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--gpus-per-trial", type=float, default=0.0)
@@ -81,15 +82,21 @@ def parse_args() -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------ the search
 def strongest_twin(report: Path, runs: Path) -> Path:
-    """last.pt of the finished run with the highest val mIoU in the fair plan's comparison.json."""
+    """last.pt of the finished run with the highest val mIoU in the fair plan's comparison.json among those whose
+    weights are on this machine (a run recorded elsewhere left none); a stronger one without weights is named."""
     if not report.is_file():
         raise SystemExit(f"error: no {report}: run bench/camvid_semeda.py --plan fair first, or give --twin")
     scored = {name: entry["metrics"]["miou"] for name, entry in json.loads(report.read_text())["runs"].items()
               if entry.get("metrics")}
-    if not scored:
-        raise SystemExit(f"error: {report} has no finished run yet")
-    best = max(scored, key=scored.get)
-    print(f"strongest twin: {best} (val mIoU {100 * scored[best]:.1f} %)")
+    here = {name: miou for name, miou in scored.items() if (runs / name / "last.pt").is_file()}
+    if not here:
+        raise SystemExit(f"error: no finished run of {report} has its weights under {runs} (recorded elsewhere: "
+                         f"{sorted(scored)}); train one here with bench/camvid_semeda.py --plan fair, or give --twin")
+    best = max(here, key=here.get)
+    print(f"strongest twin here: {best} (val mIoU {100 * here[best]:.1f} %)")
+    stronger = {name: miou for name, miou in scored.items() if miou > here[best]}
+    for name, miou in sorted(stronger.items(), key=lambda item: -item[1]):
+        print(f"  stronger but without weights here: {name} (val mIoU {100 * miou:.1f} %)")
     return runs / best / "last.pt"
 
 
@@ -114,8 +121,7 @@ def search(args: argparse.Namespace, out: Path) -> Path:
 
     twin = Path(args.twin) if args.twin else strongest_twin(Path(args.fair_report), Path(args.runs))
     if not twin.is_file():
-        raise SystemExit(f"error: no checkpoint at {twin}: a run recorded on another machine leaves no weights; train "
-                         f"it again here with bench/camvid_semeda.py --plan fair --only {twin.parent.name} --fresh")
+        raise SystemExit(f"error: --twin {twin}: no such checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     campaign = out / "campaign.yaml"
     campaign.write_text(yaml.safe_dump(campaign_document(args, twin), sort_keys=False))

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from segmenters.data import build_dataset, dataset_classes
 from segmenters.data.loading import device_batches, loader_workers
-from segmenters.device import DEVICE_HELP, describe_device, resolve_device
+from segmenters.device import DEVICE_HELP, describe_device, native_bf16, resolve_device
 from segmenters.evaluate import evaluate
 from segmenters.losses import SegmentationLoss
 from segmenters.losses.semeda import SemedaNet, pretrain_semeda_net
@@ -156,15 +156,19 @@ class TrainConfig(BaseModel):
 
 def resolve_amp(request: str, device: torch.device) -> str:
     """The precision a run trains in: 'bf16', 'fp16' or 'off'. `auto` is bf16 on a CUDA device that has it, fp16 on
-    one that does not, and off on the CPU (the default CPU run stays the fp32 step it always was)."""
+    one that does not, and off on the CPU (the default CPU run stays the fp32 step it always was). bf16 asked for on
+    a CPU without bf16 hardware runs, with a warning: it is emulated there, and far slower than fp32."""
     if request not in ("auto", "off", *AMP_DTYPES):
         raise TrainSetupError(f"unknown amp mode {request!r}: expected auto, bf16, fp16 or off")
-    bf16 = device.type == "cuda" and _cuda_has_bf16(device)
+    bf16 = native_bf16(device)
     if request == "auto":
         return ("bf16" if bf16 else "fp16") if device.type == "cuda" else "off"
     if request == "bf16" and device.type == "cuda" and not bf16:
         raise TrainSetupError(f"amp 'bf16' was asked for, but {describe_device(device)} has no bfloat16 arithmetic: "
                               "use fp16 or off")
+    if request == "bf16" and not bf16:
+        print_warning("this CPU has neither AMX nor AVX512-BF16: bf16 autocast is emulated, several times slower "
+                      "than fp32 (--amp off)", "amp bf16")
     return request
 
 
@@ -183,11 +187,6 @@ def resolve_compile(request: bool | str, device: torch.device, loss: str) -> Com
     if request == "auto":
         return CompilePlan(model=device.type == "cuda", loss=loss == "semeda")
     return CompilePlan(model=bool(request), loss=bool(request) and embedding_term)
-
-
-def _cuda_has_bf16(device: torch.device) -> bool:
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 class _NoCudaRuntimeNotice(logging.Filter):

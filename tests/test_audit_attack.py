@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.attack import (IGNORE, AttackConfig, class_switch_target, disappear_target, mask_target, measure_trial,
-                          patch_attack, success_rate)
+from audit.attack import (IGNORE, AttackConfig, attack_precision, class_switch_target, disappear_target, mask_target,
+                          measure_trial, patch_attack, success_rate)
 from audit.patches import (EOTConfig, Rect, apply_patch_eot, largest_inscribed_rectangle, paste, patch_position,
                            pool_patch)
+from segmenters.device import native_bf16
 
 
 def brute_force_rectangle_area(mask: np.ndarray) -> int:
@@ -133,6 +134,17 @@ def test_momentum_attack_switches_an_objects_class(attack_scene, camvid_unet_eng
     own = image[:, top:top + 16, left:left + 16].numpy()
     unchanged = measure_trial(twin, image, own, top, left, target, EOTConfig.none(), eot_draws=1)
     assert unchanged.changed == 0 and unchanged.success == 0.0
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_bf16_hardware():
+    cpu = torch.device("cpu")
+    for precision, autocast in (("fp32", False), ("bf16", True), ("auto", native_bf16(cpu))):
+        with attack_precision(precision, cpu):
+            assert torch.is_autocast_enabled("cpu") == autocast, precision
+            if autocast:
+                assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        AttackConfig(precision="fp16")
 
 
 def test_a_bf16_attack_runs_the_twin_in_bf16_and_is_measured_in_fp32(attack_scene):

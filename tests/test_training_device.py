@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from patchwatch.cli import main
-from segmenters.device import DeviceError
+from segmenters.device import DeviceError, native_bf16
 from segmenters.training import TrainConfig, TrainSetupError, resolve_amp, train, training_throughput
 from segmenters.twin import atomic_save, load_twin, read_checkpoint
 
@@ -36,6 +36,17 @@ def test_amp_auto_is_off_on_the_cpu_and_bad_modes_are_named():
     assert resolve_amp("bf16", cpu) == "bf16" and resolve_amp("off", cpu) == "off"
     with pytest.raises(TrainSetupError, match="'fp8'"):
         resolve_amp("fp8", cpu)
+
+
+def test_bf16_on_a_cpu_without_bf16_hardware_runs_with_a_warning(capsys):
+    cpu = torch.device("cpu")
+    hardware = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert native_bf16(cpu) == hardware
+    assert resolve_amp("bf16", cpu) == "bf16"
+    warned = "bf16 autocast is emulated" in capsys.readouterr().err
+    assert warned == (not hardware)
+    resolve_amp("off", cpu)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
