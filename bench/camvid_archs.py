@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
 from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
     add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves,
-    plus_minus, print_plan, run_styles, table_keys, trained_on, write_page, yes_no,
+    plus_minus, print_plan, run_styles, table_keys, train_time, trained_on, write_page, yes_no,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -232,7 +232,7 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
              "<img src='accuracy_fps.png'>",
              html_table(["run", "state", "val mIoU gain, last quarter", "converged", "train s"],
                         [[n, e["state"], percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
-                          sum(p.get("train_seconds_this_run") or 0 for p in e["pieces"])] for n, e in results.items()]),
+                          train_time(e)] for n, e in results.items()]),
              "<h2>Convergence</h2><img src='curves.png'>"]
     write_page(out / "index.html", "CamVid: ladder DenseNet vs LR-ASPP vs DeepLabV3-R18", parts)
     print(f"wrote {out / 'comparison.json'}, {out / 'index.html'}, accuracy_fps.png and curves.png")

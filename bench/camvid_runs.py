@@ -378,6 +378,17 @@ def convergence(history: list[dict]) -> dict:
     return {"tail_gain": gain, "converged": gain < CONVERGED_GAIN, "evaluations": len(points)}
 
 
+def train_time(entry: dict) -> str:
+    """A run's training wall-clock in seconds: its epochs' own `seconds` when every epoch has them (history.json
+    keeps them through pieces that were killed), else what its logged pieces add up to, marked as a lower bound
+    (runs trained before epochs were timed)."""
+    history = entry["history"]
+    if history and all("seconds" in h for h in history):
+        return f"{sum(h['seconds'] for h in history):.0f}"
+    logged = sum(p.get("train_seconds_this_run") or 0 for p in entry["pieces"])
+    return f">= {logged:.0f} (pieces logged)" if logged else "n/a"
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (ddof 1; None for one value)."""

@@ -46,7 +46,8 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
 from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
     add_budget_arguments, announce_device, collect, execute, html_table, mean_std, paired_by_image, paired_by_seed,
-    percent, plot_curves, plus_minus, print_plan, run_styles, table_keys, trained_on, write_page, yes_no,
+    percent, plot_curves, plus_minus, print_plan, run_styles, table_keys, train_time, trained_on, write_page,
+    yes_no,
 )
 from segmenters.evaluate import plot_trimap  # noqa: E402
 from segmenters.losses import DEFAULT_LAMBDAS  # noqa: E402
@@ -242,7 +243,7 @@ def page_parts(args, results, stats, tests, compared) -> list[str]:
                      f"{SELECTION_NOTE}</p>")
     rows = [[name, e["state"], *([percent(e["metrics"][k]) for k in keys] if "metrics" in e else [""] * len(keys)),
              percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
-             sum(p.get("train_seconds_this_run") or 0 for p in e["pieces"])] for name, e in results.items()]
+             train_time(e)] for name, e in results.items()]
     parts += ["<h2>Runs</h2>", html_table(["run", "state", *keys, "val mIoU gain, last quarter", "converged",
                                            "train s"], rows)]
     parts += ["<h2>Mean &plusmn; std over seeds</h2>",

@@ -473,12 +473,16 @@ def _run_epochs(config: TrainConfig, spec: ModelSpec, step: TrainingStep, run: R
         # processes draw theirs from a seed taken when they started.
         loader.generator.manual_seed(config.seed * 10_000 + epoch)
         torch.manual_seed(config.seed * 10_000 + epoch)
+        epoch_started = time.perf_counter()
         means = _train_epoch(step, loader, config, total_steps, run, f"epoch {epoch + 1}/{config.epochs}", progress)
         record = {"epoch": epoch + 1, "step": run.step, **means, "device": str(step.device), "amp": step.amp}
         if _validation_due(config, epoch + 1, run.step >= total_steps):
             recalibrate_batch_norm(step.model, loader, spec.normalization, step.device,
                                    config.bn_recalibration_batches, seed=config.seed)
             record.update(_validate(config, spec, step, val_set, workers, f"epoch {epoch + 1}" if progress else None))
+        # the epoch's own wall-clock (training, recalibration, validation): a run's time adds up from its history
+        # even when a piece of it was killed before train() could report
+        record["seconds"] = round(time.perf_counter() - epoch_started, 2)
         run.epoch = epoch + 1
         run.history.append(record)
         _save_epoch(config, spec, step, run, semeda_state)

@@ -25,8 +25,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     command = [
         sys.executable, "-m", "patchwatch.cli", "train", "--size", "48x48", "--train-length", "48",
-        "--val-length", "8", "--batch-size", "8", "--epochs", "4", "--threads", "2", "--eval-every", "1", "--no-compile",
-        "--quiet", "--out", str(killed),
+        "--val-length", "8", "--batch-size", "8", "--epochs", "4", "--threads", "2", "--eval-every", "1",
+        "--no-compile", "--quiet", "--out", str(killed),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -44,6 +44,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     history = json.loads((killed / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3, 4] and all("val_miou" in h for h in history)
+    # every epoch keeps its own time, the killed piece's too (train() never reported that piece)
+    assert all(h["seconds"] > 0 for h in history)
     assert (killed / "history.png").stat().st_size > 0
     twin = load_twin(tmp_path / "reference" / "best.pt")
     assert twin.spec.arch == "unet" and twin.spec.dataset == "shapes" and twin.spec.input_size == (48, 48)
@@ -90,7 +92,8 @@ def test_cli_train_then_eval_writes_report_and_overlays(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
     result = runner.invoke(
-        main, ["eval", str(out / "last.pt"), "--length", "6", "--overlays", "3", "--out", str(tmp_path / "ev"), "--quiet"]
+        main, ["eval", str(out / "last.pt"), "--length", "6", "--overlays", "3", "--out", str(tmp_path / "ev"),
+               "--quiet"]
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "ev" / "report.json").read_text())

@@ -1,5 +1,6 @@
-"""The paired tests behind the CamVid reports (bench/camvid_runs.py): differences are second - first over the seeds
-or images both runs have, the sign-flip test is exact for a few seeds, and a run against itself shows nothing."""
+"""The figures behind the CamVid reports (bench/camvid_runs.py). Paired tests: differences are second - first over
+the seeds or images both runs have, the sign-flip test is exact for a few seeds, a run against itself shows nothing.
+Training time: from the epochs' own seconds, or a lower bound from the logged pieces."""
 
 from __future__ import annotations
 
@@ -49,3 +50,12 @@ def test_a_run_against_itself_has_no_test():
     assert by_image["p"] is None and "undefined" in by_image["test"]
     by_seed = runs.paired_by_seed({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})
     assert by_seed["t_test_p"] is None and by_seed["sign_flip_p"] == pytest.approx(1.0)
+
+
+def test_train_time_adds_the_epochs_and_falls_back_to_the_logged_pieces_as_a_lower_bound():
+    pieces = [{"train_seconds_this_run": 100.0}, {"train_seconds_this_run": 50.5}]
+    timed = {"history": [{"epoch": 1, "seconds": 30.2}, {"epoch": 2, "seconds": 29.9}], "pieces": pieces[:1]}
+    assert runs.train_time(timed) == "60"
+    untimed = {"history": [{"epoch": 1}, {"epoch": 2, "seconds": 29.9}], "pieces": pieces}
+    assert runs.train_time(untimed) == ">= 150 (pieces logged)"
+    assert runs.train_time({"history": [{"epoch": 1}], "pieces": []}) == "n/a"
