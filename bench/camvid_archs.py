@@ -61,7 +61,7 @@ class EngineUnavailable(RuntimeError):
     """An engine this machine cannot run (fp16 autocast without CUDA, no CUDA provider for ONNX Runtime)."""
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default=ARCHS)
     parser.add_argument("--seeds", default="0", help="comma-separated; mIoU is the mean over them")
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fps-calls", type=int, default=20, help="timed calls; frames/s from their median")
     add_budget_arguments(parser, size=FAIR_SIZE, crop=FAIR_CROP, epochs=FAIR_EPOCHS, eval_every=FAIR_EVAL_EVERY,
                          runs=FAIR_RUNS, records=FAIR_RECORDS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = set(args.engines.split(",")) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; expected some of {ENGINES}")
@@ -249,6 +249,8 @@ def run(args: argparse.Namespace) -> None:
     device = announce_device(args)
     if not args.report_only:
         execute(expand, args, folders)
+    if args.train_only:
+        return
     plan = expand()
     results = collect(plan, args, folders, device)
     # every arch is timed, trained or not: frames/s are the arch's, whatever its weights (timed_twin)

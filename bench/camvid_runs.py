@@ -66,6 +66,10 @@ CONVERGENCE_TAIL = 0.25
 CONVERGED_GAIN = 0.01
 
 
+#: --compile's choices and the TrainConfig.compile each stands for
+COMPILE_CHOICES = {"auto": "auto", "on": True, "off": False}
+
+
 class RunMismatch(RuntimeError):
     """A run folder holds a run trained with other settings than the plan asks of it."""
 
@@ -109,6 +113,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str | None, c
     parser.add_argument("--amp", default="auto", help="training precision, as TrainConfig.amp: auto (CUDA: bf16 or "
                                                       "fp16; CPU: off), bf16, fp16 or off. On a CPU with AMX, bf16 "
                                                       "trains DeepLabV3-R18 2.9x and the ladder DenseNet 2x faster")
+    parser.add_argument("--compile", choices=sorted(COMPILE_CHOICES), default="auto",
+                        help="torch.compile the training step, as TrainConfig.compile: auto (CUDA: the model; a SEMEDA "
+                             "loss everywhere), on or off")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train()'s)")
     parser.add_argument("--only", default=None, help="comma-separated run names: train only these")
@@ -116,6 +123,9 @@ def add_budget_arguments(parser: argparse.ArgumentParser, *, size: str | None, c
     parser.add_argument("--stop-after", type=float, default=None,
                         help="minutes: start no further run after this long (a run in progress is not cut)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report what is finished")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train and stop: no final evaluation, record or report (for trainers side by side, as "
+                             "bench/gpu_fair.py runs them; a later --report-only evaluates and records)")
     parser.add_argument("--list", action="store_true", help="print the plan with each run's state and exit")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain the selected unfinished runs from scratch; with --only, a run recorded "
@@ -138,6 +148,7 @@ def train_config(run: PlannedRun, args: argparse.Namespace) -> TrainConfig:
         max_steps=args.max_steps, batch_size=args.batch_size,
         lr=args.lr, seed=run.seed, semeda_pretrain_batches=args.semeda_pretrain_batches, val_limit=args.val_limit,
         eval_every=args.eval_every, threads=args.threads, device=args.device, amp=args.amp, workers=args.workers,
+        compile=COMPILE_CHOICES[args.compile],
         out=str(Path(args.runs) / run.name),
     )
 

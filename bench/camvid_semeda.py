@@ -66,7 +66,7 @@ FAIR_LAMBDA_SWEEP = "4,2,0;2,4,0;0.5,0.5,0.5"
 BASELINE = "ppce"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", choices=sorted(PLAN_DEFAULTS), default="losses")
     parser.add_argument("--arch", default=None, help="zoo model (default: the plan's)")
@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lambda-sweep", default=FAIR_LAMBDA_SWEEP, help="plan fair: ';'-separated settings")
     parser.add_argument("--sobel-lambda", type=float, default=DEFAULT_LAMBDAS["sobel"][0], help="plan fair")
     add_budget_arguments(parser, size=None, crop=None, epochs=None, eval_every=None, runs=None, records=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for key, value in PLAN_DEFAULTS[args.plan].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -278,6 +278,8 @@ def run(args: argparse.Namespace) -> None:
     device = announce_device(args)
     if not args.report_only:
         execute(expand, args, folders)
+    if args.train_only:
+        return
     plan = expand()
     compared = comparison_group(plan, folders)
     results = collect(plan, args, folders, device)

@@ -11,10 +11,16 @@
 #                                               folder, tar | xz -6 | split into bench/results/carry/ (ignored by
 #                                               git), and write bench/results/carry/plan.txt: the carry list of
 #                                               each call, in order
+#   bash bench/gpu_carry.sh prepare-fair         for issue 18's CamVid training (bench/gpu_fair.py) instead: the
+#                                               small packages (no onnxruntime-gpu, no Ray) and the whole of
+#                                               CamVid (train, val and their labels, ~120 MB), three calls
 # There (the device run's command, from the repository root):
 #   bash bench/gpu_carry.sh stash                calls 1..N-1: copy the parts this call carried to /tmp/pw-carry
 #   bash bench/gpu_carry.sh bench [ARGS...]      call N: stash, reassemble and untar into /tmp/pw-site, set
 #                                               PYTHONPATH and LD_LIBRARY_PATH, run bench/gpu.py --out $OUT/gpu ARGS
+#   bash bench/gpu_carry.sh fair [ARGS...]       prepare-fair's last call: stash, unpack (CamVid into /tmp/pw-data),
+#                                               run bench/gpu_fair.py train --out $OUT/fair ARGS; here, land what
+#                                               comes back: python bench/gpu_fair.py land FILES_AT/fair
 #   eval "$(bash bench/gpu_carry.sh env)"        the environment alone, after `unpack`
 set -euo pipefail
 
@@ -22,6 +28,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CARRY_DIR="bench/results/carry"          # relative to the repository root: what `carry` names
 STASH=/tmp/pw-carry                       # on the device: parts gathered across calls
 SITE=/tmp/pw-site                         # on the device: the --target folder put on PYTHONPATH
+DATA=/tmp/pw-data                         # on the device: $PATCHWATCH_DATA, where the carried CamVid is unpacked
+DATA_GROUPS="camvid"                      # carried groups that are data, unpacked into $DATA, not $SITE
 PART_SIZE=51M                             # one part plus the repository stays under a call's 64 MiB
 CALL_LIMIT_BYTES=$((60 * 1024 * 1024))    # what one call may carry besides the repository (~1 MiB)
 DEVICE_PYTHON=3.12
@@ -131,9 +139,9 @@ camvid_sample() {
 
 # Pack the carried files into calls of at most CALL_LIMIT_BYTES, in order, and write plan.txt.
 write_plan() {
-    python3 - "$ROOT" "$CARRY_DIR" "$CALL_LIMIT_BYTES" <<'EOF'
+    python3 - "$ROOT" "$CARRY_DIR" "$CALL_LIMIT_BYTES" "$1" <<'EOF'
 import os, sys
-root, carry, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root, carry, limit, last_action = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 folder = os.path.join(root, carry)
 files = sorted(f for f in os.listdir(folder) if ".tar.xz." in f)
 items = [(os.path.join(carry, f), os.path.getsize(os.path.join(folder, f))) for f in files]
@@ -153,7 +161,7 @@ for path, size in sorted(items, key=lambda item: -item[1]):  # first fit, larges
 with open(os.path.join(folder, "plan.txt"), "w") as plan:
     for number, call in enumerate(calls, 1):
         paths = [p for p, _ in call] + [os.path.join(carry, "manifest.txt")]
-        action = "bench" if number == len(calls) else "stash"
+        action = last_action if number == len(calls) else "stash"
         plan.write(f"call {number}/{len(calls)} ({sum(s for _, s in call) / 2**20:.0f} MiB): "
                    f"carry={paths} command='bash bench/gpu_carry.sh {action}'\n")
 with open(os.path.join(folder, "manifest.txt"), "w") as manifest:
@@ -176,7 +184,31 @@ prepare() {
     install_groups "$work" "${pins[@]}"
     pack_groups "$work"
     camvid_sample
-    write_plan
+    write_plan bench
+    rm -rf "$work"
+}
+
+# The whole of CamVid as the data group `camvid` (PNGs: xz -0 only frames the stream).
+camvid_group() {
+    local data="${PATCHWATCH_DATA:-$ROOT/../shared/data}"
+    local parts=(camvid/train camvid/trainannot camvid/val camvid/valannot)
+    for part in "${parts[@]}"; do [ -d "$data/$part" ] || die "no $data/$part: CamVid is needed for the fair runs"; done
+    echo "gpu_carry: packing CamVid ($(du -shc "${parts[@]/#/$data/}" | tail -1 | cut -f1))" >&2
+    tar -C "$data" -cf - "${parts[@]}" | xz -0 -T0 | split -b "$PART_SIZE" -d -a 2 - "$ROOT/$CARRY_DIR/camvid.tar.xz."
+}
+
+prepare_fair() {
+    local work; work=$(mktemp -d /tmp/pw-carry-build.XXXXXX)
+    rm -rf "${ROOT:?}/$CARRY_DIR" && mkdir -p "$ROOT/$CARRY_DIR"
+    git -C "$ROOT" check-ignore -q "$CARRY_DIR/x" \
+        || die "$CARRY_DIR is not ignored by git: it would travel on every call"
+    resolve_missing 0 "$work" | grep -v '^onnxruntime-gpu==' > "$work/pins.txt" || true
+    mapfile -t pins < "$work/pins.txt"
+    echo "gpu_carry: the device lacks: ${pins[*]}" >&2
+    install_groups "$work" "${pins[@]}"
+    pack_groups "$work"
+    camvid_group
+    write_plan fair
     rm -rf "$work"
 }
 
@@ -193,15 +225,17 @@ unpack() {
     [ -f "$STASH/manifest.txt" ] || die "no manifest in $STASH: run the stash calls first"
     local missing; missing=$(cd "$STASH" && while read -r part; do [ -f "$part" ] || echo "$part"; done < manifest.txt)
     [ -z "$missing" ] || die "parts missing (a call was skipped, or the machine went back between calls): $missing"
-    mkdir -p "$SITE"
+    mkdir -p "$SITE" "$DATA"
     for group in $(sed -n 's/\.tar\.xz\.[0-9]*$//p' "$STASH/manifest.txt" | sort -u); do
+        local into="$SITE"
+        [[ " $DATA_GROUPS " == *" $group "* ]] && into="$DATA"
         # python's lzma, not the xz binary: the device image need not have xz
         cat "$STASH/$group".tar.xz.* | python3 -c "
 import sys, tarfile
 with tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz') as archive:
-    archive.extractall('$SITE', **({'filter': 'tar'} if hasattr(tarfile, 'tar_filter') else {}))"
+    archive.extractall('$into', **({'filter': 'tar'} if hasattr(tarfile, 'tar_filter') else {}))"
+        echo "gpu_carry: unpacked $group into $into" >&2
     done
-    echo "gpu_carry: unpacked into $SITE" >&2
 }
 
 env_lines() {
@@ -229,12 +263,24 @@ bench() {
     PYTHONUNBUFFERED=1 python3 bench/gpu.py --out "${OUT:-bench/results/gpu}/gpu" ${parity[@]+"${parity[@]}"} "$@"
 }
 
+fair() {
+    stash
+    unpack
+    eval "$(env_lines)"
+    export PYTHONPATH="$ROOT:$PYTHONPATH"
+    cd "$ROOT"
+    PATCHWATCH_DATA="$DATA" PYTHONUNBUFFERED=1 python3 bench/gpu_fair.py train \
+        --out "${OUT:-bench/results/gpu_fair_out}/fair" "$@"
+}
+
 case "${1:-}" in
     prepare) shift; prepare "$@" ;;
+    prepare-fair) prepare_fair ;;
+    fair) shift; fair "$@" ;;
     resolve) work=$(mktemp -d); resolve_missing "${2:-1}" "$work"; rm -rf "$work" ;;
     stash) stash ;;
     unpack) unpack ;;
     env) env_lines ;;
     bench) shift; bench "$@" ;;
-    *) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 2 ;;
+    *) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac

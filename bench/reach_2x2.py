@@ -20,7 +20,7 @@ quantiles; the best case), reach.png (histogram and cumulative distribution of t
 both), best.png (the best case: frame with the patch, clean and attacked maps, the changed pixels, the patch
 enlarged) and index.html under `--out`.
 
-    python bench/reach_2x2.py --stop-after 100      # spend a budget in pieces; rerun to continue
+    python bench/reach_2x2.py                       # stop it any time: a rerun continues where it stopped
     python bench/reach_2x2.py --report-only
 """
 

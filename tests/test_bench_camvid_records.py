@@ -78,3 +78,18 @@ def test_a_record_of_another_run_is_refused_naming_what_differs(recorded):
     result = semeda(tmp, "--lr", "0.001", "--list")
     assert result.returncode != 0
     assert "holds another run: lr=0.003 (plan: 0.001)" in result.stderr
+
+
+def test_train_only_trains_and_leaves_evaluation_and_record_to_a_later_report(tmp_path, data_root):
+    """--train-only (trainers side by side, bench/gpu_fair.py): weights and history, no final evaluation, record or
+    report; the next --report-only evaluates and records the run."""
+    trained = semeda(tmp_path, "--train-only")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "runs" / "ppce"
+    assert (run / "last.pt").is_file() and json.loads((run / "history.json").read_text())[-1]["step"] == 2
+    assert not (run / "final_eval.json").exists()
+    assert not (tmp_path / "records" / "ppce").exists() and not (tmp_path / "report" / "comparison.json").exists()
+    reported = semeda(tmp_path, "--report-only")
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert (tmp_path / "records" / "ppce" / "final_eval.json").is_file()
+    assert report(tmp_path)["state"] == "done"
