@@ -12,7 +12,8 @@ e.g. a dry run's `--max-steps 4 --val-limit 2 --semeda-pretrain-batches 2` with 
    are copied into the work folder, so that the best lambda is known once the sweep is);
 2. trains up to --parallel of them at once, each its own process (`--only NAME --train-only`), the arch runs first
    (the longest), starting the next as a slot frees: SEMEDA's best lambda at the other seeds joins once the sweep
-   is finished. The budget is the plans' own; precision fp32 (`--amp off`, as the CPU runs were trained), eager;
+   is finished. The budget is the plans' own; no autocast (`--amp off`, as the CPU runs were trained; cuDNN's
+   convolutions in TF32, PyTorch's default on CUDA), eager;
 3. at the deadline interrupts what still trains (last.pt holds its last whole epoch);
 4. evaluates and reports: both scripts with --report-only, which record every finished run, and camvid_archs
    times each arch on this GPU (Engine.segment, torch fp32 and fp16);
