@@ -18,9 +18,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/patchwatch demo --out runs/demo
 
-# -X faulthandler: a crash after pytest's own handler is gone (a native thread at exit) still prints every thread's stack
+# -X faulthandler: a crash after pytest's own handler is gone (a native thread at exit) still prints every thread's stack;
+# --durations: CI's log names the slowest tests, where the suite's time goes
 test: $(STAMP)
-	$(BIN)/python -X faulthandler -m pytest -q -rs
+	$(BIN)/python -X faulthandler -m pytest -q -rs --durations=30
 
 bench: $(STAMP)
 	$(BIN)/python bench/shapes_render.py

@@ -170,6 +170,46 @@ def _batches(images: Sequence[tuple[str, np.ndarray]], batch_size: int) -> Itera
         yield batch
 
 
+#: |logit difference| values kept per batch for the median: enough for it, and memory stays bounded
+MEDIAN_SAMPLES_PER_BATCH = 4_000_000
+
+
+class _ParityTally:
+    """What the gate accumulates over batches, engine against twin; memory does not grow with the image count."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: twin, columns: engine
+        self.twin_counts = torch.zeros(num_classes, dtype=torch.int64)
+        self.diff_samples: list[np.ndarray] = []
+        self.lo, self.hi, self.max_abs = math.inf, -math.inf, 0.0
+        self.agree = self.pixels = 0
+        self.finite = True
+        #: (name, agreement, (image, twin labels, engine labels, max |dlogit| per pixel)) of the worst image so far
+        self.worst: tuple[str, float, tuple | None] = ("", 2.0, None)
+
+    def add(self, batch: list[tuple[str, np.ndarray]], ref: np.ndarray, out: np.ndarray) -> None:
+        self.finite = self.finite and bool(np.isfinite(ref).all() and np.isfinite(out).all())
+        with np.errstate(invalid="ignore"):  # inf - inf: reported as non-finite logits
+            diff = np.abs(out - ref)
+        self.diff_samples.append(diff.ravel()[:: max(1, diff.size // MEDIAN_SAMPLES_PER_BATCH)])
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.lo, self.hi = min(self.lo, float(ref.min())), max(self.hi, float(ref.max()))
+        ref_labels, out_labels = ref.argmax(1), out.argmax(1)
+        self.twin_counts += predicted_pixel_counts(ref_labels, self.num_classes)
+        same = ref_labels == out_labels
+        self.agree += int(same.sum())
+        self.pixels += same.size
+        # scored with the twin's labels as ground truth
+        self.confusion += confusion_matrix(
+            torch.from_numpy(out_labels), torch.from_numpy(ref_labels), self.num_classes, ignore_index=-1
+        )
+        for k, (name, image) in enumerate(batch):
+            share = float(same[k].mean())
+            if share < self.worst[1]:
+                self.worst = (name, share, (image, ref_labels[k], out_labels[k], diff[k].max(0)))
+
+
 def parity_check(
     engine: Engine,
     reference: Engine,
@@ -186,74 +226,63 @@ def parity_check(
         raise ValueError("engine and twin disagree on the class table: not the same model")
     if not images:
         raise ValueError("parity needs at least one image")
-    tolerance = tolerance or TOLERANCES[engine.precision]
-    num_classes = reference.spec.num_classes
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    diffs, lo, hi, max_abs, agree, pixels, finite = [], math.inf, -math.inf, 0.0, 0, 0, True
-    worst = ("", 2.0, None)
-    twin_counts = torch.zeros(num_classes, dtype=torch.int64)
+    tally = _ParityTally(reference.spec.num_classes)
     for batch in tqdm(list(_batches(images, batch_size)), desc=f"parity {engine.backend}", disable=not progress):
         x = reference.prepare(np.stack([image for _, image in batch]))
-        ref, out = reference.infer(x), engine.infer(x)
-        finite = finite and bool(np.isfinite(ref).all() and np.isfinite(out).all())
-        with np.errstate(invalid="ignore"):  # inf - inf: reported as non-finite logits below
-            diff = np.abs(out - ref)
-        diffs.append(diff.ravel()[:: max(1, diff.size // 4_000_000)])  # enough for the median, bounded memory
-        max_abs = max(max_abs, float(diff.max()))
-        lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
-        ref_labels, out_labels = ref.argmax(1), out.argmax(1)
-        twin_counts += predicted_pixel_counts(ref_labels, num_classes)
-        same = ref_labels == out_labels
-        agree += int(same.sum())
-        pixels += same.size
-        # scored with the twin's labels as ground truth
-        cm += confusion_matrix(torch.from_numpy(out_labels), torch.from_numpy(ref_labels), num_classes, ignore_index=-1)
-        for k, (name, image) in enumerate(batch):
-            share = float(same[k].mean())
-            if share < worst[1]:
-                worst = (name, share, (image, ref_labels[k], out_labels[k], diff[k].max(0)))
-    logit_range = max(hi - lo, 1e-12)
-    miou, miou_classes = twin_miou(cm)
-    health = TwinHealth.from_counts(twin_counts, reference.spec.class_names, len(images))
+        tally.add(batch, reference.infer(x), engine.infer(x))
+    report = _report(engine, reference, tally, source, len(images), tolerance or TOLERANCES[engine.precision])
+    if panel_path is not None and tally.worst[2] is not None:
+        _save_worst_panel(panel_path, tally.worst, reference, engine.precision)
+    return report
+
+
+def _report(
+    engine: Engine, reference: Engine, tally: _ParityTally, source: str, images: int, tolerance: ParityTolerance
+) -> ParityReport:
+    logit_range = max(tally.hi - tally.lo, 1e-12)
+    miou, miou_classes = twin_miou(tally.confusion)
+    health = TwinHealth.from_counts(tally.twin_counts, reference.spec.class_names, images)
     health_warning = warn_if_one_class(health, f"parity gate ({reference.spec.arch} on {source})")
     report = ParityReport(
         engine=engine.describe(),
         reference=reference.describe(),
         precision=engine.precision,
         source=source,
-        images=len(images),
-        pixels=pixels,
+        images=images,
+        pixels=tally.pixels,
         logit_range=logit_range,
-        max_abs=max_abs,
-        median_abs=float(np.median(np.concatenate(diffs))),
-        max_abs_rel=max_abs / logit_range,
-        label_agreement=agree / pixels,
+        max_abs=tally.max_abs,
+        median_abs=float(np.median(np.concatenate(tally.diff_samples))),
+        max_abs_rel=tally.max_abs / logit_range,
+        label_agreement=tally.agree / tally.pixels,
         miou=miou,
         miou_classes=miou_classes,
-        worst_image=worst[0],
-        worst_image_agreement=worst[1],
+        worst_image=tally.worst[0],
+        worst_image_agreement=tally.worst[1],
         tolerance=tolerance,
         failures=[],
         twin_health=health.as_dict(),
         warnings=[health_warning] if health_warning else [],
     )
-    report.failures = _failures(report) + ([] if finite else ["the logits are not finite (inf or NaN)"])
-    if panel_path is not None and worst[2] is not None:
-        image, ref_labels, out_labels, dmax = worst[2]
-        palette = reference.spec.palette()
-        save_panel(
-            panel_path,
-            [
-                to_uint8(image),
-                colorize(ref_labels, palette),
-                colorize(out_labels, palette),
-                heatmap((ref_labels != out_labels).astype(np.float32)),
-                heatmap(dmax, vmax=max(float(dmax.max()), 1e-12)),
-            ],
-            titles=[f"worst image: {worst[0]}", "twin labels", f"engine labels ({engine.precision})",
-                    f"labels differ ({1 - worst[1]:.2%})", f"max |dlogit| per pixel (0 to {float(dmax.max()):.3g})"],
-        )
+    report.failures = _failures(report) + ([] if tally.finite else ["the logits are not finite (inf or NaN)"])
     return report
+
+
+def _save_worst_panel(path: str | Path, worst: tuple, reference: Engine, precision: str) -> None:
+    name, agreement, (image, ref_labels, out_labels, dmax) = worst
+    palette = reference.spec.palette()
+    save_panel(
+        path,
+        [
+            to_uint8(image),
+            colorize(ref_labels, palette),
+            colorize(out_labels, palette),
+            heatmap((ref_labels != out_labels).astype(np.float32)),
+            heatmap(dmax, vmax=max(float(dmax.max()), 1e-12)),
+        ],
+        titles=[f"worst image: {name}", "twin labels", f"engine labels ({precision})",
+                f"labels differ ({1 - agreement:.2%})", f"max |dlogit| per pixel (0 to {float(dmax.max()):.3g})"],
+    )
 
 
 def _failures(report: ParityReport) -> list[str]:

@@ -96,15 +96,7 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     """An HTTP body (and its `Inference-Header-Content-Length` header, if any) -> named input arrays.
     `shared_memory`: the `serving.shared_memory.SharedMemoryRegistry` inputs placed in a region are read from."""
     json_part, binary = _split_body(body, header_length)
-    try:
-        header = _parse_json(json_part, "inference request")
-    except ProtocolError as exc:
-        if header_length is None and "Extra data" in exc.message:
-            raise ProtocolError(f"{exc.message}; a body of JSON then binary tensors needs the {HEADER_LENGTH} "
-                                "header") from None
-        raise
-    if not isinstance(header, dict):
-        raise ProtocolError("inference request must be a JSON object")
+    header = _request_header(json_part, header_length)
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError("inference request needs a non-empty 'inputs' list")
@@ -112,36 +104,12 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     input_regions: dict[str, dict] = {}
     offset = 0
     for position, item in enumerate(raw_inputs):
-        if not isinstance(item, dict):
-            raise ProtocolError(f"inputs[{position}] must be an object with name, shape, datatype and data")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise ProtocolError(f"inputs[{position}] needs a string 'name'")
-        what = f"input {shown(name)}"
-        if name in inputs:
-            raise ProtocolError(f"{what} is given twice")
-        shape = _shape(item.get("shape"), what)
-        datatype = item.get("datatype")
-        if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != "BYTES"):
-            raise ProtocolError(f"{what}: unknown datatype {shown(datatype)} (one of "
-                                f"{', '.join([*DATATYPES, 'BYTES'])})")
-        parameters = item.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise ProtocolError(f"{what}: 'parameters' must be an object")
+        name, what, shape, datatype, parameters = _input_header(item, position, inputs)
         if "shared_memory_region" in parameters:
             inputs[name] = _from_shared_memory(item, parameters, shape, datatype, what, shared_memory)
             input_regions[name] = parameters
         elif "binary_data_size" in parameters:
-            size = parameters["binary_data_size"]
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise ProtocolError(f"{what}: binary_data_size must be a non-negative integer, got {shown(size)}")
-            if header_length is None:
-                raise ProtocolError(f"{what} has binary_data_size but the request has no {HEADER_LENGTH} header")
-            if "data" in item:
-                raise ProtocolError(f"{what} has both 'data' and binary_data_size")
-            if offset + size > len(binary):
-                raise ProtocolError(f"{what}: binary_data_size {size} runs past the end of the body "
-                                    f"({len(binary) - offset} binary bytes left)")
+            size = _binary_size(item, parameters, what, header_length, len(binary) - offset)
             inputs[name] = _from_binary(binary[offset:offset + size], shape, datatype, what)
             offset += size
         elif "data" in item:
@@ -151,6 +119,63 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     if offset != len(binary):
         raise ProtocolError(f"request body has {len(binary) - offset} binary bytes that no input's "
                             "binary_data_size accounts for")
+    parameters, binary_output, request_id = _request_options(header)
+    return InferRequest(inputs, _requested_outputs(header.get("outputs"), binary_output), request_id,
+                        parameters, binary_output, input_regions)
+
+
+def _request_header(json_part: bytes, header_length: str | int | None) -> dict:
+    """The request's JSON object."""
+    try:
+        header = _parse_json(json_part, "inference request")
+    except ProtocolError as exc:
+        if header_length is None and "Extra data" in exc.message:
+            raise ProtocolError(f"{exc.message}; a body of JSON then binary tensors needs the {HEADER_LENGTH} "
+                                "header") from None
+        raise
+    if not isinstance(header, dict):
+        raise ProtocolError("inference request must be a JSON object")
+    return header
+
+
+def _input_header(item: Any, position: int, seen: dict) -> tuple[str, str, tuple[int, ...], str, dict]:
+    """One entry of 'inputs', checked: its name, how errors call it, shape, datatype and parameters."""
+    if not isinstance(item, dict):
+        raise ProtocolError(f"inputs[{position}] must be an object with name, shape, datatype and data")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"inputs[{position}] needs a string 'name'")
+    what = f"input {shown(name)}"
+    if name in seen:
+        raise ProtocolError(f"{what} is given twice")
+    shape = _shape(item.get("shape"), what)
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != "BYTES"):
+        raise ProtocolError(f"{what}: unknown datatype {shown(datatype)} (one of "
+                            f"{', '.join([*DATATYPES, 'BYTES'])})")
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"{what}: 'parameters' must be an object")
+    return name, what, shape, datatype, parameters
+
+
+def _binary_size(item: dict, parameters: dict, what: str, header_length: str | int | None, bytes_left: int) -> int:
+    """An input's binary_data_size, checked against the body's binary bytes not yet read."""
+    size = parameters["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError(f"{what}: binary_data_size must be a non-negative integer, got {shown(size)}")
+    if header_length is None:
+        raise ProtocolError(f"{what} has binary_data_size but the request has no {HEADER_LENGTH} header")
+    if "data" in item:
+        raise ProtocolError(f"{what} has both 'data' and binary_data_size")
+    if size > bytes_left:
+        raise ProtocolError(f"{what}: binary_data_size {size} runs past the end of the body "
+                            f"({bytes_left} binary bytes left)")
+    return size
+
+
+def _request_options(header: dict) -> tuple[dict, bool, str | None]:
+    """The request's parameters, whether it asks for binary outputs, and its id."""
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise ProtocolError("request 'parameters' must be an object")
@@ -160,8 +185,7 @@ def decode_infer_request(body: bytes, header_length: str | int | None = None, sh
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"request 'id' must be a string, got {shown(request_id)}")
-    return InferRequest(inputs, _requested_outputs(header.get("outputs"), binary_output), request_id,
-                        parameters, binary_output, input_regions)
+    return parameters, binary_output, request_id
 
 
 def _from_shared_memory(item: dict, parameters: dict, shape: tuple[int, ...], datatype: str, what: str,
