@@ -27,7 +27,7 @@ from export.onnx_export import model_metadata
 from export.pipeline import read_parity
 from export.tensorrt_engine import read_plan_info, sidecar_path
 from segmenters.files import atomic_write
-from segmenters.spec import file_digest
+from segmenters.spec import ModelSpec, file_digest
 
 PARITY_FIELDS = ("source", "images", "max_abs", "median_abs", "max_abs_rel", "label_agreement", "miou")
 
@@ -62,31 +62,7 @@ def create_bundle(
             raise FileExistsError(f"{out} exists and is not empty")
         out.mkdir(parents=True, exist_ok=True)
     try:
-        spec, entries = None, []
-        for source in map(Path, engine_files):
-            if not source.is_file():
-                raise BundleMissingFileError(f"engine file not found: {source}")
-            parity = read_parity(source)
-            if not parity.passed:
-                raise BundleError(f"{source} failed its parity gate: {'; '.join(parity.failures)}")
-            figures = {k: getattr(parity, k) for k in PARITY_FIELDS}
-            if source.suffix.lower() == ".onnx":
-                file_spec, precision = model_metadata(source)
-                entries.append(_add(staging, source, "onnx", precision=precision, parity=figures))
-            elif source.suffix.lower() in (".plan", ".engine"):
-                info = read_plan_info(source)
-                file_spec = info.spec
-                entries.append(_add(staging, source, "tensorrt", precision=info.precision, parity=figures,
-                                    target=info.target))
-                entries.append(_add(staging, sidecar_path(source), "plan_info"))
-            else:
-                raise BundleError(f"{source}: not an engine file (expected .onnx or .plan)")
-            if spec is not None and file_spec.checkpoint_digest != spec.checkpoint_digest:
-                raise BundleError(f"{source} comes from other weights than {engine_files[0]}; one model per bundle")
-            spec = spec or file_spec
-        names = [e.path for e in entries]
-        if len(set(names)) != len(names):
-            raise BundleError(f"two engine files share a name: {names}")
+        spec, entries = _stage_engines(staging, engine_files)
         manifest = Manifest(
             name=name or f"{spec.arch}-{spec.dataset}",
             version=version,
@@ -101,15 +77,50 @@ def create_bundle(
         (staging / SIGNATURE).write_bytes(sign(key, manifest_bytes))
         sign_folder(staging, private_key)  # model.sig: the same files, in the OpenSSF model-signing format
         if archive:
-            def write(tmp: str) -> None:
-                with tarfile.open(tmp, "w:gz") as tar:  # manifest and signature first: checked before the rest
-                    for item_name in [MANIFEST, SIGNATURE] + [e.path for e in entries] + [MODEL_SIGNATURE]:
-                        tar.add(staging / item_name, arcname=item_name)
-            atomic_write(out, write)
+            _write_archive(out, staging, entries)
     finally:
         if archive:
             shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _stage_engines(staging: Path, engine_files: list[str | Path]) -> tuple[ModelSpec, list[BundleFile]]:
+    """Copy each gated engine (and a plan's sidecar) into `staging`; the one model's spec and the file entries."""
+    spec, entries = None, []
+    for source in map(Path, engine_files):
+        if not source.is_file():
+            raise BundleMissingFileError(f"engine file not found: {source}")
+        parity = read_parity(source)
+        if not parity.passed:
+            raise BundleError(f"{source} failed its parity gate: {'; '.join(parity.failures)}")
+        figures = {k: getattr(parity, k) for k in PARITY_FIELDS}
+        if source.suffix.lower() == ".onnx":
+            file_spec, precision = model_metadata(source)
+            entries.append(_add(staging, source, "onnx", precision=precision, parity=figures))
+        elif source.suffix.lower() in (".plan", ".engine"):
+            info = read_plan_info(source)
+            file_spec = info.spec
+            entries.append(_add(staging, source, "tensorrt", precision=info.precision, parity=figures,
+                                target=info.target))
+            entries.append(_add(staging, sidecar_path(source), "plan_info"))
+        else:
+            raise BundleError(f"{source}: not an engine file (expected .onnx or .plan)")
+        if spec is not None and file_spec.checkpoint_digest != spec.checkpoint_digest:
+            raise BundleError(f"{source} comes from other weights than {engine_files[0]}; one model per bundle")
+        spec = spec or file_spec
+    names = [e.path for e in entries]
+    if len(set(names)) != len(names):
+        raise BundleError(f"two engine files share a name: {names}")
+    return spec, entries
+
+
+def _write_archive(out: Path, staging: Path, entries: list[BundleFile]) -> None:
+    def write(tmp: str) -> None:
+        with tarfile.open(tmp, "w:gz") as tar:  # manifest and signature first: checked before the rest
+            for item_name in [MANIFEST, SIGNATURE] + [e.path for e in entries] + [MODEL_SIGNATURE]:
+                tar.add(staging / item_name, arcname=item_name)
+
+    atomic_write(out, write)
 
 
 def _add(staging: Path, source: Path, role: str, **fields) -> BundleFile:

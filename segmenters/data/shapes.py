@@ -393,6 +393,44 @@ def _texture_lookup(texture: Texture, local_points: np.ndarray, local_normals: n
     return inside, image[rows, cols]
 
 
+@dataclass(frozen=True)
+class _Finish:
+    """How a surface takes light: Blinn-Phong highlight weight and exponent, and the share it mirrors."""
+
+    specular: float
+    shininess: float
+    reflect: float
+
+
+_GROUND = _Finish(specular=0.05, shininess=8.0, reflect=0.0)
+_RUBBER = _Finish(specular=0.15, shininess=12.0, reflect=0.0)
+_METAL = _Finish(specular=0.9, shininess=80.0, reflect=0.45)
+_STICKER = _Finish(specular=0.1, shininess=10.0, reflect=0.0)  # a printed sticker is matte whatever it is on
+_FOG_START, _FOG_DEPTH = 16.0, 20.0  # where distant ground starts to fade into the backdrop, over what distance
+_METAL_REFLECTION_GAIN = 1.6  # metal mirrors its surroundings tinted by its albedo, brightened to read as metal
+_SHADOW_BIAS = 1e-3  # secondary rays start this far off the surface, so they do not hit it again
+
+
+@dataclass
+class _Surfaces:
+    """Per ray: the first surface it meets and that surface's material."""
+
+    obj_index: np.ndarray  # (P,) nearest object, -1 for ground or nothing
+    distance: np.ndarray  # (P,) along the ray, inf for nothing
+    on_object: np.ndarray
+    on_ground: np.ndarray
+    normal: np.ndarray  # (P, 3)
+    albedo: np.ndarray  # (P, 3)
+    specular: np.ndarray
+    shininess: np.ndarray
+    reflect: np.ndarray
+    textured: np.ndarray  # (P,) bool: a texture's pixel
+
+    def set_finish(self, rows, finish: _Finish) -> None:
+        self.specular[rows], self.shininess[rows], self.reflect[rows] = (
+            finish.specular, finish.shininess, finish.reflect)
+
+
 def _shade(
     scene: Scene,
     origins: np.ndarray,
@@ -401,60 +439,72 @@ def _shade(
     bounce: int,
 ) -> tuple[np.ndarray, np.ndarray, _Hits, np.ndarray, np.ndarray]:
     """Colour of each ray; also the hit structure, nearest object index (-1 none), distance, texture mask."""
-    p = dirs.shape[0]
     hits = _cast(scene, origins, dirs)
+    surfaces = _surfaces(scene, hits, origins, dirs, textures)
+    surface = surfaces.on_object | surfaces.on_ground
+    points = origins + np.where(surface, surfaces.distance, 0.0)[:, None] * dirs
+    color = np.tile(_BACKDROP, (dirs.shape[0], 1))
+    color[surface] = _lit(scene, surfaces, points, dirs, np.nonzero(surface)[0])[surface]
+    # Distant ground fades into the backdrop, as CLEVR's ground plane meets its horizon.
+    on_ground = surfaces.on_ground
+    fog = np.clip((surfaces.distance[on_ground] - _FOG_START) / _FOG_DEPTH, 0.0, 1.0)[:, None]
+    color[on_ground] = color[on_ground] * (1 - fog) + _BACKDROP * fog
+    mirror = np.nonzero(surface & (surfaces.reflect > 0))[0]
+    if bounce > 0 and mirror.size:
+        _add_reflections(scene, color, surfaces, points, dirs, mirror, textures, bounce)
+    return np.clip(color, 0.0, 1.0), surfaces.obj_index, hits, surfaces.distance, surfaces.textured
+
+
+def _surfaces(scene: Scene, hits: _Hits, origins: np.ndarray, dirs: np.ndarray,
+              textures: tuple[Texture, ...]) -> _Surfaces:
+    """The first surface each ray meets (an object or the ground plane) with its normal and material."""
+    p = dirs.shape[0]
     if hits.t.shape[0]:
-        nearest = hits.t.argmin(axis=0)
-        t_obj = hits.t.min(axis=0)
+        nearest, t_obj = hits.t.argmin(axis=0), hits.t.min(axis=0)
     else:
-        nearest = np.full(p, -1)
-        t_obj = np.full(p, np.inf)
+        nearest, t_obj = np.full(p, -1), np.full(p, np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ground = np.where(dirs[:, 2] < -1e-9, -origins[:, 2] / dirs[:, 2], np.inf)
     t_ground = np.where(t_ground > _EPS, t_ground, np.inf)
     on_object = np.isfinite(t_obj) & (t_obj < t_ground)
     on_ground = ~on_object & np.isfinite(t_ground)
-    obj_index = np.where(on_object, nearest, -1)
-    distance = np.where(on_object, t_obj, t_ground)
-
-    color = np.tile(_BACKDROP, (p, 1))
-    normal = np.zeros((p, 3))
-    albedo = np.zeros((p, 3))
-    specular = np.zeros(p)
-    shininess = np.ones(p)
-    reflect = np.zeros(p)
-    textured = np.zeros(p, dtype=bool)
-    normal[on_ground] = (0.0, 0.0, 1.0)
-    albedo[on_ground] = _GROUND_ALBEDO
-    specular[on_ground] = 0.05
-    shininess[on_ground] = 8.0
+    surfaces = _Surfaces(
+        obj_index=np.where(on_object, nearest, -1), distance=np.where(on_object, t_obj, t_ground),
+        on_object=on_object, on_ground=on_ground, normal=np.zeros((p, 3)), albedo=np.zeros((p, 3)),
+        specular=np.zeros(p), shininess=np.ones(p), reflect=np.zeros(p), textured=np.zeros(p, dtype=bool),
+    )
+    surfaces.normal[on_ground] = (0.0, 0.0, 1.0)
+    surfaces.albedo[on_ground] = _GROUND_ALBEDO
+    surfaces.set_finish(on_ground, _GROUND)
     for k, obj in enumerate(scene.objects):
-        sel = obj_index == k
-        if not sel.any():
-            continue
-        normal[sel] = hits.normals[k][sel]
-        albedo[sel] = obj.albedo
-        metal = obj.material == "metal"
-        specular[sel] = 0.9 if metal else 0.15
-        shininess[sel] = 80.0 if metal else 12.0
-        reflect[sel] = 0.45 if metal else 0.0
-        for texture in textures:
-            if texture.object_index != k:
-                continue
-            rows = np.nonzero(sel)[0]
-            inside, colours = _texture_lookup(texture, hits.local_points[k][rows], hits.local_normals[k][rows])
-            hit_rows = rows[inside]
-            albedo[hit_rows] = colours
-            # A printed sticker is matte whatever it is stuck on.
-            specular[hit_rows], shininess[hit_rows], reflect[hit_rows] = 0.1, 10.0, 0.0
-            textured[hit_rows] = True
+        sel = surfaces.obj_index == k
+        if sel.any():
+            surfaces.normal[sel] = hits.normals[k][sel]
+            surfaces.albedo[sel] = obj.albedo
+            surfaces.set_finish(sel, _METAL if obj.material == "metal" else _RUBBER)
+            _paint_textures(surfaces, hits, k, np.nonzero(sel)[0], textures)
+    return surfaces
 
-    surface = on_object | on_ground
-    points = origins + np.where(surface, distance, 0.0)[:, None] * dirs
-    lit = np.full((p, 3), scene.ambient) * albedo
-    highlight = np.zeros((p, 3))
-    rows = np.nonzero(surface)[0]
-    shadow_origins = points[rows] + normal[rows] * 1e-3
+
+def _paint_textures(surfaces: _Surfaces, hits: _Hits, k: int, rows: np.ndarray,
+                    textures: tuple[Texture, ...]) -> None:
+    """Object k's textures over its pixels `rows`: their colours, a sticker's finish."""
+    for texture in textures:
+        if texture.object_index != k:
+            continue
+        inside, colours = _texture_lookup(texture, hits.local_points[k][rows], hits.local_normals[k][rows])
+        hit_rows = rows[inside]
+        surfaces.albedo[hit_rows] = colours
+        surfaces.set_finish(hit_rows, _STICKER)
+        surfaces.textured[hit_rows] = True
+
+
+def _lit(scene: Scene, surfaces: _Surfaces, points: np.ndarray, dirs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Ambient, Lambert and Blinn-Phong light at each surface point, with each light's shadows."""
+    normal, albedo = surfaces.normal, surfaces.albedo
+    lit = np.full((dirs.shape[0], 3), scene.ambient) * albedo
+    highlight = np.zeros((dirs.shape[0], 3))
+    shadow_origins = points[rows] + normal[rows] * _SHADOW_BIAS
     for light in scene.lights:
         ldir = np.asarray(light.direction)
         visible = ~_occluded(scene, shadow_origins, ldir)
@@ -462,25 +512,23 @@ def _shade(
         lit[rows] += light.intensity * lambert[:, None] * albedo[rows]
         half_vec = ldir[None, :] - dirs[rows]
         half_vec /= np.linalg.norm(half_vec, axis=1, keepdims=True)
-        spec = np.clip(np.einsum("ij,ij->i", normal[rows], half_vec), 0.0, None) ** shininess[rows]
+        spec = np.clip(np.einsum("ij,ij->i", normal[rows], half_vec), 0.0, None) ** surfaces.shininess[rows]
         # Metal highlights take the object's tint, rubber's stay white.
-        tint = np.where((reflect[rows] > 0)[:, None], albedo[rows] * 0.5 + 0.5, 1.0)
-        highlight[rows] += (light.intensity * specular[rows] * spec * visible)[:, None] * tint
-    color[surface] = lit[surface] + highlight[surface]
-    # Distant ground fades into the backdrop, as CLEVR's ground plane meets its horizon.
-    fog = np.clip((distance[on_ground] - 16.0) / 20.0, 0.0, 1.0)[:, None]
-    color[on_ground] = color[on_ground] * (1 - fog) + _BACKDROP * fog
+        tint = np.where((surfaces.reflect[rows] > 0)[:, None], albedo[rows] * 0.5 + 0.5, 1.0)
+        highlight[rows] += (light.intensity * surfaces.specular[rows] * spec * visible)[:, None] * tint
+    return lit + highlight
 
-    mirror = np.nonzero(surface & (reflect > 0))[0]
-    if bounce > 0 and mirror.size:
-        d = dirs[mirror]
-        n = normal[mirror]
-        r_dirs = d - 2.0 * np.einsum("ij,ij->i", d, n)[:, None] * n
-        r_dirs /= np.linalg.norm(r_dirs, axis=1, keepdims=True)
-        r_color = _shade(scene, points[mirror] + n * 1e-3, r_dirs, textures, bounce - 1)[0]
-        w = reflect[mirror][:, None]
-        color[mirror] = color[mirror] * (1 - w) + r_color * albedo[mirror] * w * 1.6
-    return np.clip(color, 0.0, 1.0), obj_index, hits, distance, textured
+
+def _add_reflections(scene: Scene, color: np.ndarray, surfaces: _Surfaces, points: np.ndarray, dirs: np.ndarray,
+                     mirror: np.ndarray, textures: tuple[Texture, ...], bounce: int) -> None:
+    """Blend what the mirroring rows reflect (one more bounce) into their colour."""
+    d = dirs[mirror]
+    n = surfaces.normal[mirror]
+    r_dirs = d - 2.0 * np.einsum("ij,ij->i", d, n)[:, None] * n
+    r_dirs /= np.linalg.norm(r_dirs, axis=1, keepdims=True)
+    r_color = _shade(scene, points[mirror] + n * _SHADOW_BIAS, r_dirs, textures, bounce - 1)[0]
+    w = surfaces.reflect[mirror][:, None]
+    color[mirror] = color[mirror] * (1 - w) + r_color * surfaces.albedo[mirror] * w * _METAL_REFLECTION_GAIN
 
 
 def render(
