@@ -39,6 +39,7 @@ INNER_LAYERS = {
 GRADCAM_LAYER = {"unet": "decoders.0.2", "deeplabv3_resnet18": "model.backbone.layer4",
                  "ladder_densenet121": "block4", "lraspp_mobilenetv3": "model.backbone.16",
                  "deeplabv3_mobilenetv3": "model.backbone.16"}
+IMAGE_SIZE = (180, 240)  # CamVid at half resolution, as the twins were trained
 REMOVAL_LAYERS = ["model.backbone.6", "model.backbone.16"]  # LR-ASPP: a middle and the last backbone stage
 
 
@@ -55,14 +56,14 @@ def twin_for(arch: str, args):
         if path.exists():
             return load_twin(path), str(path)
     torch.manual_seed(0)
-    spec = ModelSpec(arch=arch, classes=dataset_classes("camvid"), input_size=(180, 240), dataset="camvid")
+    spec = ModelSpec(arch=arch, classes=dataset_classes("camvid"), input_size=IMAGE_SIZE, dataset="camvid")
     model = build_model(arch, spec.num_classes)
     for module in model.modules():  # calibrated BN statistics, so depth does not wash the input out
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = None
     model.train()
     with torch.no_grad():
-        model(torch.randn(4, 3, 180, 240))
+        model(torch.randn(4, 3, *IMAGE_SIZE))
     return Twin(model.eval(), spec), "random weights (no trained twin found)"
 
 
@@ -82,7 +83,7 @@ def timed(function, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--twins", default="bench/results/export/twins")
     parser.add_argument("--lraspp", default="bench/results/camvid/semeda/best.pt")
@@ -95,70 +96,102 @@ def main() -> None:
     parser.add_argument("--completeness-only", action="store_true",
                         help="section 1 only (no cost, pixel removal or seeds): completeness.json/.md")
     parser.add_argument("--out", default="bench/results/vgatt")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    from audit.attribution import GradCam, OcclusionMap, VGattMap, pixel_removal, upsample
     from segmenters.data import build_dataset
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_dataset("camvid", "val", size=(180, 240))
-    picks = [int(i) for i in np.linspace(0, len(data) - 1, args.images)]
-
+    data = build_dataset("camvid", "val", size=IMAGE_SIZE)
+    picks = evenly(data, args.images)
     completeness, cost = [], []
     for arch in tqdm(args.archs, desc="zoo"):
         twin, source = twin_for(arch, args)
-        model = twin.model.eval()
         completeness += [measure_completeness(twin, source, arch, layer, data, picks)
                          for layer in [None, *INNER_LAYERS[arch]]]
-        if args.completeness_only:
-            continue
-        image, _ = data[picks[0]]
-        x = twin.spec.normalization.normalize(image[None])
-        target, region = majority_target(twin, image)
-        with torch.no_grad():
-            forward = timed(lambda: model(x), args.repeats)
-        vgatt64 = timed(lambda: VGattMap(model).attribute(x, target, region), args.repeats)
-        vgatt32 = timed(lambda: VGattMap(model, dtype=torch.float32).attribute(x, target, region), args.repeats)
-        gradcam = timed(lambda: GradCam(model, GRADCAM_LAYER[arch]).attribute(x, target, region), args.repeats)
-        occlusion = timed(lambda: OcclusionMap(model, window=16, stride=8).attribute(x, target, region), 1)
-        cost.append({"arch": arch, "forward_s": forward, "vgatt_f64_s": vgatt64, "vgatt_f32_s": vgatt32,
-                     "gradcam_s": gradcam, "occlusion_s": occlusion, "vgatt_f32_vs_forward": vgatt32 / forward,
-                     "vgatt_f64_vs_forward": vgatt64 / forward, "occlusion_vs_vgatt_f32": occlusion / vgatt32})
+        if not args.completeness_only:
+            cost.append(measure_cost(twin, arch, data[picks[0]][0], args.repeats))
     if args.completeness_only:
         write_completeness(out, completeness)
         print((out / "completeness.md").read_text())
         return
+    twin, source = twin_for("lraspp_mobilenetv3", args)  # pixel removal and seeds on the trained CamVid twin
+    methods = removal_methods(twin)
+    removal_picks = evenly(data, args.removal_images)
+    removal = removal_curves(twin, methods, data, removal_picks)
+    write_seeds(out, seed_quality_table(twin, methods, data, evenly(data, args.seed_images)))
+    write(out, completeness, cost, removal, source, len(removal_picks))
 
-    # pixel removal on the trained CamVid twin
-    twin, source = twin_for("lraspp_mobilenetv3", args)
-    black = twin.spec.normalization.normalize(torch.zeros(1, 3, 1, 1)).reshape(3)
+
+def evenly(data, count: int) -> list[int]:
+    """`count` indices spread evenly over `data`."""
+    return [int(i) for i in np.linspace(0, len(data) - 1, count)]
+
+
+def measure_cost(twin, arch: str, image: torch.Tensor, repeats: int) -> dict:
+    """Seconds per attribution of each method on one image, and VGatt's cost in forward passes."""
+    from audit.attribution import GradCam, OcclusionMap, VGattMap
+
+    model = twin.model.eval()
+    x = twin.spec.normalization.normalize(image[None])
+    target, region = majority_target(twin, image)
+    with torch.no_grad():
+        forward = timed(lambda: model(x), repeats)
+    vgatt64 = timed(lambda: VGattMap(model).attribute(x, target, region), repeats)
+    vgatt32 = timed(lambda: VGattMap(model, dtype=torch.float32).attribute(x, target, region), repeats)
+    gradcam = timed(lambda: GradCam(model, GRADCAM_LAYER[arch]).attribute(x, target, region), repeats)
+    occlusion = timed(lambda: OcclusionMap(model, window=16, stride=8).attribute(x, target, region), 1)
+    return {"arch": arch, "forward_s": forward, "vgatt_f64_s": vgatt64, "vgatt_f32_s": vgatt32,
+            "gradcam_s": gradcam, "occlusion_s": occlusion, "vgatt_f32_vs_forward": vgatt32 / forward,
+            "vgatt_f64_vs_forward": vgatt64 / forward, "occlusion_vs_vgatt_f32": occlusion / vgatt32}
+
+
+def removal_methods(twin) -> dict:
+    """The attributions pixel removal compares: VGatt at the input and, per removal layer, VGatt and Grad-CAM."""
+    from audit.attribution import GradCam, VGattMap
+
     methods = {"VGatt input": VGattMap(twin.model)}
     for layer in REMOVAL_LAYERS:
         methods[f"VGatt {layer}"] = VGattMap(twin.model, layer)
         methods[f"Grad-CAM {layer}"] = GradCam(twin.model, layer)
+    return methods
+
+
+def removal_curves(twin, methods: dict, data, picks: list[int]) -> dict:
+    """Per method, the mean score and label change as its top-ranked pixels are blacked out, over `picks`."""
+    from tqdm import tqdm
+
+    from audit.attribution import pixel_removal, upsample
+
+    black = twin.spec.normalization.normalize(torch.zeros(1, 3, 1, 1)).reshape(3)
     curves = {name: [] for name in methods}
-    removal_picks = [int(i) for i in np.linspace(0, len(data) - 1, args.removal_images)]
-    for index in tqdm(removal_picks, desc="pixel removal"):
+    for index in tqdm(picks, desc="pixel removal"):
         image, _ = data[index]
         x = twin.spec.normalization.normalize(image[None])
         target, region = majority_target(twin, image)
         for name, method in methods.items():
-            ranking = upsample(method.attribute(x, target, region), (180, 240))
+            ranking = upsample(method.attribute(x, target, region), IMAGE_SIZE)
             curves[name].append(pixel_removal(twin.model, x, target, region, ranking, black))
-    removal = {name: {"fractions": [p.fraction for p in points[0]],
-                      "score_change": [float(np.mean([pts[i].score_change for pts in points])) for i in range(8)],
-                      "label_change": [float(np.mean([pts[i].label_change for pts in points])) for i in range(8)]}
-               for name, points in curves.items()}
-    seeds = seed_quality_table(twin, methods, data, [int(i) for i in np.linspace(0, len(data) - 1, args.seed_images)])
+    return {name: {"fractions": [p.fraction for p in points[0]],
+                   "score_change": [float(np.mean([pts[i].score_change for pts in points]))
+                                    for i in range(len(points[0]))],
+                   "label_change": [float(np.mean([pts[i].label_change for pts in points]))
+                                    for i in range(len(points[0]))]}
+            for name, points in curves.items()}
+
+
+def write_seeds(out: Path, seeds: list[dict]) -> None:
     (out / "seeds.json").write_text(json.dumps(seeds, indent=2))
     lines = ["| method | k | pixel accuracy | area ratio |", "|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['k']} | {r['pixel_accuracy']:.3f} | {r['area_ratio']:.3f} |" for r in seeds]
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
     print((out / "seeds.md").read_text())
-    write(out, completeness, cost, removal, source, len(removal_picks))
 
 
 def measure_completeness(twin, source: str, arch: str, layer: str | None, data, picks: list[int]) -> dict:
@@ -228,7 +261,8 @@ def write(out: Path, completeness, cost, removal, source: str, images: int) -> N
              "VGatt f64 / forward | occlusion / VGatt f32 |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['arch']} | {r['forward_s'] * 1e3:.0f} ms | {r['vgatt_f32_s'] * 1e3:.0f} ms | "
               f"{r['vgatt_f64_s'] * 1e3:.0f} ms | {r['gradcam_s'] * 1e3:.0f} ms | {r['occlusion_s']:.1f} s | "
-              f"x{r['vgatt_f32_vs_forward']:.1f} | x{r['vgatt_f64_vs_forward']:.1f} | x{r['occlusion_vs_vgatt_f32']:.0f} |"
+              f"x{r['vgatt_f32_vs_forward']:.1f} | x{r['vgatt_f64_vs_forward']:.1f} | "
+              f"x{r['occlusion_vs_vgatt_f32']:.0f} |"
               for r in cost]
     (out / "cost.md").write_text("\n".join(lines) + "\n")
     names = list(removal)
