@@ -128,6 +128,20 @@ def serve_until_stopped(url: str, stopped: threading.Event) -> None:
         pass
 
 
+def counterfactual_engine(path: str | None, served: bool):
+    """The local engine the detectors' counterfactuals run on (`--counterfactual-engine`), or None: then they run
+    on the monitored engine, which costs a served one a call each (said on stderr)."""
+    if path is None:
+        if served:
+            click.echo("note: the detectors' counterfactuals will each cost the served engine a call (on a moving "
+                       "camera they take ~40 % of its frames/s); --counterfactual-engine FILE runs them on a local "
+                       "copy", err=True)
+        return None
+    from export import load_engine
+
+    return load_engine(path, device="cpu", threads=1)
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--engine", "engine_path", type=click.Path(exists=True, dir_okay=False), help="a local engine file")
@@ -160,7 +174,8 @@ def serve_until_stopped(url: str, stopped: threading.Event) -> None:
 @click.option("--duration", type=float, help="stop after this many seconds (default: when every source ended)")
 @click.option("--confirm", type=click.Choice(CONFIRMERS),
               help="confirm each alarm on the engine's twin (--twin): vgatt adds VGatt evidence to the alarm")
-@click.option("--twin", type=click.Path(exists=True, dir_okay=False), help="the engine's twin checkpoint, for --confirm")
+@click.option("--twin", type=click.Path(exists=True, dir_okay=False),
+              help="the engine's twin checkpoint, for --confirm")
 @device_option("the twin of --confirm runs")
 def monitor(sources, engine_path, url, model, version, handle, counterfactual_path, api_key_env, events, webhook,
             page_port, no_page, keep_page, policy, every_frame, fps, frames, duration, confirm, twin, device) -> None:
@@ -178,18 +193,9 @@ def monitor(sources, engine_path, url, model, version, handle, counterfactual_pa
     confirmer = build_confirmer(confirm, twin, device)
     opened = [open_stream_source(text, fps, frames) for text in sources]
     engine = build_engine(engine_path, url, model, version, handle, api_key_env)
-    sinks = [JsonLinesSink(events)]
     hook = WebhookSink(webhook) if webhook else None
-    if hook:
-        sinks.append(hook)
-    counterfactual = None
-    if (url or handle) and not counterfactual_path:
-        click.echo("note: the detectors' counterfactuals will each cost the served engine a call (on a moving camera "
-                   "they take ~40 % of its frames/s); --counterfactual-engine FILE runs them on a local copy", err=True)
-    if counterfactual_path:
-        from export import load_engine
-
-        counterfactual = load_engine(counterfactual_path, device="cpu", threads=1)
+    sinks = [JsonLinesSink(events)] + ([hook] if hook else [])
+    counterfactual = counterfactual_engine(counterfactual_path, served=bool(url or handle))
     try:
         watcher = Monitor(engine, sinks=sinks, confirm=confirmer, counterfactual_engine=counterfactual)
     except ValueError as exc:
