@@ -25,6 +25,10 @@ import yaml
 ONSET = 12
 FRAMES = 40
 CLEAN_SCENE = 7  # a val scene the clean camera circles
+DEMO_FPS = 10
+WATCH_LIMIT_S = 300  # the monitor step stops here even if a stream has not ended
+ALARM_STRIP_FRAMES = 3  # frames shown up to each alarm
+ALARM_PICTURE_SIZE = (256, 256)  # the strip's pictures, nearest-neighbour enlarged from the camera's frames
 #: on a GPU, the served replica and each campaign trial or audit task take this share of it, so they overlap
 GPU_SHARE = 0.25
 
@@ -50,7 +54,8 @@ def train_twin(out: Path, quick: bool, device) -> dict:
 
     best = out / "twin" / "best.pt"
     if best.exists() and (out / "twin" / "summary.json").exists():
-        return {"reused": str(best), "val_miou": json.loads((out / "twin" / "summary.json").read_text())["best_val_miou"]}
+        summary = json.loads((out / "twin" / "summary.json").read_text())
+        return {"reused": str(best), "val_miou": summary["best_val_miou"]}
     # fewer scenes and epochs than the default run (2000 x 14): the demo needs a working twin, not the best one
     config = TrainConfig(out=str(out / "twin"), train_length=300 if quick else 1500, val_length=60 if quick else 200,
                          epochs=2 if quick else 10, eval_every=2 if quick else 10, device=str(device))
@@ -123,61 +128,74 @@ def strongest_trial(run: Path) -> tuple[str, dict]:
     return max(scored, key=key)
 
 
-def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
-    from PIL import Image
+class AlarmStrips:
+    """The monitor's `on_frame` hook: for each alarm, the frames before it (camera image and labels) saved as
+    pictures, so the page shows the patch arriving and the flip it caused."""
 
-    from segmenters.visualize import overlay
-    from serving.client import RemoteEngine
+    def __init__(self, folder: Path, palette):
+        self.folder, self.palette = folder, palette
+        self.recent: dict[str, list] = {}
+        self.pictures: list[dict] = []
+
+    def __call__(self, frame, labels, alarms) -> None:
+        from segmenters.visualize import overlay
+
+        history = self.recent.setdefault(frame.stream, [])
+        history.append((frame.index, overlay(frame.rgb, labels, self.palette), frame.rgb))
+        del history[:-ALARM_STRIP_FRAMES]
+        for alarm in alarms:
+            strip = [self._save(frame.stream, index, painted, rgb) for index, painted, rgb in history]
+            self.pictures.append({"alarm": alarm.as_dict(), "strip": strip})
+
+    def _save(self, stream: str, index: int, painted: np.ndarray, rgb: np.ndarray) -> dict:
+        from PIL import Image
+
+        name = f"{stream.replace(':', '_').replace('/', '_')}_{index:04d}"
+        Image.fromarray(rgb).resize(ALARM_PICTURE_SIZE, Image.NEAREST).save(self.folder / f"{name}.png")
+        Image.fromarray(painted).resize(ALARM_PICTURE_SIZE, Image.NEAREST).save(self.folder / f"{name}_labels.png")
+        return {"frame": index, "image": f"monitor/{name}.png", "labels": f"monitor/{name}_labels.png"}
+
+
+def watch(service_url: str, run: Path, trial: str, out: Path) -> dict:
     from monitor.pipeline import JsonLinesSink, Monitor
     from monitor.web import MonitorServer, MonitorView
-    from audit.store import trial_scene
-    from monitor.cameras import CameraPath, SyntheticCamera, trial_camera
-    from monitor.streams import ReplaySource, Stream
+    from serving.client import RemoteEngine
 
     engine = RemoteEngine(service_url, "shapes", "1")
     events = out / "monitor" / "events.jsonl"
     if events.exists():
         events.unlink()
-    recent: dict[str, list] = {}
-    pictures: list[dict] = []
-    palette = engine.spec.palette()
-
-    def keep(frame, labels, alarms):
-        # the frames before an alarm, so the page can show the patch arriving and the flip it caused
-        history = recent.setdefault(frame.stream, [])
-        history.append((frame.index, overlay(frame.rgb, labels, palette), frame.rgb))
-        del history[:-4]
-        for alarm in alarms:
-            folder = out / "monitor"
-            strip = []
-            for index, painted, rgb in history[-3:]:
-                name = f"{frame.stream.replace(':', '_').replace('/', '_')}_{index:04d}"
-                Image.fromarray(rgb).resize((256, 256), Image.NEAREST).save(folder / f"{name}.png")
-                Image.fromarray(painted).resize((256, 256), Image.NEAREST).save(folder / f"{name}_labels.png")
-                strip.append({"frame": index, "image": f"monitor/{name}.png", "labels": f"monitor/{name}_labels.png"})
-            pictures.append({"alarm": alarm.as_dict(), "strip": strip})
-
-    monitor = Monitor(engine, sinks=[JsonLinesSink(events)], on_frame=keep)
-    patched = trial_camera(trial_scene(run, trial), onset=ONSET, frames=FRAMES, fps=10)
-    patched.path = CameraPath(sweep_deg=6.0, tilt_deg=2.0, zoom=0.03)  # a slow drift past the attack view
-    monitor.add(Stream(patched, name="camera-1 (patch appears)", policy="latest"))
-    clean = SyntheticCamera(CLEAN_SCENE, frames=FRAMES, fps=10, name="camera-2 (clean)")
-    monitor.add(Stream(clean, name="camera-2 (clean)", policy="latest"))
-    # a dead camera and a corrupt frame, as the fleet has them: events, not crashes
-    monitor.add(Stream(ReplaySource([np.zeros((4, 4, 3), np.uint8)], name="camera-3 (broken)"),
-                       name="camera-3 (broken)"))
-    view = MonitorView(monitor)
     (out / "monitor").mkdir(parents=True, exist_ok=True)
-    server = MonitorServer(view).start()
+    strips = AlarmStrips(out / "monitor", engine.spec.palette())
+    monitor = Monitor(engine, sinks=[JsonLinesSink(events)], on_frame=strips)
+    for stream in demo_streams(run, trial):
+        monitor.add(stream)
+    server = MonitorServer(MonitorView(monitor)).start()
     print(f"live monitor page (while the streams run): {server.url}", file=sys.stderr, flush=True)
     try:
-        summary = monitor.run(duration=300)
+        summary = monitor.run(duration=WATCH_LIMIT_S)
     finally:
         server.stop()
-    summary["pictures"] = pictures
+    summary["pictures"] = strips.pictures
     summary["events_file"] = str(events)
     summary["onset"] = ONSET
     return summary
+
+
+def demo_streams(run: Path, trial: str) -> list:
+    """The demo's fleet: a camera drifting past the attacked scene (the patch appears at ONSET), a clean camera,
+    and a broken one (a dead camera and a corrupt frame, as the fleet has them: events, not crashes)."""
+    from audit.store import trial_scene
+    from monitor.cameras import CameraPath, SyntheticCamera, trial_camera
+    from monitor.streams import ReplaySource, Stream
+
+    patched = trial_camera(trial_scene(run, trial), onset=ONSET, frames=FRAMES, fps=DEMO_FPS)
+    patched.path = CameraPath(sweep_deg=6.0, tilt_deg=2.0, zoom=0.03)  # a slow drift past the attack view
+    clean = SyntheticCamera(CLEAN_SCENE, frames=FRAMES, fps=DEMO_FPS, name="camera-2 (clean)")
+    broken = ReplaySource([np.zeros((4, 4, 3), np.uint8)], name="camera-3 (broken)")
+    return [Stream(patched, name="camera-1 (patch appears)", policy="latest"),
+            Stream(clean, name="camera-2 (clean)", policy="latest"),
+            Stream(broken, name="camera-3 (broken)")]
 
 
 def demo_page(out: Path, steps: Steps, facts: dict, report: Path) -> Path:

@@ -8,15 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from patchwatch.demo import FRAMES
+from monitor.flips import FlipAlarm
+from monitor.streams import StreamFrame
+from patchwatch.demo import ALARM_PICTURE_SIZE, ALARM_STRIP_FRAMES, FRAMES, AlarmStrips
 
-pytestmark = pytest.mark.slow
 #: each of the two demo runs may take this long before it counts as hung (a loaded 2-core machine is slow, not hung)
 RUN_TIMEOUT_S = 1500
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S + 300)  # the suite's 900 s would cut the two runs short on a loaded machine
 def test_quick_demo_runs_the_whole_story(tmp_path):
     out = tmp_path / "demo"
@@ -50,3 +54,23 @@ def test_quick_demo_runs_the_whole_story(tmp_path):
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     facts = json.loads((out / "demo.json").read_text())
     assert "reused" in facts["twin"] and "reused" in facts["engine"]
+
+
+def test_alarm_strips_save_the_frames_up_to_each_alarm_in_order(tmp_path):
+    palette = np.array([[0, 0, 0], [255, 0, 0]], np.uint8)
+    strips = AlarmStrips(tmp_path, palette)
+    labels = np.zeros((8, 12), np.int64)
+    alarm = FlipAlarm(stream="cam:1", frame=6, time=0.0, onset_frame=5, bbox=(0, 0, 4, 4), pixels=16, from_class=0,
+                      to_class=1, from_name="a", to_name="b", transitions={"a->b": 16}, image_change=0.1, area_z={})
+    for index in range(7):
+        rgb = np.full((8, 12, 3), index * 10, np.uint8)
+        strips(StreamFrame("cam:1", index, rgb, captured=0.0), labels, [alarm] if index in (2, 6) else [])
+        strips(StreamFrame("cam/2", index, rgb, captured=0.0), labels, [])
+    first, second = strips.pictures
+    assert [p["frame"] for p in first["strip"]] == [0, 1, 2]  # what there was before the alarm
+    assert [p["frame"] for p in second["strip"]] == list(range(7 - ALARM_STRIP_FRAMES, 7))
+    assert second["alarm"]["frame"] == 6 and second["alarm"]["type"] == "flip"
+    for picture in second["strip"]:
+        image = Image.open(tmp_path / Path(picture["image"]).name)
+        assert image.size == ALARM_PICTURE_SIZE and image.getpixel((0, 0))[0] == picture["frame"] * 10
+        assert (tmp_path / Path(picture["labels"]).name).exists() and picture["image"].startswith("monitor/cam_1_")
