@@ -245,69 +245,88 @@ def _rotation_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+def _intersect_sphere(half: float, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    normal = np.zeros((o.shape[0], 3))
+    b = np.einsum("ij,ij->i", o, d)
+    c = np.einsum("ij,ij->i", o, o) - half * half
+    disc = b * b - c
+    root = np.sqrt(np.maximum(disc, 0.0))
+    t = -b - root
+    t = np.where(t > _EPS, t, -b + root)  # origin inside (never for primary rays): far root
+    t = np.where((disc >= 0) & (t > _EPS), t, np.inf)
+    hit = np.isfinite(t)
+    normal[hit] = (o[hit] + t[hit, None] * d[hit]) / half
+    return t, normal
+
+
+def _intersect_cube(half: float, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    normal = np.zeros((o.shape[0], 3))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
+        t1 = (-half - o) * inv
+        t2 = (half - o) * inv
+    near = np.minimum(t1, t2)
+    far = np.maximum(t1, t2)
+    t_near = near.max(axis=1)
+    t_far = far.min(axis=1)
+    t = np.where((t_far >= t_near) & (t_near > _EPS), t_near, np.inf)
+    axis = near.argmax(axis=1)
+    hit = np.isfinite(t)
+    rows = np.nonzero(hit)[0]
+    normal[rows, axis[hit]] = -np.sign(d[rows, axis[hit]])
+    return t, normal
+
+
+def _cylinder_side(half: float, o: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Distance to the curved side (radius `half`, |z| <= `half`), inf on a miss."""
+    a = d[:, 0] ** 2 + d[:, 1] ** 2
+    b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1]
+    c = o[:, 0] ** 2 + o[:, 1] ** 2 - half * half
+    disc = b * b - a * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_side = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
+        z_side = o[:, 2] + t_side * d[:, 2]
+    side_ok = (disc >= 0) & (a > 1e-12) & (t_side > _EPS) & (np.abs(z_side) <= half)
+    return np.where(side_ok, t_side, np.inf)
+
+
+def _cylinder_cap(half: float, height: float, o: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Distance to the flat cap at z = `height`, inf on a miss."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_cap = (height - o[:, 2]) / np.where(np.abs(d[:, 2]) < 1e-12, 1e-12, d[:, 2])
+        px = o[:, 0] + t_cap * d[:, 0]
+        py = o[:, 1] + t_cap * d[:, 1]
+    cap_ok = (t_cap > _EPS) & (px * px + py * py <= half * half)
+    return np.where(cap_ok, t_cap, np.inf)
+
+
+def _intersect_cylinder(half: float, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A vertical cylinder of radius `half`, half-height `half` (CLEVR's scaled unit cylinder)."""
+    normal = np.zeros((o.shape[0], 3))
+    stack = np.stack([_cylinder_side(half, o, d), _cylinder_cap(half, half, o, d), _cylinder_cap(half, -half, o, d)])
+    which = stack.argmin(axis=0)
+    t = stack.min(axis=0)
+    hit = np.isfinite(t)
+    side = hit & (which == 0)
+    point = o[side] + t[side, None] * d[side]
+    normal[side, 0] = point[:, 0] / half
+    normal[side, 1] = point[:, 1] / half
+    normal[hit & (which == 1), 2] = 1.0
+    normal[hit & (which == 2), 2] = -1.0
+    return t, normal
+
+
+_INTERSECT = {"sphere": _intersect_sphere, "cube": _intersect_cube, "cylinder": _intersect_cylinder}
+
+
 def _intersect_local(shape: str, half: float, o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ray/primitive intersection in the object's frame (centre at origin).
 
     Returns the distance t (P,), inf on a miss, and the local outward normal (P, 3).
     """
-    n = o.shape[0]
-    normal = np.zeros((n, 3))
-    if shape == "sphere":
-        b = np.einsum("ij,ij->i", o, d)
-        c = np.einsum("ij,ij->i", o, o) - half * half
-        disc = b * b - c
-        root = np.sqrt(np.maximum(disc, 0.0))
-        t = -b - root
-        t = np.where(t > _EPS, t, -b + root)  # origin inside (never for primary rays): far root
-        t = np.where((disc >= 0) & (t > _EPS), t, np.inf)
-        hit = np.isfinite(t)
-        normal[hit] = (o[hit] + t[hit, None] * d[hit]) / half
-        return t, normal
-    if shape == "cube":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = 1.0 / np.where(np.abs(d) < 1e-12, 1e-12, d)
-            t1 = (-half - o) * inv
-            t2 = (half - o) * inv
-        near = np.minimum(t1, t2)
-        far = np.maximum(t1, t2)
-        t_near = near.max(axis=1)
-        t_far = far.min(axis=1)
-        t = np.where((t_far >= t_near) & (t_near > _EPS), t_near, np.inf)
-        axis = near.argmax(axis=1)
-        hit = np.isfinite(t)
-        rows = np.nonzero(hit)[0]
-        normal[rows, axis[hit]] = -np.sign(d[rows, axis[hit]])
-        return t, normal
-    if shape == "cylinder":
-        # Vertical cylinder of radius `half`, half-height `half` (CLEVR's scaled unit cylinder).
-        a = d[:, 0] ** 2 + d[:, 1] ** 2
-        b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1]
-        c = o[:, 0] ** 2 + o[:, 1] ** 2 - half * half
-        disc = b * b - a * c
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t_side = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
-            z_side = o[:, 2] + t_side * d[:, 2]
-            side_ok = (disc >= 0) & (a > 1e-12) & (t_side > _EPS) & (np.abs(z_side) <= half)
-            t_side = np.where(side_ok, t_side, np.inf)
-            caps = []
-            for height in (half, -half):
-                t_cap = (height - o[:, 2]) / np.where(np.abs(d[:, 2]) < 1e-12, 1e-12, d[:, 2])
-                px = o[:, 0] + t_cap * d[:, 0]
-                py = o[:, 1] + t_cap * d[:, 1]
-                cap_ok = (t_cap > _EPS) & (px * px + py * py <= half * half)
-                caps.append(np.where(cap_ok, t_cap, np.inf))
-        stack = np.stack([t_side, caps[0], caps[1]])
-        which = stack.argmin(axis=0)
-        t = stack.min(axis=0)
-        hit = np.isfinite(t)
-        side = hit & (which == 0)
-        point = o[side] + t[side, None] * d[side]
-        normal[side, 0] = point[:, 0] / half
-        normal[side, 1] = point[:, 1] / half
-        normal[hit & (which == 1), 2] = 1.0
-        normal[hit & (which == 2), 2] = -1.0
-        return t, normal
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape not in _INTERSECT:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return _INTERSECT[shape](half, o, d)
 
 
 @dataclass
@@ -531,6 +550,27 @@ def _add_reflections(scene: Scene, color: np.ndarray, surfaces: _Surfaces, point
     color[mirror] = color[mirror] * (1 - w) + r_color * surfaces.albedo[mirror] * w * _METAL_REFLECTION_GAIN
 
 
+def _check_textures(scene: Scene, textures: tuple[Texture, ...]) -> None:
+    for texture in textures:
+        if not 0 <= texture.object_index < len(scene.objects):
+            raise ValueError(
+                f"texture object_index {texture.object_index} out of range for a scene of "
+                f"{len(scene.objects)} objects"
+            )
+
+
+def _occlusion_counts(instances: np.ndarray, amodal: np.ndarray) -> np.ndarray:
+    """(n, n): [i, j] = pixels of object j hidden behind object i."""
+    n = amodal.shape[0]
+    occlusion = np.zeros((n, n), dtype=np.int32)
+    for j in range(n):
+        hidden = instances[amodal[j]]
+        for i in np.unique(hidden):
+            if i > 0 and i - 1 != j:
+                occlusion[i - 1, j] = int((hidden == i).sum())
+    return occlusion
+
+
 def render(
     scene: Scene,
     camera: Camera,
@@ -542,12 +582,7 @@ def render(
 ) -> ShapesSample:
     """Ray-cast one view of `scene`; every label comes from the same rays as the colours."""
     textures = tuple(textures)
-    for texture in textures:
-        if not 0 <= texture.object_index < len(scene.objects):
-            raise ValueError(
-                f"texture object_index {texture.object_index} out of range for a scene of "
-                f"{len(scene.objects)} objects"
-            )
+    _check_textures(scene, textures)
     origin, dirs = camera.rays(height, width)
     origins = np.broadcast_to(origin, dirs.shape).copy()
     color, obj_index, hits, distance, textured = _shade(scene, origins, dirs, textures, bounce=1)
@@ -560,12 +595,7 @@ def render(
     amodal = np.isfinite(hits.t).reshape(n, height, width) if n else np.zeros((0, height, width), bool)
     cos = dirs @ forward
     depth = np.where(np.isfinite(distance), distance * cos, np.inf).reshape(height, width).astype(np.float32)
-    occlusion = np.zeros((n, n), dtype=np.int32)
-    for j in range(n):
-        hidden = instances[amodal[j]]
-        for i in np.unique(hidden):
-            if i > 0 and i - 1 != j:
-                occlusion[i - 1, j] = int((hidden == i).sum())
+    occlusion = _occlusion_counts(instances, amodal)
     image = color.reshape(height, width, 3)
     if noise > 0:
         rng = rng if rng is not None else np.random.default_rng(0)
