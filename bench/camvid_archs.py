@@ -36,8 +36,8 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_archs.py`: make `be
 
 from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
-    add_budget_arguments, announce_device, collect, execute, html_table, mean_std, parse_size, percent, plot_curves,
-    plus_minus, print_plan, run_styles, table_keys, train_time, trained_on, write_page, yes_no,
+    add_budget_arguments, collect, html_table, mean_std, parse_size, percent, plot_curves,
+    plus_minus, run_styles, table_keys, train_plan, train_time, trained_on, write_page, yes_no,
 )
 from export import EngineError, OnnxRuntimeEngine, TorchEngine, export_onnx, model_metadata  # noqa: E402
 from export.engine import Engine  # noqa: E402
@@ -243,15 +243,10 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
     folders = RunFolders(args)
     expand = partial(build_plan, args)
-    if args.list:
-        print_plan(expand(), folders)
+    started = train_plan(expand, args, folders)
+    if started is None:
         return
-    device = announce_device(args)
-    if not args.report_only:
-        execute(expand, args, folders)
-    if args.train_only:
-        return
-    plan = expand()
+    plan, device = started
     results = collect(plan, args, folders, device)
     # every arch is timed, trained or not: frames/s are the arch's, whatever its weights (timed_twin)
     timed = {run.arch: folders.folder(run) for run in plan if run.seed == plan[0].seed}

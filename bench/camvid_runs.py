@@ -525,6 +525,20 @@ def write_page(path: Path, title: str, parts: list[str]) -> None:
                     f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
 
 
+def train_plan(expand: Callable[[], list[PlannedRun]], args: argparse.Namespace,
+               folders: RunFolders) -> tuple[list[PlannedRun], torch.device] | None:
+    """How a plan's script starts: `--list` prints the plan; else the device is announced and what is left is
+    trained (none with `--report-only`). The plan and the device to report on, or None where `--list` or
+    `--train-only` ends the script."""
+    if args.list:
+        print_plan(expand(), folders)
+        return None
+    device = announce_device(args)
+    if not args.report_only:
+        execute(expand, args, folders)
+    return None if args.train_only else (expand(), device)
+
+
 def announce_device(args: argparse.Namespace) -> torch.device:
     """Resolve --device, apply --threads (training sets it too; evaluation alone needs it here) and print which
     device runs, e.g. 'device: cuda:0 (NVIDIA H200)', before anything trains."""

@@ -45,8 +45,8 @@ if str(REPO) not in sys.path:  # run as `python bench/camvid_semeda.py`: make `b
 
 from bench.camvid_runs import (  # noqa: E402
     FAIR_CROP, FAIR_EPOCHS, FAIR_EVAL_EVERY, FAIR_RECORDS, FAIR_RUNS, FAIR_SIZE, PlannedRun, RunFolders, RunMismatch,
-    add_budget_arguments, announce_device, collect, execute, html_table, mean_std, paired_by_image, paired_by_seed,
-    percent, plot_curves, plus_minus, print_plan, run_styles, table_keys, train_time, trained_on, write_page,
+    add_budget_arguments, collect, html_table, mean_std, paired_by_image, paired_by_seed,
+    percent, plot_curves, plus_minus, run_styles, table_keys, train_plan, train_time, trained_on, write_page,
     yes_no,
 )
 from segmenters.evaluate import plot_trimap  # noqa: E402
@@ -272,15 +272,10 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)  # the report's folder; the runs live under --runs
     folders = RunFolders(args)
     expand = partial(build_plan, args, folders)
-    if args.list:
-        print_plan(expand(), folders)
+    started = train_plan(expand, args, folders)
+    if started is None:
         return
-    device = announce_device(args)
-    if not args.report_only:
-        execute(expand, args, folders)
-    if args.train_only:
-        return
-    plan = expand()
+    plan, device = started
     compared = comparison_group(plan, folders)
     results = collect(plan, args, folders, device)
     stats = group_statistics(results)
