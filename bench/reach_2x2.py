@@ -8,9 +8,9 @@ The search is an ordinary campaign (audit.runner.run_campaign: a local Ray clust
 rerun continues where the last stopped), written by this script into `--out`/campaign.yaml:
 * the twin: `--twin`, or the finished run of bench/camvid_semeda.py --plan fair (and bench/camvid_archs.py) with
   the highest val mIoU in `--fair-report`;
-* `--images` random val frames; per frame every `DISAPPEAR` class (the patch at the centre of the class's largest
-  inscribed rectangle) and every `SWITCH` class switch on up to `--objects` connected components drawn at random
-  (so many patch positions);
+* `--images` random val frames (more, drawn in the same order, until there are `--min-trials` attempts); per frame
+  every `DISAPPEAR` class (the patch at the centre of the class's largest inscribed rectangle) and every `SWITCH`
+  class switch on up to `--objects` connected components drawn at random (so many patch positions);
 * the momentum attack without EOT (the digital reach, as the seed measured it), `--steps` steps in `--precision`
   (auto: bf16 autocast where the device has bf16 hardware, AMX or a recent GPU, several times faster there; fp32
   elsewhere, where bf16 is emulated and ~10x slower); every trial is measured on the fp32 twin.
@@ -57,16 +57,20 @@ SEED_SHARE = SEED_PIXELS / (SEED_FRAME[0] * SEED_FRAME[1])
 DISAPPEAR = ("Road", "Building", "Sky")
 SWITCH = (("Car", "Road"), ("Pavement", "Road"))
 PATCH = 2
+#: issue 18's acceptance: the distribution is over at least this many attempts
+MIN_TRIALS = 100
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--twin", default=None, help="checkpoint to attack (default: the strongest fair run)")
     parser.add_argument("--fair-report", default="bench/results/camvid_fair/comparison.json")
     parser.add_argument("--runs", default=FAIR_RUNS, help="the fair plan's run folders")
     parser.add_argument("--out", default="bench/results/camvid_2x2_reach_full")
     parser.add_argument("--size", default=FAIR_SIZE, help="HEIGHTxWIDTH of the frames (CamVid's own 360x480)")
-    parser.add_argument("--images", type=int, default=15, help="random CamVid val frames")
+    parser.add_argument("--images", type=int, default=15,
+                        help="random CamVid val frames, at least; more are drawn until --min-trials is reached")
+    parser.add_argument("--min-trials", type=int, default=MIN_TRIALS, help="attempts (frame, target, position)")
     parser.add_argument("--sample-seed", type=int, default=3)
     parser.add_argument("--objects", type=int, default=2, help="class-switch objects (positions) per frame")
     parser.add_argument("--steps", type=int, default=300)
@@ -77,7 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=float, default=0.0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--report-only", action="store_true", help="attack nothing; report the stored trials")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ the search
@@ -115,6 +119,17 @@ def campaign_document(args: argparse.Namespace, twin: Path) -> dict:
             "device": args.device}
 
 
+def with_enough_trials(document: dict, min_trials: int) -> dict:
+    """The campaign with as many more frames as it takes to reach `min_trials` trials. The frames are a prefix of
+    one seeded permutation, so the frames of a smaller count (and their stored trials) stay in it."""
+    from audit.campaign import CampaignConfig, expand
+
+    images = dict(document["images"])
+    while len(expand(CampaignConfig.model_validate({**document, "images": images}))) < min_trials:
+        images["count"] += 1
+    return {**document, "images": images}
+
+
 def search(args: argparse.Namespace, out: Path) -> Path:
     """Write the campaign file and run (or continue) it; returns the campaign's run folder."""
     from audit.runner import run_campaign
@@ -124,7 +139,8 @@ def search(args: argparse.Namespace, out: Path) -> Path:
         raise SystemExit(f"error: --twin {twin}: no such checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     campaign = out / "campaign.yaml"
-    campaign.write_text(yaml.safe_dump(campaign_document(args, twin), sort_keys=False))
+    document = with_enough_trials(campaign_document(args, twin), args.min_trials)
+    campaign.write_text(yaml.safe_dump(document, sort_keys=False))
     summary = run_campaign(campaign, out / "run", num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)
     print(json.dumps(summary, indent=2))
     return out / "run"

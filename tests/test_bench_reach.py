@@ -1,5 +1,6 @@
 """bench/reach_2x2.py attacks the strongest fair-plan twin whose weights are on this machine: a stronger run recorded
-on another machine (no weights) is named, not attacked, and no weights anywhere is a clear error."""
+on another machine (no weights) is named, not attacked, and no weights anywhere is a clear error. Its campaign has at
+least --min-trials attempts, the trials of a smaller one among them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 
+from audit.campaign import CampaignConfig, expand
 from conftest import bench_module
 
 reach = bench_module("reach_2x2")
@@ -36,3 +38,16 @@ def test_no_weights_for_any_finished_run_is_a_clear_error(tmp_path):
         reach.strongest_twin(report, tmp_path / "runs")
     with pytest.raises(SystemExit, match="no .*comparison.json"):
         reach.strongest_twin(tmp_path / "comparison.json.missing", tmp_path / "runs")
+
+
+def test_frames_are_added_until_the_campaign_has_enough_trials_and_the_first_frames_trials_stay(tmp_path, data_root):
+    args = reach.parse_args(["--images", "2", "--data-root", str(data_root)])
+    document = reach.campaign_document(args, tmp_path / "not_trained_yet.pt")  # classes: CamVid's own table
+    few = expand(CampaignConfig.model_validate(document))
+    grown = reach.with_enough_trials(document, len(few) + 5)
+    trials = expand(CampaignConfig.model_validate(grown))
+    assert grown["images"]["count"] > 2 and len(trials) >= len(few) + 5
+    assert [t.id for t in trials[:len(few)]] == [t.id for t in few]  # a rerun with more frames continues the first
+    fewer = {**grown, "images": {**grown["images"], "count": grown["images"]["count"] - 1}}
+    assert len(expand(CampaignConfig.model_validate(fewer))) < len(few) + 5  # no frame more than it takes
+    assert reach.with_enough_trials(document, len(few)) == document
