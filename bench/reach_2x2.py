@@ -147,15 +147,25 @@ def search(args: argparse.Namespace, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the report
+def target_label(row: dict, class_names: list[str]) -> str:
+    """A stored trial's target in the twin's class names: "Road disappears", "Pavement -> Road"."""
+    source = class_names[row["source_class"]]
+    return f"{source} disappears" if row["target"] == "disappear" else f"{source} -> {class_names[row['to_class']]}"
+
+
 def trial_table(run: Path) -> list[dict]:
     """Every stored 2x2 trial: what it targeted, where, and how many pixels outside the patch it changed."""
     from audit.store import TrialStore
+    from segmenters.spec import ModelSpec
+    from segmenters.twin import read_checkpoint
 
     with TrialStore(run) as store:
         rows = [row for row in store.rows() if row["size"] == PATCH]
-    frame = json.loads((run / "campaign.json").read_text())["images"]["size"]
+    campaign = json.loads((run / "campaign.json").read_text())
+    class_names = ModelSpec.from_json(read_checkpoint(campaign["models"][0])["spec"]).class_names
+    frame = campaign["images"]["size"]
     pixels = frame[0] * frame[1]
-    return [{"id": row["id"], "image_index": row["image_index"], "target": row["metrics"]["description"],
+    return [{"id": row["id"], "image_index": row["image_index"], "target": target_label(row, class_names),
              "top": row["metrics"]["top"], "left": row["metrics"]["left"], "changed": row["metrics"]["changed"],
              "share": row["metrics"]["changed"] / pixels, "success": row["metrics"]["success"],
              "frame": frame} for row in rows]
@@ -213,11 +223,14 @@ def plot_best(run: Path, best: dict, path: Path) -> None:
     with torch.no_grad():
         clean, attacked = (twin.labels(x)[0].numpy() for x in (image[None], patched))
     changed = (clean != attacked) & ~covered[0].numpy()
+    # a re-run may differ by a few near-tie pixels from the trial's own measurement (another thread count)
+    rerun = "" if int(changed.sum()) == best["changed"] else f" (re-run here; {best['changed']} in the trial)"
     palette, rgb = twin.spec.palette(), patched[0].permute(1, 2, 0).clamp(0, 1).numpy()
     figure, axes = plt.subplots(1, 5, figsize=(24, 4.2), gridspec_kw={"width_ratios": [4, 4, 4, 4, 1.2]})
     panels = [(rgb, "frame with the 2x2 patch (circled)"), (overlay(image.numpy(), clean, palette), "clean map"),
               (overlay(patched[0].numpy(), attacked, palette), "attacked map"),
-              (np.where(changed[..., None], [1.0, 0.1, 0.1], rgb * 0.35), f"{int(changed.sum())} changed pixels")]
+              (np.where(changed[..., None], [1.0, 0.1, 0.1], rgb * 0.35),
+               f"{int(changed.sum())} changed pixels outside the patch{rerun}")]
     for ax, (picture, title) in zip(axes, panels):
         ax.imshow(picture)
         ax.add_patch(plt.Circle((best["left"] + 0.5, best["top"] + 0.5), 8, fill=False, color="yellow", lw=1.5))

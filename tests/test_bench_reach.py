@@ -51,3 +51,9 @@ def test_frames_are_added_until_the_campaign_has_enough_trials_and_the_first_fra
     fewer = {**grown, "images": {**grown["images"], "count": grown["images"]["count"] - 1}}
     assert len(expand(CampaignConfig.model_validate(fewer))) < len(few) + 5  # no frame more than it takes
     assert reach.with_enough_trials(document, len(few)) == document
+
+
+def test_a_trial_target_is_named_in_the_twins_classes():
+    names = ["Sky", "Building", "Pole", "Road", "Pavement"]
+    assert reach.target_label({"target": "disappear", "source_class": 3, "to_class": None}, names) == "Road disappears"
+    assert reach.target_label({"target": "switch", "source_class": 4, "to_class": 3}, names) == "Pavement -> Road"
