@@ -230,9 +230,9 @@ def write_outputs(args, results: dict[str, dict], table: dict[str, dict], out: P
                             row["speed"].get(k, {}).get("unavailable", "n/a") for k in engines)]
                          for arch, row in table.items()]),
              "<img src='accuracy_fps.png'>",
-             html_table(["run", "state", "val mIoU gain, last quarter", "converged", "train s"],
-                        [[n, e["state"], percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
-                          train_time(e)] for n, e in results.items()]),
+             html_table(["run", "state", "trained on", "val mIoU gain, last quarter", "converged", "train s"],
+                        [[n, e["state"], ", ".join(trained_on({n: e})), percent(e["convergence"]["tail_gain"]),
+                          yes_no(e["convergence"]["converged"]), train_time(e)] for n, e in results.items()]),
              "<h2>Convergence</h2><img src='curves.png'>"]
     write_page(out / "index.html", "CamVid: ladder DenseNet vs LR-ASPP vs DeepLabV3-R18", parts)
     print(f"wrote {out / 'comparison.json'}, {out / 'index.html'}, accuracy_fps.png and curves.png")

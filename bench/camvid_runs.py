@@ -506,9 +506,10 @@ def percent(value: float | None, digits: int = 2) -> str:
 
 
 def trained_on(results: dict[str, dict]) -> list[str]:
-    """Where and in what precision the runs' pieces trained, e.g. 'cpu (bf16)', from their pieces.jsonl."""
-    return sorted({f"{p['device']} ({p.get('amp') or 'off'})" for e in results.values() for p in e["pieces"]
-                   if p.get("device")})
+    """Where and in what precision the runs trained, e.g. 'cpu (bf16)': from their epochs (history.json) and their
+    pieces (pieces.jsonl), since a piece killed before its end logs its epochs but no piece."""
+    logged = [row for e in results.values() for row in (*e["history"], *e["pieces"])]
+    return sorted({f"{row['device']} ({row.get('amp') or 'off'})" for row in logged if row.get("device")})
 
 
 def html_table(header: list[str], rows: list[list]) -> str:

@@ -243,9 +243,9 @@ def page_parts(args, results, stats, tests, compared) -> list[str]:
                      f"{SELECTION_NOTE}</p>")
     rows = [[name, e["state"], *([percent(e["metrics"][k]) for k in keys] if "metrics" in e else [""] * len(keys)),
              percent(e["convergence"]["tail_gain"]), yes_no(e["convergence"]["converged"]),
-             train_time(e)] for name, e in results.items()]
+             ", ".join(trained_on({name: e})), train_time(e)] for name, e in results.items()]
     parts += ["<h2>Runs</h2>", html_table(["run", "state", *keys, "val mIoU gain, last quarter", "converged",
-                                           "train s"], rows)]
+                                           "trained on", "train s"], rows)]
     parts += ["<h2>Mean &plusmn; std over seeds</h2>",
               html_table(["group", "seeds", *keys], [[g, f["seeds"], *(plus_minus(f[k]) for k in keys)]
                                                      for g, f in stats.items()])]

@@ -1,6 +1,7 @@
 """The figures behind the CamVid reports (bench/camvid_runs.py). Paired tests: differences are second - first over
 the seeds or images both runs have, the sign-flip test is exact for a few seeds, a run against itself shows nothing.
-Training time: from the epochs' own seconds, or a lower bound from the logged pieces."""
+Training time: from the epochs' own seconds, or a lower bound from the logged pieces. Where and in what precision:
+from the epochs and the pieces both."""
 
 from __future__ import annotations
 
@@ -59,3 +60,12 @@ def test_train_time_adds_the_epochs_and_falls_back_to_the_logged_pieces_as_a_low
     untimed = {"history": [{"epoch": 1}, {"epoch": 2, "seconds": 29.9}], "pieces": pieces}
     assert runs.train_time(untimed) == ">= 150 (pieces logged)"
     assert runs.train_time({"history": [{"epoch": 1}], "pieces": []}) == "n/a"
+
+
+def test_trained_on_names_each_device_and_precision_once_including_pieces_killed_before_their_end():
+    killed_piece = {"history": [{"epoch": 1, "device": "cpu", "amp": "bf16"}, {"epoch": 2, "device": "cpu",
+                                                                             "amp": "bf16"}], "pieces": []}
+    older = {"history": [{"epoch": 1}], "pieces": [{"device": "cuda", "amp": None}, {"device": "cpu", "amp": "off"}]}
+    assert runs.trained_on({"a": killed_piece}) == ["cpu (bf16)"]
+    assert runs.trained_on({"a": killed_piece, "b": older}) == ["cpu (bf16)", "cpu (off)", "cuda (off)"]
+    assert runs.trained_on({}) == []
