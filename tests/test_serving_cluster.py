@@ -54,6 +54,18 @@ def replica_nodes(head) -> list[str]:
             and "shapes_v1" in a["class_name"]]
 
 
+def wait_placed(head, node_ids: set[str], timeout_s: float = 600) -> list[str]:
+    """Polls the replicas' nodes until every node in `node_ids` holds one; returns the last placement seen (fails
+    after `timeout_s`). Ready means one replica answers, so the other may still be starting on its node."""
+    deadline = time.monotonic() + timeout_s
+    placed = replica_nodes(head)
+    while not node_ids <= set(placed):
+        assert time.monotonic() < deadline, f"never a replica on each of {sorted(node_ids)}: saw {placed}"
+        time.sleep(0.5)
+        placed = replica_nodes(head)
+    return placed
+
+
 def node_state(head, node_id: str) -> str:
     return next((n["state"] for n in head.nodes() if n["node_id"] == node_id), "UNKNOWN")
 
@@ -112,8 +124,9 @@ def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
                 wait_ready(url, timeout_s=600, running=lambda: service.poll() is None)
             except (RuntimeError, TimeoutError) as exc:
                 raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from exc
-            placed = replica_nodes(head)
-            assert len(set(placed)) == 2 and node.node_id in placed, placed  # a replica on each node
+            head_node = next(n["node_id"] for n in head.nodes() if n["is_head_node"])
+            placed = wait_placed(head, {head_node, node.node_id})
+            assert len(placed) == 2, placed  # a replica on each node, and no more
             check_shared_memory_on_both_nodes(url, shapes_engine)
             with LoadProbe(url, "shapes", frames_for()) as probe:
                 assert probe.wait_for(STREAK), f"no steady answers before the loss: {probe.summary(0)}"
