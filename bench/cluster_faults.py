@@ -37,6 +37,8 @@ from serving.probe import LoadProbe  # noqa: E402
 
 BIN = Path(sys.executable).parent
 OUT = REPO / "bench" / "results" / "cluster"
+#: the model's deployment: its name and version
+DEPLOYMENT = "shapes_v1"
 #: the custom resource each node offers once and each model replica needs: one replica per node
 SLOT = "model_slot"
 #: requests in a row that must succeed before the loss (steady state) and after it (recovered)
@@ -142,6 +144,7 @@ def serve_part(folder: Path) -> tuple[dict, list]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(url, timeout_s=600, running=lambda: service.poll() is None)
+            head.wait_replica_on_each_node(DEPLOYMENT, timeout_s=600)  # the lost node must have held one
             frames = np.random.default_rng(0).integers(0, 256, (1, *FRAME_SIZE, 3), dtype=np.uint8)
             with LoadProbe(url, "shapes", frames) as probe:
                 probe.wait_for(STREAK)
@@ -219,7 +222,7 @@ def record_replicas(timeline: list, started: float, clients: int, until, limit_s
 
     phase_end = time.monotonic() + limit_s
     while time.monotonic() < phase_end:
-        states = serve.status().applications[APP_NAME].deployments["shapes_v1"].replica_states
+        states = serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states
         timeline.append((time.monotonic() - started, states.get("RUNNING", 0), states.get("STARTING", 0), clients))
         if until():
             return

@@ -313,6 +313,25 @@ class RayHead:
         """The cluster's actors as the state API lists them (`class_name`, `state`, `node_id`, `pid`...)."""
         return self._state("actors")
 
+    def replica_nodes(self, deployment: str) -> list[str]:
+        """The node of each live replica of `deployment` (Serve's actor class name carries the deployment's)."""
+        return [actor["node_id"] for actor in self.actors() if actor["state"] == "ALIVE"
+                and "ServeReplica" in actor["class_name"] and deployment in actor["class_name"]]
+
+    def wait_replica_on_each_node(self, deployment: str, timeout_s: float) -> list[str]:
+        """Polls until each live node holds a replica of `deployment`; returns the replicas' nodes. A ready service
+        has one replica answering, so the others may still be starting. TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            placed = self.replica_nodes(deployment)
+            alive = {node["node_id"] for node in self.nodes() if node["state"] == "ALIVE"}
+            if alive and alive <= set(placed):
+                return placed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{deployment}: no replica on each of {len(alive)} nodes within {timeout_s:.0f} s "
+                                   f"(replicas on {placed})")
+            time.sleep(0.5)
+
     def _state(self, kind: str) -> list[dict]:
         import requests
 

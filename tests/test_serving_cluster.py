@@ -24,6 +24,8 @@ BIN = Path(sys.executable).parent
 SLOT = "model_slot"
 #: requests in a row that must succeed, before the loss and after it
 STREAK = 20
+#: the model's deployment: its name and version
+DEPLOYMENT = "shapes_v1"
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +49,6 @@ def serve_config(folder: Path, engine: Path, port: int) -> Path:
         "models": [{"name": "shapes", "path": str(engine), "num_replicas": 2, "resources": {SLOT: 1}, "threads": 1,
                     "num_cpus": 1, "health_check_period_s": 2, "max_batch_size": 4, "batch_wait_ms": 1}]}))
     return path
-
-
-def replica_nodes(head) -> list[str]:
-    return [a["node_id"] for a in head.actors() if a["state"] == "ALIVE" and "ServeReplica" in a["class_name"]
-            and "shapes_v1" in a["class_name"]]
-
-
-def wait_placed(head, node_ids: set[str], timeout_s: float = 600) -> list[str]:
-    """Polls the replicas' nodes until every node in `node_ids` holds one; returns the last placement seen (fails
-    after `timeout_s`). Ready means one replica answers, so the other may still be starting on its node."""
-    deadline = time.monotonic() + timeout_s
-    placed = replica_nodes(head)
-    while not node_ids <= set(placed):
-        assert time.monotonic() < deadline, f"never a replica on each of {sorted(node_ids)}: saw {placed}"
-        time.sleep(0.5)
-        placed = replica_nodes(head)
-    return placed
 
 
 def node_state(head, node_id: str) -> str:
@@ -124,9 +109,8 @@ def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
                 wait_ready(url, timeout_s=600, running=lambda: service.poll() is None)
             except (RuntimeError, TimeoutError) as exc:
                 raise AssertionError(f"{exc}: {log.read_text()[-3000:]}") from exc
-            head_node = next(n["node_id"] for n in head.nodes() if n["is_head_node"])
-            placed = wait_placed(head, {head_node, node.node_id})
-            assert len(placed) == 2, placed  # a replica on each node, and no more
+            placed = head.wait_replica_on_each_node(DEPLOYMENT, timeout_s=600)
+            assert len(placed) == 2 and node.node_id in placed, placed  # a replica on each node, and no more
             check_shared_memory_on_both_nodes(url, shapes_engine)
             with LoadProbe(url, "shapes", frames_for()) as probe:
                 assert probe.wait_for(STREAK), f"no steady answers before the loss: {probe.summary(0)}"
@@ -137,7 +121,8 @@ def test_a_lost_node_keeps_the_service_answering(shapes_engine, tmp_path):
                 dead_at = time.monotonic()
                 assert probe.wait_for(STREAK, after=dead_at), f"the service did not answer on: {probe.summary(0)}"
             print(json.dumps({"after_kill": probe.summary(killed_at)}))
-            assert replica_nodes(head) and node.node_id not in replica_nodes(head)
+            placed = head.replica_nodes(DEPLOYMENT)
+            assert placed and node.node_id not in placed, placed
         finally:
             service.terminate()
             service.wait(timeout=120)
@@ -176,10 +161,10 @@ def test_load_scales_a_deployment_up_and_back_down(shapes_engine):
                          port=free_port())
     service = start_local(config, metrics_port=free_port())
     try:
-        assert wait_replicas("shapes_v1", 1) == [1]
+        assert wait_replicas(DEPLOYMENT, 1) == [1]
         with LoadProbe(service.url, "shapes", frames_for(), clients=6) as probe:
-            wait_replicas("shapes_v1", 2)  # 6 requests in flight against a target of 1 a replica
+            wait_replicas(DEPLOYMENT, 2)  # 6 requests in flight against a target of 1 a replica
         assert probe.summary(0)["failed"] == 0
-        wait_replicas("shapes_v1", 1)  # idle again: back to min_replicas
+        wait_replicas(DEPLOYMENT, 1)  # idle again: back to min_replicas
     finally:
         service.stop()
