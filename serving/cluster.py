@@ -314,9 +314,10 @@ class RayHead:
         return self._state("actors")
 
     def replica_nodes(self, deployment: str) -> list[str]:
-        """The node of each live replica of `deployment` (Serve's actor class name carries the deployment's)."""
+        """The node of each live replica of `deployment`. Serve names a replica's actor class
+        `ServeReplica:<app>:<deployment>`: match the whole last part, so shapes_v1 never counts shapes_v10's."""
         return [actor["node_id"] for actor in self.actors() if actor["state"] == "ALIVE"
-                and "ServeReplica" in actor["class_name"] and deployment in actor["class_name"]]
+                and actor["class_name"].startswith("ServeReplica:") and actor["class_name"].endswith(f":{deployment}")]
 
     def wait_replica_on_each_node(self, deployment: str, timeout_s: float) -> list[str]:
         """Polls until each live node holds a replica of `deployment`; returns the replicas' nodes. A ready service
