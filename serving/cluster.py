@@ -487,9 +487,21 @@ def start_head(num_cpus: int, timeout_s: float = 120.0, detach_log: Path | None 
     head = RayHead(process, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['dashboard-port']}", env, ports)
     _wait_for_jobs(head, Path(log.name), timeout_s)
     if joinable:  # drivers must name the address the head's raylet took, or they look for a raylet on 127.0.0.1
-        head_ip = next(n["node_ip"] for n in head.nodes() if n["is_head_node"])
-        head.gcs_address = f"{head_ip}:{ports['port']}"
+        head.gcs_address = f"{_wait_for_head_ip(head, Path(log.name), timeout_s)}:{ports['port']}"
     return head
+
+
+def _wait_for_head_ip(head: RayHead, log: Path, timeout_s: float) -> str:
+    """The address the head's raylet took, once the state API lists the head node: the dashboard answers before
+    its node table is filled (a loaded machine showed it empty); stops the head and raises if it is not in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = [node["node_ip"] for node in head.nodes() if node["is_head_node"]]
+        if listed:
+            return listed[0]
+        time.sleep(0.5)
+    head.stop()
+    raise TimeoutError(f"the Ray head's node was not listed by its state API within {timeout_s:.0f} s (log: {log})")
 
 
 def _wait_for_jobs(head: RayHead, log: Path, timeout_s: float) -> None:
